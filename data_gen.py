@@ -1,0 +1,174 @@
+"""Serve aligned 112x96 faces from the cache written by pre_process.py, fast, with augmentation.
+
+    from data_gen import FaceCache, make_loader
+    train_set = FaceCache("data/utkface", split="train", train=True)
+    x, age, gender = train_set[0]                    # 3x112x96 float tensor, int, int
+    loader = make_loader(train_set, batch_size=128)  # yields batches (x, age, gender)
+
+Batches are read from a memory-mapped uint8 array with one fancy index and augmented as a whole
+batch with tensor ops (flip, shift/scale/rotation, colour jitter, some grayscale), which is what
+makes it fast. Each batch carries its own seed, so augmentation is reproducible whatever the number
+of workers, and an interrupted run resumes on exactly the same batches.
+"""
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+import config
+
+_MEAN = torch.tensor(config.IMAGENET_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(config.IMAGENET_STD).view(1, 3, 1, 1)
+
+
+class CacheError(Exception):
+    pass
+
+
+def normalize(x):
+    """uint8 NHWC (numpy or tensor) or float NCHW in [0,1] -> ImageNet-normalised float NCHW."""
+    if not torch.is_tensor(x):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if x.dtype == torch.uint8:
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - _MEAN) / _STD
+
+
+def augment(x, gen):
+    """Random flip, similarity jitter, colour jitter and grayscale for a float NCHW batch in [0,1]."""
+    n = x.shape[0]
+
+    def uniform(lo, hi, size=(n,)):
+        return torch.rand(size, generator=gen) * (hi - lo) + lo
+
+    flip = torch.rand(n, generator=gen) < 0.5
+    angle = uniform(-12, 12) * math.pi / 180
+    scale = uniform(0.9, 1.1)
+    shift = uniform(-0.06, 0.06, (n, 2))
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    sx = torch.where(flip, -1.0, 1.0)  # a mirrored sampling grid is the horizontal flip, for free
+    theta = torch.stack([torch.stack([cos * sx, -sin, shift[:, 0]], 1), torch.stack([sin * sx, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    brightness = uniform(0.7, 1.3).view(n, 1, 1, 1)
+    contrast = uniform(0.7, 1.3).view(n, 1, 1, 1)
+    saturation = uniform(0.6, 1.4).view(n, 1, 1, 1)
+    gray = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    x = gray + (x - gray) * saturation
+    x = torch.where((torch.rand(n, generator=gen) < 0.1).view(n, 1, 1, 1), gray.expand_as(x), x)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * contrast + mean
+    return (x * brightness).clamp_(0, 1)
+
+
+class SeededBatch(list):
+    """A list of indices that also carries the seed for augmenting that batch."""
+
+    def __init__(self, items, seed):
+        super().__init__(items)
+        self.seed = seed
+
+
+class FaceCache(Dataset):
+    """The cache of pre_process.py, optionally restricted to one split."""
+
+    def __init__(self, cache_dir, split=None, train=False, seed=0):
+        info_path = os.path.join(cache_dir, "cache.json")
+        if not os.path.isfile(info_path):
+            raise CacheError(f"{cache_dir}: no cache here (cache.json missing); run pre_process.py first")
+        with open(info_path) as f:
+            self.info = json.load(f)
+        if (self.info.get("image_h"), self.info.get("image_w")) != (config.IMAGE_H, config.IMAGE_W):
+            raise CacheError(f"{cache_dir}: cache holds {self.info.get('image_h')}x{self.info.get('image_w')} faces, "
+                             f"this code expects {config.IMAGE_H}x{config.IMAGE_W}; rebuild it with pre_process.py")
+        try:
+            self.faces = np.load(os.path.join(cache_dir, "faces.npy"), mmap_mode="r")
+            with open(os.path.join(cache_dir, "meta.csv"), newline="") as f:
+                self.meta = list(csv.DictReader(f))
+        except (OSError, ValueError) as e:
+            raise CacheError(f"{cache_dir}: unreadable cache ({e})")
+        if self.faces.shape[1:] != (config.IMAGE_H, config.IMAGE_W, 3) or len(self.meta) != len(self.faces):
+            raise CacheError(f"{cache_dir}: faces.npy {self.faces.shape} does not match meta.csv ({len(self.meta)} rows)")
+        rows = [i for i, r in enumerate(self.meta) if split is None or r["split"] == split]
+        if not rows:
+            raise CacheError(f"{cache_dir}: no faces in split '{split}'")
+        self.indices = np.array(rows, dtype=np.int64)
+        self.ages = torch.tensor([int(self.meta[i]["age"]) for i in rows])
+        self.genders = torch.tensor([int(self.meta[i]["gender"]) for i in rows])
+        self.train, self.seed, self.calls = train, seed, 0
+
+    def __len__(self):
+        return len(self.indices)
+
+    def rows(self):
+        return [self.meta[i] for i in self.indices]
+
+    def __getitem__(self, i):
+        self.calls += 1
+        x, age, gender = self.__getitems__(SeededBatch([i], seed=self.seed * 1_000_003 + self.calls))
+        return x[0], int(age[0]), int(gender[0])
+
+    def __getitems__(self, batch):
+        pos = np.asarray(batch, dtype=np.int64)
+        idx = self.indices[pos]
+        order = np.argsort(idx)  # read the memory map in file order, then put the batch back in order
+        raw = np.empty((len(idx),) + self.faces.shape[1:], dtype=np.uint8)
+        raw[order] = self.faces[idx[order]]
+        x = torch.from_numpy(raw).permute(0, 3, 1, 2).float().div_(255.0)
+        if self.train:
+            gen = torch.Generator().manual_seed(int(getattr(batch, "seed", 0)))
+            x = augment(x, gen)
+        x = (x - _MEAN) / _STD
+        return x, self.ages[pos], self.genders[pos]
+
+
+class EpochBatchSampler:
+    """Batches for one epoch: a seeded permutation, split between DDP ranks, resumable mid-epoch."""
+
+    def __init__(self, n, batch_size, shuffle=True, seed=0, rank=0, world_size=1, drop_last=True):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        per_rank = self.n // self.world_size if self.drop_last else math.ceil(self.n / self.world_size)
+        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch)).numpy()
+        else:
+            order = np.arange(self.n)
+        if self.world_size > 1:
+            per_rank = len(self) * self.batch_size if self.drop_last else math.ceil(self.n / self.world_size)
+            order = np.resize(order, per_rank * self.world_size)[self.rank :: self.world_size]
+        for b in range(self.start_batch, len(self)):
+            items = order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+            seed = ((self.seed * 1_000_003 + self.epoch) * 100_003 + b) * 257 + self.rank
+            yield SeededBatch(items, seed=seed)
+
+
+def _whole_batch(batch):
+    return batch  # __getitems__ already returns a collated batch
+
+
+def make_loader(dataset, batch_size, shuffle=None, seed=0, rank=0, world_size=1, workers=None, drop_last=None, pin_memory=None):
+    """A DataLoader over whole batches (see EpochBatchSampler); returns (loader, sampler)."""
+    shuffle = dataset.train if shuffle is None else shuffle
+    drop_last = dataset.train if drop_last is None else drop_last
+    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, rank, world_size, drop_last)
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_whole_batch, num_workers=workers,
+                        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                        generator=torch.Generator())  # keeps the global RNG (dropout) untouched by iter()
+    return loader, sampler

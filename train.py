@@ -1,0 +1,302 @@
+"""Train AgeGenderNet on a cache made by pre_process.py.
+
+    python train.py --cache data/utkface --arch resnet18                       # one GPU, or the CPU
+    python train.py --cache data/utkface --arch mobilenet_v2 --epochs 30 --out-dir checkpoints/mnv2
+    python train.py --out-dir checkpoints/mnv2 --arch mobilenet_v2 --epochs 30 --resume   # go on after a stop
+    torchrun --nproc_per_node=8 train.py --cache data/imdb                     # 8 GPUs, DDP (nccl)
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 train.py ...  # two machines
+    torchrun --nproc_per_node=2 train.py --device cpu                          # DDP on the CPU (gloo)
+
+Loss = CE(gender) + age_weight * age loss (`--age-loss ce` or `dldl`: KL divergence to a Gaussian
+label distribution around the true age plus an L1 term on the expected age). Every default lives in
+config.py (TrainConfig). Writes to --out-dir: last.pt (every --ckpt-every steps and every epoch),
+best.pt (lowest validation MAE), log.csv and curves.png. Checkpoints are written atomically and
+loaded with weights_only=True; --resume restores model, optimizer, schedule, scaler, RNG and the
+position inside the epoch, so an interrupted run continues exactly where it stopped.
+"""
+import csv
+import dataclasses
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import config
+from data_gen import CacheError, FaceCache, make_loader
+from models import ARCHS, AgeGenderNet
+from utils import atomic_torch_save, atomic_write_text, compute_metrics, fail, parse_config
+
+# Options that may differ between a run and its --resume: they do not change what is learned.
+RESUME_MAY_CHANGE = {"resume", "workers", "max_steps", "ckpt_every", "device", "compile", "cache", "out_dir"}
+
+
+def age_loss(age_logits, age, cfg):
+    if cfg.age_loss == "ce":
+        return F.cross_entropy(age_logits, age)
+    # dldl: soft targets, a Gaussian of std label_sigma around the true age (DLDL-v2)
+    ages = torch.arange(age_logits.shape[1], device=age_logits.device, dtype=torch.float32)
+    target = torch.exp(-0.5 * ((ages[None, :] - age[:, None].float()) / cfg.label_sigma) ** 2)
+    target = target / target.sum(1, keepdim=True)
+    log_p = F.log_softmax(age_logits.float(), 1)
+    kl = (target * (torch.log(target.clamp_min(1e-12)) - log_p)).sum(1).mean()
+    expected = log_p.exp() @ ages
+    return kl + cfg.l1_weight * (expected - age.float()).abs().mean()
+
+
+def lr_at(step, total_steps, warmup_steps, cfg):
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio (a multiplier for LambdaLR)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(net, loader, device, amp_dtype, tta, channels_last=False):
+    """Predictions on a loader -> metrics dict (gender accuracy, MAE, CS@5, exact-age top-1/top-5)."""
+    net.eval()
+    gp, ap, ages, genders = [], [], [], []
+    for x, age, gender in loader:
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = net.predict(x, tta=tta)
+        gp.append(out["gender_prob"].cpu())
+        ap.append(out["age_prob"].cpu())
+        ages.append(age)
+        genders.append(gender)
+    net.train()
+    return compute_metrics(torch.cat(gp).numpy(), torch.cat(ap).numpy(), torch.cat(ages).numpy(), torch.cat(genders).numpy())
+
+
+def plot_curves(history, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    axes[0].plot(ep, [h["train_loss"] for h in history], "o-")
+    axes[0].set_title("training loss")
+    axes[1].plot(ep, [h["val_age_mae"] for h in history], "o-", color="C1")
+    axes[1].set_title("validation age MAE (years)")
+    axes[2].plot(ep, [100 * h["val_gender_acc"] for h in history], "o-", color="C2")
+    axes[2].set_title("validation gender accuracy (%)")
+    for a in axes:
+        a.set_xlabel("epoch")
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None):
+    cfg = parse_config(config.TrainConfig, argv, description="Train AgeGenderNet")
+    if cfg.arch not in ARCHS:
+        fail(f"unknown --arch '{cfg.arch}' (choose from {', '.join(ARCHS)})")
+    if cfg.age_loss not in ("ce", "dldl"):
+        fail(f"unknown --age-loss '{cfg.age_loss}' (choose ce or dldl)")
+    if cfg.amp not in ("bf16", "fp16", "none"):
+        fail(f"unknown --amp '{cfg.amp}' (choose bf16, fp16 or none)")
+
+    # --- processes and devices
+    distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    want_cuda = cfg.device.startswith("cuda") or (cfg.device == "" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        fail("--device cuda asked for, but no CUDA device is available")
+    rank, world, local_rank = 0, 1, 0
+    if distributed:
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if want_cuda else "cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif distributed:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    main_proc = rank == 0
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[cfg.amp]
+    if amp_dtype == torch.float16 and not want_cuda:
+        amp_dtype = torch.bfloat16  # the CPU autocasts to bf16 only
+    torch.manual_seed(cfg.seed)
+
+    # --- data
+    try:
+        train_set = FaceCache(cfg.cache, split="train", train=True, seed=cfg.seed)
+        val_set = FaceCache(cfg.cache, split="val", train=False)
+    except CacheError as e:
+        fail(str(e))
+    if len(train_set) < cfg.batch_size * world:
+        fail(f"{cfg.cache}: only {len(train_set)} training faces, fewer than one batch of {cfg.batch_size * world}")
+    train_loader, train_sampler = make_loader(train_set, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, workers=cfg.workers)
+    val_loader, _ = make_loader(val_set, 256, workers=min(2, cfg.workers))
+    steps_per_epoch = len(train_sampler)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+
+    # --- model, optimizer, schedule
+    try:
+        net = AgeGenderNet(cfg.arch, pretrained=cfg.pretrained if not cfg.resume else "", dropout=cfg.dropout).to(device)
+    except (ValueError, OSError, RuntimeError) as e:
+        fail(f"--pretrained {cfg.pretrained}: {str(e).splitlines()[0]}")
+    if main_proc:
+        print(f"{cfg.arch}: {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters, {net.init_source}; "
+              f"{len(train_set):,} train / {len(val_set):,} val faces; {world} process(es) on {device}")
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    decay = [p for n, p in net.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in net.named_parameters() if p.ndim <= 1]  # biases and norms
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    elif cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    else:
+        fail(f"unknown --optimizer '{cfg.optimizer}' (choose adamw or sgd)")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, warmup_steps, cfg))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    # --- resume
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt")
+    step, epoch, batch_in_epoch, best_mae, history = 0, 0, 0, float("inf"), []
+    if cfg.resume:
+        if not os.path.isfile(last_path):
+            fail(f"--resume: no checkpoint at {last_path}")
+        try:
+            ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
+            saved = ckpt["config"]
+            diff = sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v)
+            if diff:
+                fail(f"--resume: {last_path} was trained with another config ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)})")
+            net.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+            best_mae, history = ckpt["best_mae"], ckpt["history"]
+            torch.set_rng_state(ckpt["rng_cpu"])
+            if want_cuda and ckpt.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng_cuda"])
+        except (KeyError, RuntimeError, ValueError, OSError, AttributeError) as e:
+            fail(f"--resume: {last_path} is not a usable checkpoint ({str(e).splitlines()[0][:160]})")
+        if main_proc:
+            print(f"resumed from {last_path}: epoch {epoch}, step {step}")
+
+    model = net
+    if cfg.compile:
+        model = torch.compile(model)
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if want_cuda else None)
+
+    def save(path, metrics=None):
+        state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                 "best_mae": best_mae, "history": history, "config": dataclasses.asdict(cfg), "metrics": metrics or {},
+                 "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state() if want_cuda else None}
+        atomic_torch_save(state, path)
+
+    def stop_on_bad_loss(loss_value):
+        msg = (f"loss became {loss_value} at step {step} (epoch {epoch}): stopping without saving; "
+               f"the last good checkpoint is {last_path if os.path.exists(last_path) else 'none'}")
+        if main_proc:
+            print(f"error: {msg}", file=sys.stderr)
+        sys.exit(3)
+
+    # --- train
+    log_path = os.path.join(cfg.out_dir, "log.csv")
+    while epoch < cfg.epochs:
+        train_sampler.set_epoch(epoch, batch_in_epoch)
+        model.train()
+        loss_sum, seen, t0 = torch.zeros((), device=device), 0, time.time()
+        bar = tqdm(train_loader, total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   unit="batch", disable=not main_proc, dynamic_ncols=True)
+        for x, age, gender in bar:
+            x = x.to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            age, gender = age.to(device, non_blocking=True), gender.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                gender_logits, age_logits = model(x)
+            loss = F.cross_entropy(gender_logits.float(), gender) + cfg.age_weight * age_loss(age_logits.float(), age, cfg)
+            # checking every step costs a GPU sync; every 10 steps (and before every save) bounds the damage
+            if (not want_cuda or step % 10 == 0) and not torch.isfinite(loss):
+                stop_on_bad_loss(loss.item())
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            step += 1
+            batch_in_epoch += 1
+            loss_sum += loss.detach() * len(x)
+            seen += len(x)
+            if main_proc and step % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}",
+                                img_s=f"{seen * world / (time.time() - t0):.0f}")
+            stop_now = cfg.max_steps and step >= cfg.max_steps
+            if step % cfg.ckpt_every == 0 or stop_now:
+                if not torch.isfinite(loss_sum):
+                    stop_on_bad_loss(float("nan"))
+                if main_proc:
+                    save(last_path)
+            if stop_now:
+                if main_proc:
+                    print(f"stopped at --max-steps {cfg.max_steps}; --resume continues from {last_path}")
+                if distributed:
+                    dist.destroy_process_group()
+                return 0
+        bar.close()
+        if distributed:  # average the training loss over ranks for the log
+            packed = torch.stack([loss_sum, torch.tensor(float(seen), device=device)])
+            dist.all_reduce(packed)
+            loss_sum, seen = packed[0], int(packed[1].item())
+        train_loss = loss_sum.item() / max(1, seen)
+        if not math.isfinite(train_loss):
+            stop_on_bad_loss(train_loss)
+        epoch += 1
+        batch_in_epoch = 0
+        if main_proc:
+            metrics = evaluate(net, val_loader, device, amp_dtype, cfg.eval_tta, cfg.channels_last)
+            row = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 4), "lr": sched.get_last_lr()[0],
+                   "epoch_s": round(time.time() - t0, 1), **{f"val_{k}": round(v, 4) for k, v in metrics.items() if k != "n"}}
+            history.append(row)
+            print("  ".join(f"{k} {v}" for k, v in row.items()))
+            improved = metrics["age_mae"] < best_mae
+            if improved:
+                best_mae = metrics["age_mae"]
+            save(last_path, metrics)
+            if improved:
+                save(best_path, metrics)
+            with open(log_path + ".tmp", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(history[-1].keys()))
+                w.writeheader()
+                w.writerows(history)
+            os.replace(log_path + ".tmp", log_path)
+            plot_curves(history, os.path.join(cfg.out_dir, "curves.png"))
+        if distributed:
+            dist.barrier()
+    if main_proc and history:
+        best = min(history, key=lambda h: h["val_age_mae"])
+        print(f"done: best validation MAE {best['val_age_mae']:.3f}, gender accuracy {100 * best['val_gender_acc']:.2f}% "
+              f"(epoch {best['epoch']}), saved to {best_path}")
+    if distributed:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
