@@ -256,9 +256,7 @@ def main(argv=None):
             if stop_now:
                 if main_proc:
                     print(f"stopped at --max-steps {cfg.max_steps}; --resume continues from {last_path}")
-                if distributed:
-                    dist.destroy_process_group()
-                return 0
+                return finish(distributed, net, main_proc)
         bar.close()
         if distributed:  # average the training loss over ranks for the log
             packed = torch.stack([loss_sum, torch.tensor(float(seen), device=device)])
@@ -293,7 +291,20 @@ def main(argv=None):
         best = min(history, key=lambda h: h["val_age_mae"])
         print(f"done: best validation MAE {best['val_age_mae']:.3f}, gender accuracy {100 * best['val_gender_acc']:.2f}% "
               f"(epoch {best['epoch']}), saved to {best_path}")
+    return finish(distributed, net, main_proc)
+
+
+def finish(distributed, net, main_proc):
+    """With DDP, check that every rank ended with the same weights (they must), then shut down."""
     if distributed:
+        flat = torch.cat([p.detach().float().reshape(-1) for p in net.parameters()])
+        spread = flat.clone()
+        dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+        spread -= flat
+        gap = spread.abs().max()
+        dist.all_reduce(gap, op=dist.ReduceOp.MAX)
+        if main_proc:
+            print(f"DDP: {dist.get_world_size()} ranks, largest weight difference between ranks {gap.item():.3g}")
         dist.destroy_process_group()
     return 0
 

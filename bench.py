@@ -1,0 +1,190 @@
+"""Speed benchmarks (never timed tests): data loading, training throughput, inference latency.
+
+    python bench.py data  --cache data/utkface [--json out/bench_data.json]
+    python bench.py train [--archs resnet18,mobilenet_v2] [--json out/bench_train.json]
+    python bench.py infer [--checkpoint weights/...pt] [--json out/bench_infer.json]
+
+data:  images/s served by data_gen from the cache with augmentation, against a seed-style loader that
+       reads each original JPEG and warps it with the stored landmarks (same workers and batch size).
+train: training images/s for each trunk at 112x96 on the CPU (bf16 autocast + channels_last, as
+       train.py does) and, when a GPU is present, on it (bf16 + channels_last).
+infer: latency of the model alone (batch 1) in PyTorch and onnxruntime, and of the whole demo
+       pipeline (detect, align, predict with the mirror image) per 640x480 photo.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import config
+from data_gen import FaceCache, make_loader, normalize
+from models import ARCHS, AgeGenderNet, load_checkpoint
+from utils import align_face, fail
+
+
+def _loader_rate(loader, batches, warmup=3):
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    n, t = 0, time.perf_counter()
+    for _ in range(batches):
+        x = next(it)[0]
+        n += len(x)
+    return n / (time.perf_counter() - t)
+
+
+class JpegWarpDataset(torch.utils.data.Dataset):
+    """The seed-style loader: decode the original photo and warp it with stored landmarks, per sample."""
+
+    def __init__(self, cache_dir, image_root):
+        import csv
+
+        with open(os.path.join(cache_dir, "meta.csv")) as f:
+            self.files = [os.path.join(image_root, r["file"]) for r in csv.DictReader(f)]
+        self.landmarks = np.load(os.path.join(cache_dir, "landmarks.npy"))
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        bgr = cv2.imread(self.files[i])
+        crop = align_face(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), self.landmarks[i])
+        if np.random.rand() < 0.5:
+            crop = crop[:, ::-1]
+        return normalize(crop[None])[0], 0, 0
+
+
+def bench_data(args):
+    ds = FaceCache(args.cache, train=True)
+    root = ds.info.get("image_root")
+    if not root or not os.path.isdir(root):
+        fail(f"{args.cache}/cache.json names no readable image_root (the originals are needed for the baseline)")
+    loader, _ = make_loader(ds, args.batch_size, workers=args.workers, pin_memory=False)
+    cache_rate = _loader_rate(loader, args.batches)
+    base = torch.utils.data.DataLoader(JpegWarpDataset(args.cache, root), batch_size=args.batch_size, shuffle=True,
+                                       num_workers=args.workers, persistent_workers=args.workers > 0)
+    base_rate = _loader_rate(base, max(2, args.batches // 10), warmup=1)
+    res = {"cache_img_s": round(cache_rate), "baseline_img_s": round(base_rate), "ratio": round(cache_rate / base_rate, 1),
+           "workers": args.workers, "batch_size": args.batch_size}
+    print(f"data_gen from cache (with augmentation): {cache_rate:,.0f} img/s\n"
+          f"seed-style loader (JPEG + warp):         {base_rate:,.0f} img/s\nratio: {cache_rate / base_rate:.1f}x  "
+          f"({args.workers} workers, batch {args.batch_size})")
+    return res
+
+
+def _train_rate(arch, device, batch, steps, amp_dtype, channels_last):
+    net = AgeGenderNet(arch).to(device)
+    x = torch.randn(batch, 3, config.IMAGE_H, config.IMAGE_W, device=device)
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    age = torch.randint(0, config.NUM_AGES, (batch,), device=device)
+    gender = torch.randint(0, 2, (batch,), device=device)
+    opt = torch.optim.AdamW(net.parameters(), 1e-3)
+
+    def step():
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            g, a = net(x)
+        loss = F.cross_entropy(g.float(), gender) + F.cross_entropy(a.float(), age)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - t)
+
+
+def bench_train(args):
+    archs = args.archs.split(",")
+    res = {}
+    for arch in archs:
+        if arch not in ARCHS:
+            fail(f"unknown arch '{arch}'")
+        r = _train_rate(arch, torch.device("cpu"), 64, args.cpu_steps, torch.bfloat16, True)
+        res[arch] = round(r, 1)
+        print(f"{arch:<14s} CPU ({torch.get_num_threads()} threads, bf16, channels_last): {r:8.1f} img/s")
+        if torch.cuda.is_available():
+            r = _train_rate(arch, torch.device("cuda"), 512, 30, torch.bfloat16, True)
+            res[f"{arch}_cuda"] = round(r, 1)
+            print(f"{arch:<14s} {torch.cuda.get_device_name()} (bf16, channels_last, batch 512): {r:10.1f} img/s")
+    res["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return res
+
+
+def _ms(fn, repeat):
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * float(np.median(times))
+
+
+def bench_infer(args):
+    import onnxruntime as ort
+
+    from demo import AgeGenderPredictor
+    from export_onnx import export
+
+    net, _ = load_checkpoint(args.checkpoint)
+    x = torch.randn(1, 3, config.IMAGE_H, config.IMAGE_W)
+    with torch.no_grad():
+        model_ms = _ms(lambda: net(x), args.repeat)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export(net, os.path.join(tmp, "m.onnx"))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        onnx_ms = _ms(lambda: sess.run(None, {"input": x.numpy()}), args.repeat)
+    predictor = AgeGenderPredictor(args.checkpoint, "cpu", tta=True)
+    photo = cv2.cvtColor(cv2.imread(os.path.join(config.ROOT, "images", "astronaut.jpg")), cv2.COLOR_BGR2RGB)
+    canvas = np.full((480, 640, 3), 200, np.uint8)
+    canvas[:, 64:576] = cv2.resize(photo, (512, 480))
+    faces = predictor(canvas)[0]
+    demo_ms = _ms(lambda: predictor(canvas), max(5, args.repeat // 5))
+    res = {"model_ms": round(model_ms, 2), "onnx_model_ms": round(onnx_ms, 2), "demo_ms": round(demo_ms, 1),
+           "threads": torch.get_num_threads(), "faces_in_photo": len(faces)}
+    print(f"model alone, batch 1, PyTorch:     {model_ms:6.2f} ms\nmodel alone, batch 1, onnxruntime: {onnx_ms:6.2f} ms\n"
+          f"whole demo per 640x480 photo ({len(faces)} face, detect+align+predict with mirror): {demo_ms:6.1f} ms "
+          f"({torch.get_num_threads()} threads)")
+    return res
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Benchmarks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("what", choices=["data", "train", "infer"])
+    p.add_argument("--json", default="")
+    p.add_argument("--cache", default=config.TrainConfig.cache)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--batches", type=int, default=60, help="data: batches timed from the cache")
+    p.add_argument("--archs", default=",".join(ARCHS))
+    p.add_argument("--cpu-steps", type=int, default=5)
+    p.add_argument("--checkpoint", default=config.RELEASED_MODEL)
+    p.add_argument("--repeat", type=int, default=100)
+    args = p.parse_args(argv)
+    res = {"data": bench_data, "train": bench_train, "infer": bench_infer}[args.what](args)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Measure a checkpoint: gender accuracy, age MAE, CS@5, exact-age top-1/top-5, and where it errs.
+
+    python evaluate.py --cache data/utkface --split test                       # cached aligned crops
+    python evaluate.py --labels ../shared/data/utkface/labels.csv --root ../shared/data/utkface \\
+        --split test --detect --pad-fraction 0.25 --json out/eval.json --plots out/eval   # raw photos
+    python evaluate.py --labels crops.csv --root crops/                        # aligned 112x96 crops
+
+--checkpoint defaults to the released model. With --detect every photo goes through the demo's
+pipeline (detect, align, predict) and photos where no face is found are counted in faces_found;
+metrics are over the faces found. The report breaks the errors down by age decade, gender and, where
+the CSV has a race column (UTKFace: 0 White, 1 Black, 2 Asian, 3 Indian, 4 Others), by race.
+"""
+import csv
+import json
+import os
+import sys
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import config
+from data_gen import CacheError, FaceCache, make_loader
+from models import CheckpointError
+from utils import InputError, align_face, compute_metrics, fail, parse_config, read_image
+
+RACES = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}
+
+
+def breakdown(pred_age, gender_prob, age_prob, ages, genders, groups):
+    """Metrics per group label; groups maps a name to a list of per-face labels."""
+    out = {}
+    for name, labels in groups.items():
+        labels = np.asarray(labels)
+        out[name] = {}
+        for g in sorted(set(labels.tolist()), key=lambda v: (len(str(v)), str(v))):
+            m = labels == g
+            r = compute_metrics(gender_prob[m], age_prob[m], ages[m], genders[m])
+            out[name][str(g)] = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+    return out
+
+
+def plot(pred_age, ages, folder):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(folder, exist_ok=True)
+    err = np.abs(pred_age - ages)
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    bins = np.arange(0, 101, 5)
+    idx = np.digitize(ages, bins) - 1
+    mae = [err[idx == i].mean() if (idx == i).any() else np.nan for i in range(len(bins))]
+    cnt = [(idx == i).sum() for i in range(len(bins))]
+    ax.bar(bins + 2.5, mae, width=4.5)
+    for b, m, c in zip(bins, mae, cnt):
+        if c:
+            ax.text(b + 2.5, m, str(c), ha="center", va="bottom", fontsize=7)
+    ax.set_xlabel("true age (5-year bins; number of faces on top)")
+    ax.set_ylabel("MAE (years)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "mae_by_age.png"), dpi=90)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(ages, pred_age, s=3, alpha=0.3)
+    ax.plot([0, 100], [0, 100], "k--", lw=0.8)
+    ax.set_xlabel("true age")
+    ax.set_ylabel("predicted age")
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "pred_vs_true.png"), dpi=90)
+    plt.close(fig)
+
+
+def read_labels(path, split):
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: labels file not found")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"file", "age", "gender"} - set(reader.fieldnames or [])
+        if missing:
+            raise InputError(f"{path}: missing column(s) {sorted(missing)}")
+        rows = [r for r in reader if not split or r.get("split") == split]
+    good = []
+    for r in rows:
+        try:
+            r["age"], r["gender"] = int(float(r["age"])), int(float(r["gender"]))
+        except ValueError:
+            print(f"warning: {path}: row for {r['file']}: age/gender not a number, skipped", file=sys.stderr)
+            continue
+        good.append(r)
+    return good
+
+
+def main(argv=None):
+    cfg = parse_config(config.EvalConfig, argv, description="Evaluate an AgeGenderNet checkpoint")
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from demo import AgeGenderPredictor
+
+    try:
+        predictor = AgeGenderPredictor(cfg.checkpoint, device, cfg.tta)
+    except CheckpointError as e:
+        fail(str(e))
+    gp, ap, ages, genders, races = [], [], [], [], []
+    if cfg.cache:
+        try:
+            ds = FaceCache(cfg.cache, split=cfg.split or None)
+        except CacheError as e:
+            fail(str(e))
+        loader, _ = make_loader(ds, cfg.batch_size, workers=0)
+        for x, age, gender in tqdm(loader, desc="evaluate", unit="batch"):
+            with torch.no_grad():
+                out = predictor.net.predict(x.to(predictor.device), tta=cfg.tta)
+            gp.append(out["gender_prob"].cpu().numpy())
+            ap.append(out["age_prob"].cpu().numpy())
+            ages.append(age.numpy())
+            genders.append(gender.numpy())
+        races = [r.get("race", "") for r in ds.rows()]
+        n = faces_found = len(ds)
+    elif cfg.labels:
+        try:
+            rows = read_labels(cfg.labels, cfg.split)
+        except InputError as e:
+            fail(str(e))
+        if not rows:
+            fail(f"{cfg.labels}: no rows" + (f" in split '{cfg.split}'" if cfg.split else ""))
+        n, unreadable = len(rows), 0
+        crops, keep = [], []
+        for r in tqdm(rows, desc="detect+align" if cfg.detect else "read", unit="img"):
+            path = os.path.join(cfg.root, r["file"])
+            try:
+                rgb = read_image(path)
+            except InputError as e:
+                print(f"error: {path}: {e}", file=sys.stderr)
+                unreadable += 1
+                continue
+            if cfg.detect:
+                faces = predictor.detector.detect(rgb, pad_fraction=cfg.pad_fraction)
+                if not faces:
+                    continue
+                crop = align_face(rgb, faces[0].landmarks)  # the most confident face is the labelled one
+            else:
+                crop = cv2.resize(rgb, (config.IMAGE_W, config.IMAGE_H), interpolation=cv2.INTER_AREA) if rgb.shape[:2] != (config.IMAGE_H, config.IMAGE_W) else rgb
+            crops.append(crop)
+            keep.append(r)
+        for s in range(0, len(crops), cfg.batch_size):
+            out = predictor.predict_crops(crops[s : s + cfg.batch_size])
+            gp.append(out["gender_prob"])
+            ap.append(out["age_prob"])
+        ages = [np.array([r["age"] for r in keep])]
+        genders = [np.array([r["gender"] for r in keep])]
+        races = [r.get("race", "") for r in keep]
+        faces_found = len(keep)
+        if unreadable:
+            print(f"{unreadable} of {n} images could not be read", file=sys.stderr)
+    else:
+        fail("give --cache DIR or --labels CSV")
+    if faces_found == 0:
+        fail("no face to evaluate")
+    gp, ap = np.concatenate(gp), np.concatenate(ap)
+    ages, genders = np.concatenate(ages), np.concatenate(genders)
+    pred_age = ap @ np.arange(ap.shape[1])
+    metrics = compute_metrics(gp, ap, ages, genders)
+    report = {"checkpoint": cfg.checkpoint, "n": n, "faces_found": faces_found,
+              **{k: round(v, 4) for k, v in metrics.items() if k != "n"}}
+    groups = {"age_decade": [f"{min(a // 10 * 10, 90)}s" for a in ages], "gender": ["F" if g == 0 else "M" for g in genders]}
+    if any(races):
+        groups["race"] = [RACES.get(str(r), str(r) or "unknown") for r in races]
+    report["by"] = breakdown(pred_age, gp, ap, ages, genders, groups)
+
+    print(f"faces {faces_found} of {n}   gender accuracy {100 * metrics['gender_acc']:.2f}%   age MAE {metrics['age_mae']:.3f}   "
+          f"CS@5 {100 * metrics['age_cs5']:.1f}%   exact age top-1 {100 * metrics['age_top1']:.1f}%   top-5 {100 * metrics['age_top5']:.1f}%")
+    for name, table in report["by"].items():
+        print(f"\nby {name}:  {'n':>6} {'gender%':>8} {'MAE':>6} {'CS@5%':>6}")
+        for g, r in table.items():
+            print(f"  {g:<12} {r['n']:>6} {100 * r['gender_acc']:>8.2f} {r['age_mae']:>6.2f} {100 * r['age_cs5']:>6.1f}")
+    if cfg.json:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
+        with open(cfg.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if cfg.plots:
+        plot(pred_age, ages, cfg.plots)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

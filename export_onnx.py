@@ -1,0 +1,63 @@
+"""Export a checkpoint to ONNX (dynamic batch axis) and check it against PyTorch in onnxruntime.
+
+    python export_onnx.py                                   # the released model -> weights/*.onnx
+    python export_onnx.py --checkpoint checkpoints/run/best.pt --out model.onnx
+
+Inputs: `input` N x 3 x 112 x 96, ImageNet-normalised RGB (data_gen.normalize). Outputs:
+`gender_prob` N x 2 (female, male), `age_prob` N x 101, `age` N (expected age), `age_std` N.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+import config
+from models import CheckpointError, ExportWrapper, load_checkpoint
+from utils import fail
+
+OUTPUTS = ["gender_prob", "age_prob", "age", "age_std"]
+
+
+def export(net, path, opset=17):
+    wrapper = ExportWrapper(net.eval())
+    dummy = torch.randn(2, 3, config.IMAGE_H, config.IMAGE_W)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.onnx.export(wrapper, (dummy,), path, input_names=["input"], output_names=OUTPUTS, opset_version=opset,
+                      dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in OUTPUTS}}, dynamo=False)
+    return path
+
+
+def max_difference(net, path, batch=8, seed=0):
+    """Largest absolute difference of the probabilities between PyTorch and onnxruntime."""
+    import onnxruntime as ort
+
+    x = torch.randn(batch, 3, config.IMAGE_H, config.IMAGE_W, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref = [t.numpy() for t in ExportWrapper(net.eval())(x)]
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = sess.run(OUTPUTS, {"input": x.numpy()})
+    return max(float(np.abs(r - g).max()) for r, g in zip(ref[:2], got[:2]))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Export AgeGenderNet to ONNX", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=config.RELEASED_MODEL)
+    p.add_argument("--out", default=os.path.splitext(config.RELEASED_MODEL)[0] + ".onnx")
+    p.add_argument("--opset", type=int, default=17)
+    args = p.parse_args(argv)
+    try:
+        net, _ = load_checkpoint(args.checkpoint)
+    except CheckpointError as e:
+        fail(str(e))
+    export(net, args.out, args.opset)
+    diff = max_difference(net, args.out)
+    print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB); max |PyTorch - onnxruntime| of the probabilities: {diff:.2e}")
+    if diff > 1e-4:
+        fail(f"{args.out}: onnxruntime differs from PyTorch by {diff:.2e} (> 1e-4)", code=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""pre_process.py: IMDB-WIKI cleaning rules, identity split, bad .mat files, the real wiki.mat count."""
+import csv
+import datetime
+import os
+
+import numpy as np
+import pytest
+import scipy.io
+
+import pre_process
+from conftest import WIKI_MAT
+
+
+def ordinal(y, m, d):
+    return datetime.date(y, m, d).toordinal() + 366  # MATLAB datenum
+
+
+def cells(values):
+    a = np.empty((1, len(values)), dtype=object)
+    for i, v in enumerate(values):
+        a[0, i] = v
+    return a
+
+
+def write_mat(path, entries, key="imdb", drop=None, override=None):
+    """A synthetic imdb.mat in the real layout: a 1x1 struct of 1xN arrays and cell arrays."""
+    n = len(entries)
+    s = {
+        "dob": np.array([[e.get("dob", ordinal(1980, 3, 10)) for e in entries]], dtype=np.float64),
+        "photo_taken": np.array([[e.get("photo", 2010) for e in entries]], dtype=np.float64),
+        "full_path": cells([np.array([f"{i % 100:02d}/nm{i}_rm.jpg"]) for i in range(n)]),
+        "gender": np.array([[e.get("gender", 1.0) for e in entries]], dtype=np.float64),
+        "name": cells([np.array([e.get("name", f"Person {e.get('celeb', i)}")]) for i, e in enumerate(entries)]),
+        "face_location": cells([np.array([[10.0, 10.0, 60.0, 60.0]]) for _ in range(n)]),
+        "face_score": np.array([[e.get("score", 3.0) for e in entries]], dtype=np.float64),
+        "second_face_score": np.array([[e.get("second", np.nan) for e in entries]], dtype=np.float64),
+        "celeb_names": cells([np.array(["x"])]),
+        "celeb_id": np.array([[e.get("celeb", 100 + i) for i, e in enumerate(entries)]], dtype=np.float64),
+    }
+    if drop:
+        del s[drop]
+    s.update(override or {})
+    scipy.io.savemat(path, {key: s})
+    return path
+
+
+ENTRIES = [
+    dict(dob=ordinal(1980, 3, 10), photo=2010, celeb=1),              # age 30
+    dict(dob=ordinal(1980, 8, 15), photo=2010, celeb=1, gender=0.0),  # age 29: born after 1 July
+    dict(score=-np.inf), dict(score=0.5), dict(score=np.nan),         # no / weak face
+    dict(second=1.5),                                                 # a second face
+    dict(gender=np.nan),                                              # unknown gender
+    dict(dob=ordinal(1900, 1, 1)), dict(dob=ordinal(2012, 1, 1)),     # ages 110 and -2
+    dict(dob=0.0), dict(dob=np.nan),                                  # dob that cannot be converted
+] + [dict(dob=ordinal(1990, 1, 1), photo=2015, celeb=2 + k) for k in range(6)]  # six aged 25
+
+
+def run(args, capsys):
+    try:
+        code = pre_process.main(args)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def read_meta(out):
+    with open(os.path.join(out, "meta.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_synthetic_imdb_counts_after_every_rule(tmp_path, capsys):
+    write_mat(tmp_path / "imdb.mat", ENTRIES)
+    code, out, _ = run(["--dataset", "imdb", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"),
+                        "--metadata-only", "--max-per-age", "3"], capsys)
+    assert code == 0
+    counts = [int(line.split()[-1].replace(",", "")) for line in out.splitlines() if line.strip().startswith("after")]
+    assert counts == [15, 12, 11, 10, 8, 5]  # dob, face_score, second face, gender, age range, cap
+    rows = read_meta(tmp_path / "o")
+    assert sorted(int(r["age"]) for r in rows) == [25, 25, 25, 29, 30]
+    by_age = {int(r["age"]): r for r in rows}
+    assert by_age[29]["gender"] == "0" and by_age[30]["gender"] == "1"
+    # the same celebrity (celeb_id 1) is never in two splits
+    assert by_age[29]["split"] == by_age[30]["split"]
+    with open(tmp_path / "o" / "rejects.csv") as f:
+        reasons = [r["reason"] for r in csv.DictReader(f)]
+    assert len(reasons) == len(ENTRIES) - 5 and sum("over the cap" in r for r in reasons) == 3
+    assert os.path.getsize(tmp_path / "o" / "age_histogram.png") > 1000
+
+
+def test_cap_is_random_with_a_fixed_seed(tmp_path, capsys):
+    entries = [dict(dob=ordinal(1990, 1, 1), photo=2015, celeb=k) for k in range(40)]
+    write_mat(tmp_path / "imdb.mat", entries)
+    kept = []
+    for seed in ("1", "1", "2"):
+        run(["--dataset", "imdb", "--data-dir", str(tmp_path), "--out", str(tmp_path / seed), "--metadata-only",
+             "--max-per-age", "10", "--seed", seed], capsys)
+        kept.append([r["file"] for r in read_meta(tmp_path / seed)])
+    assert len(kept[0]) == 10 and kept[0] == kept[1] and kept[0] != kept[2]
+    assert kept[0] != [f"{i:02d}/nm{i}_rm.jpg" for i in range(10)]  # not first-come
+
+
+def test_real_wiki_mat_keeps_38138_with_identity_disjoint_splits(tmp_path, capsys):
+    code, out, _ = run(["--dataset", "wiki", "--data-dir", os.path.dirname(WIKI_MAT), "--out", str(tmp_path), "--metadata-only"], capsys)
+    assert code == 0
+    rows = read_meta(tmp_path)
+    assert len(rows) == 38138
+    split_of = {}
+    for r in rows:
+        assert split_of.setdefault(r["identity"], r["split"]) == r["split"]
+    sizes = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
+    assert 0.88 < sizes["train"] / len(rows) < 0.92 and sizes["val"] > 1000 and sizes["test"] > 1000
+
+
+@pytest.mark.parametrize("mutation, words", [
+    (dict(drop="dob"), "field 'dob' missing"),
+    (dict(drop="face_score"), "field 'face_score' missing"),
+    (dict(key="celebs"), "top-level key"),
+    (dict(override={"dob": cells([np.array(["1980-01-01"])] * 3)}), "'dob'"),
+    (dict(override={"dob": np.full((1, 3), np.nan)}), "'dob' has no finite value"),
+    (dict(override={"gender": np.ones((1, 2))}), "'gender' has 2 entries"),
+])
+def test_broken_mat_is_one_line_and_exit_2(tmp_path, capsys, mutation, words):
+    key = mutation.pop("key", "imdb")
+    write_mat(tmp_path / "imdb.mat", ENTRIES[:3], key=key, **mutation)
+    code, _, err = run(["--dataset", "imdb", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--metadata-only"], capsys)
+    assert code == 2
+    assert words in err and "imdb.mat" in err and len(err.strip().splitlines()) == 1
+
+
+def test_corrupt_and_missing_mat(tmp_path, capsys):
+    (tmp_path / "imdb.mat").write_bytes(b"MATLAB 5.0 MAT-file" + os.urandom(300))
+    code, _, err = run(["--dataset", "imdb", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "imdb.mat" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(["--dataset", "wiki", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "wiki.mat not found" in err
+
+
+def test_age_formula():
+    assert pre_process.age_at_photo(ordinal(1981, 5, 5), 2009) == 28
+    assert pre_process.age_at_photo(ordinal(1981, 7, 1), 2009) == 27
+    assert pre_process.age_at_photo(0, 2009) is None
+    assert pre_process.age_at_photo(np.inf, 2009) is None
