@@ -2,6 +2,10 @@
 
     python export_onnx.py                                   # the released model -> weights/*.onnx
     python export_onnx.py --checkpoint checkpoints/run/best.pt --out model.onnx
+    python export_onnx.py --checkpoint checkpoints/run/best.pt --release weights/my_model.pt   # slim fp16 .pt
+
+--release writes the weights in fp16 with the config and metrics only (no optimizer state): the
+form the released model ships in. Loading casts back to fp32.
 
 Inputs: `input` N x 3 x 112 x 96, ImageNet-normalised RGB (data_gen.normalize). Outputs:
 `gender_prob` N x 2 (female, male), `age_prob` N x 101, `age` N (expected age), `age_std` N.
@@ -9,6 +13,7 @@ Inputs: `input` N x 3 x 112 x 96, ImageNet-normalised RGB (data_gen.normalize). 
 import argparse
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -24,6 +29,7 @@ def export(net, path, opset=17):
     wrapper = ExportWrapper(net.eval())
     dummy = torch.randn(2, 3, config.IMAGE_H, config.IMAGE_W)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
     torch.onnx.export(wrapper, (dummy,), path, input_names=["input"], output_names=OUTPUTS, opset_version=opset,
                       dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in OUTPUTS}}, dynamo=False)
     return path
@@ -41,16 +47,31 @@ def max_difference(net, path, batch=8, seed=0):
     return max(float(np.abs(r - g).max()) for r, g in zip(ref[:2], got[:2]))
 
 
+def release(ckpt, path):
+    """A slim checkpoint: fp16 weights, config and metrics; loads with models.load_checkpoint."""
+    from utils import atomic_torch_save
+
+    slim = {"model": {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()},
+            "config": ckpt["config"], "metrics": ckpt.get("metrics", {}), "epoch": ckpt.get("epoch"),
+            "history": ckpt.get("history", [])}
+    atomic_torch_save(slim, path)
+    return path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Export AgeGenderNet to ONNX", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=config.RELEASED_MODEL)
     p.add_argument("--out", default=os.path.splitext(config.RELEASED_MODEL)[0] + ".onnx")
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--release", default="", help="also write a slim fp16 PyTorch checkpoint here")
     args = p.parse_args(argv)
     try:
-        net, _ = load_checkpoint(args.checkpoint)
+        net, ckpt = load_checkpoint(args.checkpoint)
     except CheckpointError as e:
         fail(str(e))
+    if args.release:
+        release(ckpt, args.release)
+        print(f"wrote {args.release} ({os.path.getsize(args.release) / 2**20:.1f} MiB, fp16)")
     export(net, args.out, args.opset)
     diff = max_difference(net, args.out)
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB); max |PyTorch - onnxruntime| of the probabilities: {diff:.2e}")

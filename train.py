@@ -188,7 +188,7 @@ def main(argv=None):
             torch.set_rng_state(ckpt["rng_cpu"])
             if want_cuda and ckpt.get("rng_cuda") is not None:
                 torch.cuda.set_rng_state(ckpt["rng_cuda"])
-        except (KeyError, RuntimeError, ValueError, OSError, AttributeError) as e:
+        except Exception as e:  # unpickling errors come in many types; any of them means "not usable"
             fail(f"--resume: {last_path} is not a usable checkpoint ({str(e).splitlines()[0][:160]})")
         if main_proc:
             print(f"resumed from {last_path}: epoch {epoch}, step {step}")

@@ -76,7 +76,9 @@ def read_image(path, max_pixels=config.MAX_IMAGE_PIXELS):
                 if w * h > max_pixels:
                     if im.format == "JPEG":
                         scale = (max_pixels / (w * h)) ** 0.5
-                        im.draft("RGB", (int(w * scale), int(h * scale)))  # DCT-domain downscale
+                        # DCT-domain downscale by 1/2, 1/4 or 1/8; draft keeps at least the size asked,
+                        # so ask for half the limit to land at or under it
+                        im.draft("RGB", (max(1, int(w * scale / 2)), max(1, int(h * scale / 2))))
                     if im.size[0] * im.size[1] > max_pixels:
                         raise InputError(f"image too large ({w}x{h} pixels, limit {max_pixels:,})")
                 im.load()

@@ -1,0 +1,121 @@
+"""Awkward image files, and face alignment onto the 112x96 template."""
+import os
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+import config
+from conftest import UTK, utk_rows
+from utils import FaceDetector, InputError, align_face, read_image, similarity_transform
+
+
+def face_photo():
+    return np.asarray(Image.open(os.path.join(config.ROOT, "images", "astronaut.jpg")).convert("RGB"))
+
+
+def test_grayscale_cmyk_alpha_16bit(tmp_path):
+    rgb = face_photo()
+    Image.fromarray(rgb).convert("L").save(tmp_path / "gray.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    rgba[:50, :50, 3] = 0  # a transparent corner
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    cv2.imwrite(str(tmp_path / "deep.png"), (rgb[:, :, ::-1].astype(np.uint16) * 257))
+    cv2.imwrite(str(tmp_path / "deep_gray.png"), (rgb[:, :, 0].astype(np.uint16) * 257))
+    for name in ("gray.png", "cmyk.jpg", "alpha.png", "deep.png", "deep_gray.png"):
+        img = read_image(str(tmp_path / name))
+        assert img.dtype == np.uint8 and img.shape == rgb.shape, name
+    assert np.abs(read_image(str(tmp_path / "deep.png")).astype(int) - rgb).max() <= 1  # 16-bit scaled, not clipped
+    assert (read_image(str(tmp_path / "alpha.png"))[:50, :50] == 255).all()  # composited on white
+    assert np.abs(read_image(str(tmp_path / "cmyk.jpg")).astype(int) - rgb).mean() < 12
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    rgb = face_photo()[:, :400]  # 512 x 400: not square, so a rotation shows in the shape
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(rgb).save(tmp_path / "rot.jpg", exif=exif)
+    img = read_image(str(tmp_path / "rot.jpg"))
+    assert img.shape[:2] == (400, 512)
+    assert np.abs(img.astype(int) - np.rot90(rgb, -1)).mean() < 8
+
+
+def _png_header(width, height):
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    raw = zlib.compress(b"\x00\x00\x00\x00")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+def test_bad_files_give_a_reason(tmp_path):
+    good = tmp_path / "good.jpg"
+    Image.fromarray(face_photo()).save(good)
+    data = good.read_bytes()
+    (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 3])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image at all")
+    (tmp_path / "bomb.png").write_bytes(_png_header(40000, 30000))  # 1.2 gigapixels claimed
+    cases = {"trunc.jpg": "truncated", "empty.jpg": "empty", "text.jpg": "not an image", "bomb.png": "too large",
+             "missing.jpg": "not found"}
+    for name, words in cases.items():
+        with pytest.raises(InputError, match=words):
+            read_image(str(tmp_path / name))
+
+
+def test_huge_jpeg_is_decoded_downscaled(tmp_path):
+    big = cv2.resize(face_photo(), (3000, 3000))
+    Image.fromarray(big).save(tmp_path / "big.jpg")
+    img = read_image(str(tmp_path / "big.jpg"), max_pixels=1_000_000)
+    assert img.shape[0] * img.shape[1] <= 1_000_000 and img.shape[0] >= 375
+
+
+def test_similarity_transform_recovers_a_known_warp():
+    ref = np.array(config.REFERENCE_LANDMARKS)
+    a, s, t = 0.4, 2.7, np.array([130.0, -20.0])
+    r = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    pts = (s * ref @ r.T) + t  # the template, rotated, scaled and moved
+    m = similarity_transform(pts, ref)
+    assert np.abs(pts @ m[:, :2].T + m[:, 2] - ref).max() < 1e-3
+
+
+def test_align_face_puts_landmarks_on_the_reference_points():
+    """Dots drawn at a similarity-warped template come back within 1 px of the reference points."""
+    ref = np.array(config.REFERENCE_LANDMARKS)
+    a, s, t = -0.3, 3.0, np.array([200.0, 80.0])
+    r = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    pts = s * ref @ r.T + t
+    img = np.zeros((600, 600, 3), np.uint8)
+    for x, y in pts:
+        cv2.circle(img, (int(round(x * 16)), int(round(y * 16))), 5 * 16, (255, 255, 255), -1, cv2.LINE_AA, shift=4)
+    crop = align_face(img, pts)
+    assert crop.shape == (112, 96, 3)
+    gray = crop[:, :, 0].astype(float)
+    for x, y in ref:
+        x0, y0 = int(x), int(y)
+        win = gray[y0 - 4 : y0 + 6, x0 - 4 : x0 + 6]
+        yy, xx = np.mgrid[y0 - 4 : y0 + 6, x0 - 4 : x0 + 6]
+        cx, cy = (win * xx).sum() / win.sum(), (win * yy).sum() / win.sum()
+        assert abs(cx - x) < 1 and abs(cy - y) < 1
+
+
+def test_real_faces_detected_and_aligned():
+    det = FaceDetector()
+    ref = np.array(config.REFERENCE_LANDMARKS)
+    errors, found = [], 0
+    rows = utk_rows("test", 20, seed=3)
+    for r in rows:
+        rgb = read_image(os.path.join(UTK, r["file"]))
+        faces = det.detect(rgb, pad_fraction=0.25)
+        if not faces:
+            continue
+        found += 1
+        lm = faces[0].landmarks
+        assert (lm >= -5).all() and (lm[:, 0] <= rgb.shape[1] + 5).all()  # in the photo's own pixels
+        m = similarity_transform(lm, ref)
+        errors.append(np.linalg.norm(lm @ m[:, :2].T + m[:, 2] - ref, axis=1).mean())
+    assert found >= 18
+    assert np.median(errors) < 3.0  # real faces are not exactly similar to the template, but close

@@ -1,0 +1,112 @@
+"""train.py on real UTKFace crops: learning, exact resume, DDP on 2 CPU processes, metrics, bad input."""
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from conftest import ROOT
+from models import AgeGenderNet, CheckpointError, load_checkpoint
+from utils import compute_metrics
+
+SMALL = ["--arch", "resnet18", "--pretrained", "", "--batch-size", "16", "--workers", "0", "--ckpt-every", "100"]
+
+
+def run_train(args, capsys=None):
+    try:
+        code = train.main(args)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err if capsys else ""
+    return code, err
+
+
+def test_a_few_epochs_lower_the_loss(utk_cache, tmp_path):
+    out = tmp_path / "run"
+    args = ["--cache", utk_cache, "--out-dir", str(out), "--arch", "mobilenet_v2", "--batch-size", "16", "--workers", "0",
+            "--epochs", "3", "--lr", "1e-3", "--warmup-epochs", "0.5"]
+    assert train.main(args) == 0
+    with open(out / "log.csv") as f:
+        log = list(csv.DictReader(f))
+    assert len(log) == 3
+    assert float(log[-1]["train_loss"]) < 0.85 * float(log[0]["train_loss"])
+    for name in ("last.pt", "best.pt", "curves.png"):
+        assert os.path.getsize(out / name) > 0
+    net, ckpt = load_checkpoint(str(out / "best.pt"))  # weights_only load, on the CPU
+    assert ckpt["config"]["arch"] == "mobilenet_v2" and 0 < ckpt["metrics"]["age_mae"] < 100
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(utk_cache, tmp_path):
+    common = ["--cache", utk_cache, "--epochs", "2"] + SMALL
+    assert train.main(common + ["--out-dir", str(tmp_path / "a"), "--max-steps", "12"]) == 0
+    assert train.main(common + ["--out-dir", str(tmp_path / "b"), "--max-steps", "5"]) == 0
+    assert train.main(common + ["--out-dir", str(tmp_path / "b"), "--max-steps", "12", "--resume"]) == 0
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 12 and a["epoch"] == b["epoch"] == 1
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+
+
+def test_ddp_two_cpu_processes_keep_identical_weights(utk_cache, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
+           "--device", "cpu", "--cache", utk_cache, "--out-dir", str(tmp_path), "--epochs", "1", "--max-steps", "3"] + SMALL
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "2 process(es) on cpu" in res.stdout
+    assert "largest weight difference between ranks 0" in res.stdout
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["step"] == 3
+    single = AgeGenderNet("resnet18")
+    assert not torch.equal(ckpt["model"]["age_head.weight"], single.state_dict()["age_head.weight"])
+
+
+def test_metrics_on_hand_made_predictions():
+    age_prob = np.zeros((4, 101))
+    age_prob[0, 20] = 1.0                       # true 20: exact
+    age_prob[1, [30, 40]] = 0.5                 # true 30: expectation 35, top-1 is 30 (first max)
+    age_prob[2, 50] = 0.6
+    age_prob[2, [51, 52, 53, 54]] = 0.1         # true 54: expectation 51, in the top 5
+    age_prob[3, 10] = 1.0                       # true 70: off by 60
+    gender_prob = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.7, 0.3]])
+    m = compute_metrics(gender_prob, age_prob, np.array([20, 30, 54, 70]), np.array([0, 1, 0, 1]))
+    assert m["n"] == 4 and m["gender_acc"] == 0.5
+    assert m["age_mae"] == pytest.approx((0 + 5 + 3 + 60) / 4)
+    assert m["age_cs5"] == 0.75 and m["age_top1"] == 0.5 and m["age_top5"] == 0.75
+
+
+def test_bad_input_exits_2_with_one_line(utk_cache, tmp_path, capsys):
+    code, err = run_train(["--cache", str(tmp_path / "none"), "--out-dir", str(tmp_path / "o")], capsys)
+    assert code == 2 and "no cache here" in err
+    code, err = run_train(["--cache", utk_cache, "--arch", "vgg99", "--out-dir", str(tmp_path / "o")], capsys)
+    assert code == 2 and "unknown --arch 'vgg99'" in err
+    out = tmp_path / "r"
+    os.makedirs(out)
+    (out / "last.pt").write_bytes(b"garbage" * 100)
+    code, err = run_train(["--cache", utk_cache, "--out-dir", str(out), "--resume"] + SMALL, capsys)
+    assert code == 2 and "not a usable checkpoint" in err and len(err.strip().splitlines()) == 1
+    torch.save({"weights": torch.zeros(3)}, out / "last.pt")
+    code, err = run_train(["--cache", utk_cache, "--out-dir", str(out), "--resume"] + SMALL, capsys)
+    assert code == 2 and "not a usable checkpoint" in err
+    for bad in ("last.pt",):
+        with pytest.raises(CheckpointError):
+            load_checkpoint(str(out / bad))
+
+
+def test_resume_with_another_config_is_refused(utk_cache, tmp_path, capsys):
+    base = ["--cache", utk_cache, "--out-dir", str(tmp_path), "--epochs", "1", "--max-steps", "2"] + SMALL
+    assert run_train(base, capsys)[0] == 0
+    code, err = run_train(base + ["--resume", "--lr", "0.5"], capsys)
+    assert code == 2 and "lr=0.001" in err
+
+
+def test_nan_loss_stops_training_without_saving(utk_cache, tmp_path, capsys):
+    code, err = run_train(["--cache", utk_cache, "--out-dir", str(tmp_path), "--age-weight", "nan", "--max-steps", "3"] + SMALL, capsys)
+    assert code == 3 and "loss became nan" in err
+    assert not os.path.exists(tmp_path / "last.pt")
