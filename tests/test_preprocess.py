@@ -141,3 +141,35 @@ def test_age_formula():
     assert pre_process.age_at_photo(ordinal(1981, 7, 1), 2009) == 27
     assert pre_process.age_at_photo(0, 2009) is None
     assert pre_process.age_at_photo(np.inf, 2009) is None
+
+
+def test_imdb_layout_end_to_end_keeps_the_face_at_face_location(tmp_path, capsys):
+    """imdb_crop/imdb.mat beside imdb_crop/NN/*.jpg; a photo with two faces keeps the one face_location marks."""
+    from PIL import Image
+
+    from conftest import UTK, utk_rows
+    from utils import read_image
+
+    crop_dir = tmp_path / "imdb_crop"
+    rows = utk_rows("train", 4, seed=9)
+    faces = [read_image(os.path.join(UTK, r["file"])) for r in rows]
+    entries, paths, locations = [], [], []
+    for k in range(3):
+        canvas = np.full((300, 700, 3), 200, np.uint8)
+        canvas[50:250, 50:250] = faces[k]
+        canvas[50:250, 450:650] = faces[3]
+        os.makedirs(crop_dir / f"{k:02d}", exist_ok=True)
+        paths.append(f"{k:02d}/nm{k}_rm.jpg")
+        Image.fromarray(canvas).save(crop_dir / paths[-1])
+        right = k == 1  # the middle photo labels the face on the right
+        locations.append(np.array([[450.0, 50.0, 650.0, 250.0]]) if right else np.array([[50.0, 50.0, 250.0, 250.0]]))
+        entries.append(dict(dob=ordinal(1970, 1, 1), photo=2000 + k, celeb=k))
+    write_mat(crop_dir / "imdb.mat", entries, override={"full_path": cells([np.array([p]) for p in paths]),
+                                                        "face_location": cells(locations)})
+    code, out, _ = run(["--dataset", "imdb", "--data-dir", str(tmp_path), "--out", str(tmp_path / "c"), "--workers", "1",
+                        "--pad-fraction", "0"], capsys)
+    assert code == 0
+    meta = read_meta(tmp_path / "c")
+    assert [r["age"] for r in meta] == ["30", "31", "32"]
+    lm = np.load(tmp_path / "c" / "landmarks.npy")
+    assert (lm[0, :, 0] < 300).all() and (lm[1, :, 0] > 400).all() and (lm[2, :, 0] < 300).all()
