@@ -10,7 +10,6 @@ pipeline (detect, align, predict) and photos where no face is found are counted 
 metrics are over the faces found. The report breaks the errors down by age decade, gender and, where
 the CSV has a race column (UTKFace: 0 White, 1 Black, 2 Asian, 3 Indian, 4 Others), by race.
 """
-import csv
 import json
 import os
 import sys
@@ -23,7 +22,7 @@ from tqdm import tqdm
 import config
 from data_gen import CacheError, FaceCache, make_loader
 from models import CheckpointError
-from utils import InputError, align_face, compute_metrics, fail, parse_config, read_image
+from utils import InputError, align_face, compute_metrics, fail, parse_config, read_image, read_label_rows
 
 RACES = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}
 
@@ -76,14 +75,7 @@ def plot(pred_age, ages, folder):
 
 
 def read_labels(path, split):
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: labels file not found")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"file", "age", "gender"} - set(reader.fieldnames or [])
-        if missing:
-            raise InputError(f"{path}: missing column(s) {sorted(missing)}")
-        rows = [r for r in reader if not split or r.get("split") == split]
+    rows = [r for r in read_label_rows(path) if not split or r.get("split") == split]
     good = []
     for r in rows:
         try:

@@ -29,7 +29,8 @@ import numpy as np
 from tqdm import tqdm
 
 import config
-from utils import FaceDetector, InputError, align_face, atomic_write_text, fail, parse_config, pick_face, read_image
+from utils import (FaceDetector, InputError, align_face, atomic_write_text, fail, parse_config, pick_face, read_image,
+                   read_label_rows)
 
 MAT_FIELDS = ("dob", "photo_taken", "full_path", "gender", "name", "face_location", "face_score", "second_face_score")
 
@@ -178,30 +179,23 @@ def split_by_identity(rows, fractions, seed):
 
 def load_label_csv(path, rejects, seed, fractions):
     """Rows of a file,age,gender[,split][,race] CSV; bad rows are rejected with a reason."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: labels file not found")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"file", "age", "gender"} - set(reader.fieldnames or [])
-        if missing:
-            raise InputError(f"{path}: missing column(s) {sorted(missing)}")
-        rows = []
-        for i, r in enumerate(reader):
-            try:
-                age, gender = int(float(r["age"])), int(float(r["gender"]))
-            except (TypeError, ValueError):
-                rejects.append((r.get("file", ""), "age or gender not a number"))
-                continue
-            if not (0 <= age < config.NUM_AGES) or gender not in (0, 1):
-                rejects.append((r["file"], f"label out of range (age {age}, gender {gender})"))
-                continue
-            row = {"i": i, "file": r["file"], "age": age, "gender": gender, "identity": r["file"], "face_location": None}
-            if r.get("split"):
-                row["split"] = r["split"]
-            for extra in ("race", "duplicate_group"):
-                if extra in r:
-                    row[extra] = r[extra]
-            rows.append(row)
+    rows = []
+    for i, r in enumerate(read_label_rows(path)):
+        try:
+            age, gender = int(float(r["age"])), int(float(r["gender"]))
+        except (TypeError, ValueError):
+            rejects.append((r.get("file", ""), "age or gender not a number"))
+            continue
+        if not (0 <= age < config.NUM_AGES) or gender not in (0, 1):
+            rejects.append((r["file"], f"label out of range (age {age}, gender {gender})"))
+            continue
+        row = {"i": i, "file": r["file"], "age": age, "gender": gender, "identity": r["file"], "face_location": None}
+        if r.get("split"):
+            row["split"] = r["split"]
+        for extra in ("race", "duplicate_group"):
+            if extra in r:
+                row[extra] = r[extra]
+        rows.append(row)
     if any("split" not in r for r in rows):
         no_split = [r for r in rows if "split" not in r]
         split_by_identity(no_split, fractions, seed)

@@ -21,7 +21,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ from tqdm import tqdm
 import config
 from data_gen import CacheError, FaceCache, make_loader
 from models import ARCHS, AgeGenderNet
-from utils import atomic_torch_save, atomic_write_text, compute_metrics, fail, parse_config
+from utils import atomic_torch_save, compute_metrics, fail, parse_config
 
 # Options that may differ between a run and its --resume: they do not change what is learned.
 RESUME_MAY_CHANGE = {"resume", "workers", "max_steps", "ckpt_every", "device", "compile", "cache", "out_dir"}
