@@ -138,7 +138,7 @@ def main(argv=None):
     if len(train_set) < cfg.batch_size * world:
         fail(f"{cfg.cache}: only {len(train_set)} training faces, fewer than one batch of {cfg.batch_size * world}")
     train_loader, train_sampler = make_loader(train_set, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, workers=cfg.workers)
-    val_loader, _ = make_loader(val_set, 256, workers=min(2, cfg.workers))
+    val_loader = make_loader(val_set, 256, workers=min(2, cfg.workers))[0] if main_proc else None  # rank 0 validates
     steps_per_epoch = len(train_sampler)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = max(1, int(cfg.warmup_epochs * steps_per_epoch))
