@@ -151,16 +151,17 @@ def bench_infer(args):
         opts.intra_op_num_threads = torch.get_num_threads()
         sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         onnx_ms = _ms(lambda: sess.run(None, {"input": x.numpy()}), args.repeat)
-    predictor = AgeGenderPredictor(args.checkpoint, "cpu", tta=True)
+    predictor = AgeGenderPredictor(args.checkpoint, "cpu", tta=True, min_face_size=args.min_face_size)
     photo = cv2.cvtColor(cv2.imread(os.path.join(config.ROOT, "images", "astronaut.jpg")), cv2.COLOR_BGR2RGB)
     canvas = np.full((480, 640, 3), 200, np.uint8)
     canvas[:, 64:576] = cv2.resize(photo, (512, 480))
     faces = predictor(canvas)[0]
     demo_ms = _ms(lambda: predictor(canvas), max(5, args.repeat // 5))
     res = {"model_ms": round(model_ms, 2), "onnx_model_ms": round(onnx_ms, 2), "demo_ms": round(demo_ms, 1),
-           "threads": torch.get_num_threads(), "faces_in_photo": len(faces)}
+           "threads": torch.get_num_threads(), "faces_in_photo": len(faces), "min_face_size": args.min_face_size}
     print(f"model alone, batch 1, PyTorch:     {model_ms:6.2f} ms\nmodel alone, batch 1, onnxruntime: {onnx_ms:6.2f} ms\n"
-          f"whole demo per 640x480 photo ({len(faces)} face, detect+align+predict with mirror): {demo_ms:6.1f} ms "
+          f"whole demo per 640x480 photo ({len(faces)} face, detect+align+predict with mirror, "
+          f"--min-face-size {args.min_face_size}): {demo_ms:6.1f} ms "
           f"({torch.get_num_threads()} threads)")
     return res
 
@@ -177,6 +178,7 @@ def main(argv=None):
     p.add_argument("--cpu-steps", type=int, default=5)
     p.add_argument("--checkpoint", default=config.RELEASED_MODEL)
     p.add_argument("--repeat", type=int, default=100)
+    p.add_argument("--min-face-size", type=int, default=20, help="infer: the detector's smallest face, as demo.py's option")
     args = p.parse_args(argv)
     res = {"data": bench_data, "train": bench_train, "infer": bench_infer}[args.what](args)
     if args.json:

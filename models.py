@@ -76,12 +76,14 @@ class AgeGenderNet(nn.Module):
     @torch.no_grad()
     def predict(self, x, tta=False, topk=5):
         """Probabilities and summary statistics; `tta` averages the face and its mirror image."""
+        n = x.shape[0]
+        if tta:  # one forward pass over the faces and their mirror images: cheaper than two
+            x = torch.cat([x, torch.flip(x, dims=[3])])
         gender_logits, age_logits = self(x)
         gender_prob, age_prob = F.softmax(gender_logits.float(), 1), F.softmax(age_logits.float(), 1)
         if tta:
-            g2, a2 = self(torch.flip(x, dims=[3]))
-            gender_prob = (gender_prob + F.softmax(g2.float(), 1)) / 2
-            age_prob = (age_prob + F.softmax(a2.float(), 1)) / 2
+            gender_prob = (gender_prob[:n] + gender_prob[n:]) / 2
+            age_prob = (age_prob[:n] + age_prob[n:]) / 2
         return summarize(gender_prob, age_prob, self.ages, topk)
 
 
