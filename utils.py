@@ -11,7 +11,6 @@ import numpy as np
 
 import config
 
-cv2.setNumThreads(1)  # we parallelise over images ourselves; nested cv2 threads only contend
 try:  # our own one-line messages say what went wrong; OpenCV's backend chatter only adds noise
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 except AttributeError:
