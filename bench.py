@@ -30,6 +30,7 @@ from utils import align_face, fail
 
 
 def _loader_rate(loader, batches, warmup=3):
+    batches = min(batches, len(loader) - warmup)  # stay inside one epoch
     it = iter(loader)
     for _ in range(warmup):
         next(it)
