@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import config
 from data_gen import FaceCache, make_loader, normalize
 from models import ARCHS, AgeGenderNet, load_checkpoint
-from utils import align_face, fail
+from utils import align_face, fail, use_all_cores_for_cv2
 
 
 def _loader_rate(loader, batches, warmup=3):
@@ -142,6 +142,7 @@ def bench_infer(args):
     from demo import AgeGenderPredictor
     from export_onnx import export
 
+    use_all_cores_for_cv2()  # as demo.py does when run from the command line
     net, _ = load_checkpoint(args.checkpoint)
     x = torch.randn(1, 3, config.IMAGE_H, config.IMAGE_W)
     with torch.no_grad():

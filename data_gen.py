@@ -183,10 +183,6 @@ class EpochBatchSampler:
             yield SeededBatch(items, seed=seed)
 
 
-def _worker_init(_):
-    cv2.setNumThreads(1)  # each worker is one core's worth; cv2's own threads would only contend
-
-
 def _whole_batch(batch):
     return batch  # __getitems__ already returns a collated batch
 
@@ -200,6 +196,5 @@ def make_loader(dataset, batch_size, shuffle=None, seed=0, rank=0, world_size=1,
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_whole_batch, num_workers=workers,
                         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-                        worker_init_fn=_worker_init,
                         generator=torch.Generator())  # keeps the global RNG (dropout) untouched by iter()
     return loader, sampler

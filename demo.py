@@ -22,7 +22,7 @@ import torch
 import config
 from data_gen import normalize
 from models import CheckpointError, load_checkpoint
-from utils import FaceDetector, InputError, align_face, fail, list_images, read_image
+from utils import FaceDetector, InputError, align_face, fail, list_images, read_image, use_all_cores_for_cv2
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
@@ -220,4 +220,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    use_all_cores_for_cv2()  # a command-line run never forks, so cv2 may use every core
     sys.exit(main())

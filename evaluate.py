@@ -22,7 +22,7 @@ from tqdm import tqdm
 import config
 from data_gen import CacheError, FaceCache, make_loader
 from models import CheckpointError
-from utils import InputError, align_face, compute_metrics, fail, parse_config, read_image, read_label_rows
+from utils import InputError, align_face, compute_metrics, fail, parse_config, read_image, read_label_rows, use_all_cores_for_cv2
 
 RACES = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}
 
@@ -179,4 +179,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    use_all_cores_for_cv2()  # a command-line run never forks, so cv2 may use every core
     sys.exit(main())

@@ -25,7 +25,6 @@ import sys
 from collections import Counter
 from multiprocessing import Pool
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -211,7 +210,6 @@ _detector = None
 
 def _init_worker(min_face_size, threshold):
     global _detector
-    cv2.setNumThreads(1)  # one process per core already; nested cv2 threads would only contend
     _detector = FaceDetector(min_face_size=min_face_size, threshold=threshold)
 
 

@@ -11,10 +11,18 @@ import numpy as np
 
 import config
 
+# One cv2 thread by default: pre_process and the data loader parallelise over processes, and a process
+# forked after cv2 has started its thread pool can deadlock in cv2. Scripts that never fork (demo.py,
+# evaluate.py, bench.py infer) raise it with use_all_cores_for_cv2().
+cv2.setNumThreads(1)
 try:  # our own one-line messages say what went wrong; OpenCV's backend chatter only adds noise
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 except AttributeError:
     pass
+
+
+def use_all_cores_for_cv2():
+    cv2.setNumThreads(os.cpu_count() or 1)
 
 
 class InputError(Exception):
