@@ -22,21 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import config
 
-_MEAN = torch.tensor(config.IMAGENET_MEAN).view(1, 3, 1, 1)
-_STD = torch.tensor(config.IMAGENET_STD).view(1, 3, 1, 1)
-
-
 class CacheError(Exception):
     pass
-
-
-def normalize(x):
-    """uint8 NHWC (numpy or tensor) or float NCHW in [0,1] -> ImageNet-normalised float NCHW."""
-    if not torch.is_tensor(x):
-        x = torch.from_numpy(np.ascontiguousarray(x))
-    if x.dtype == torch.uint8:
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    return (x - _MEAN) / _STD
 
 
 _GRAY = np.array([0.299, 0.587, 0.114])
@@ -86,9 +73,9 @@ def _normalised(mat, offset):
 _IDENTITY = _normalised(np.eye(3), np.zeros(3))
 
 
-def to_tensor(raw):
-    """A uint8 NHWC batch -> ImageNet-normalised float NCHW tensor (channels_last memory), no augmentation."""
-    x = raw.astype(np.float32)
+def normalize(raw):
+    """A uint8 NHWC batch (RGB) -> ImageNet-normalised float NCHW tensor (channels_last memory), no augmentation."""
+    x = np.asarray(raw).astype(np.float32)
     x *= np.diag(_IDENTITY[:, :3])
     x += _IDENTITY[:, 3]
     return torch.from_numpy(x).permute(0, 3, 1, 2)
@@ -150,7 +137,7 @@ class FaceCache(Dataset):
         if self.train:
             x = augment(raw, np.random.default_rng(int(getattr(batch, "seed", 0))))
         else:
-            x = to_tensor(raw)
+            x = normalize(raw)
         return x, self.ages[pos], self.genders[pos]
 
 

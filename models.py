@@ -87,10 +87,15 @@ class AgeGenderNet(nn.Module):
         return summarize(gender_prob, age_prob, self.ages, topk)
 
 
+def age_mean_std(age_prob, ages):
+    """The expected age (DEX) and the standard deviation of the predicted distribution."""
+    mean = age_prob @ ages
+    return mean, torch.sqrt(torch.clamp(age_prob @ ages**2 - mean**2, min=0))
+
+
 def summarize(gender_prob, age_prob, ages=None, topk=5):
     ages = torch.arange(age_prob.shape[1], dtype=torch.float32, device=age_prob.device) if ages is None else ages
-    mean = age_prob @ ages
-    std = torch.sqrt(torch.clamp(age_prob @ ages**2 - mean**2, min=0))
+    mean, std = age_mean_std(age_prob, ages)
     return {"gender_prob": gender_prob, "age_prob": age_prob, "age": mean, "age_std": std,
             "age_topk": age_prob.topk(topk, dim=1).indices}
 
@@ -105,9 +110,7 @@ class ExportWrapper(nn.Module):
     def forward(self, x):
         g, a = self.net(x)
         gp, ap = F.softmax(g, 1), F.softmax(a, 1)
-        mean = ap @ self.net.ages
-        std = torch.sqrt(torch.clamp(ap @ self.net.ages**2 - mean**2, min=0))
-        return gp, ap, mean, std
+        return (gp, ap) + age_mean_std(ap, self.net.ages)
 
 
 class CheckpointError(Exception):

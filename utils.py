@@ -106,8 +106,6 @@ def read_image(path, max_pixels=config.MAX_IMAGE_PIXELS):
         if "truncated" in msg.lower():
             raise InputError("truncated or corrupt image")
         raise InputError(f"unreadable image ({msg})")
-    if rgb.shape[0] * rgb.shape[1] > max_pixels:
-        raise InputError(f"image too large ({rgb.shape[1]}x{rgb.shape[0]} pixels)")
     return rgb
 
 

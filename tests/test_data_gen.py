@@ -10,7 +10,7 @@ import torch
 
 import pre_process
 from conftest import UTK, utk_rows, write_csv
-from data_gen import CacheError, EpochBatchSampler, FaceCache, make_loader, normalize
+from data_gen import CacheError, EpochBatchSampler, FaceCache, make_loader
 
 
 def test_cache_layout(utk_cache):
@@ -54,8 +54,9 @@ def test_dataset_serves_normalised_tensors(utk_cache):
     x, age, gender = ds[0]
     assert x.shape == (3, 112, 96) and x.dtype == torch.float32
     assert 0 <= age <= 100 and gender in (0, 1)
-    raw = np.load(os.path.join(utk_cache, "faces.npy"))[ds.indices[:1]]
-    assert torch.allclose(x, normalize(raw)[0], atol=1e-5)
+    raw = np.load(os.path.join(utk_cache, "faces.npy"))[ds.indices[0]].astype(np.float64) / 255
+    expected = (raw - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    assert np.allclose(x.numpy(), expected.transpose(2, 0, 1), atol=1e-5)
 
 
 def test_augmentation_is_seeded_and_changes_pixels(utk_cache):
