@@ -6,9 +6,10 @@
     loader = make_loader(train_set, batch_size=128)  # yields batches (x, age, gender)
 
 Batches are read from a memory-mapped uint8 array with one fancy index and augmented as a whole
-batch (see `augment`): one small cv2 warp per face and one batched matmul for colour and
-normalisation, which is what makes it fast. Each batch carries its own seed, so augmentation is reproducible whatever the number
-of workers, and an interrupted run resumes on exactly the same batches.
+batch (see `augment`): one small cv2 warp and one cv2 colour transform (colour jitter and
+normalisation folded into one 3x4 matrix) per face, which is what makes it fast. Each batch carries
+its own seed, so augmentation is reproducible whatever the number of workers, and an interrupted run
+resumes on exactly the same batches.
 """
 import csv
 import json

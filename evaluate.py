@@ -27,7 +27,7 @@ from utils import InputError, align_face, compute_metrics, fail, parse_config, r
 RACES = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}
 
 
-def breakdown(pred_age, gender_prob, age_prob, ages, genders, groups):
+def breakdown(gender_prob, age_prob, ages, genders, groups):
     """Metrics per group label; groups maps a name to a list of per-face labels."""
     out = {}
     for name, labels in groups.items():
@@ -161,7 +161,7 @@ def main(argv=None):
     groups = {"age_decade": [f"{min(a // 10 * 10, 90)}s" for a in ages], "gender": ["F" if g == 0 else "M" for g in genders]}
     if any(races):
         groups["race"] = [RACES.get(str(r), str(r) or "unknown") for r in races]
-    report["by"] = breakdown(pred_age, gp, ap, ages, genders, groups)
+    report["by"] = breakdown(gp, ap, ages, genders, groups)
 
     print(f"faces {faces_found} of {n}   gender accuracy {100 * metrics['gender_acc']:.2f}%   age MAE {metrics['age_mae']:.3f}   "
           f"CS@5 {100 * metrics['age_cs5']:.1f}%   exact age top-1 {100 * metrics['age_top1']:.1f}%   top-5 {100 * metrics['age_top5']:.1f}%")

@@ -84,20 +84,15 @@ class AgeGenderNet(nn.Module):
         if tta:
             gender_prob = (gender_prob[:n] + gender_prob[n:]) / 2
             age_prob = (age_prob[:n] + age_prob[n:]) / 2
-        return summarize(gender_prob, age_prob, self.ages, topk)
+        mean, std = age_mean_std(age_prob, self.ages)
+        return {"gender_prob": gender_prob, "age_prob": age_prob, "age": mean, "age_std": std,
+                "age_topk": age_prob.topk(topk, dim=1).indices}
 
 
 def age_mean_std(age_prob, ages):
     """The expected age (DEX) and the standard deviation of the predicted distribution."""
     mean = age_prob @ ages
     return mean, torch.sqrt(torch.clamp(age_prob @ ages**2 - mean**2, min=0))
-
-
-def summarize(gender_prob, age_prob, ages=None, topk=5):
-    ages = torch.arange(age_prob.shape[1], dtype=torch.float32, device=age_prob.device) if ages is None else ages
-    mean, std = age_mean_std(age_prob, ages)
-    return {"gender_prob": gender_prob, "age_prob": age_prob, "age": mean, "age_std": std,
-            "age_topk": age_prob.topk(topk, dim=1).indices}
 
 
 class ExportWrapper(nn.Module):
