@@ -78,6 +78,9 @@ class TrainConfig:
     l1_weight: float = 0.05  # weight of the expected-age L1 term inside dldl
     dropout: float = 0.2
     grad_clip: float = 5.0
+    # validate and release an exponential moving average of the weights (0 = off): smoother than the
+    # last step's weights on a small, noisy dataset; per optimizer step, warmed up as min(d, (1+t)/(10+t))
+    ema_decay: float = 0.998
     amp: str = "bf16"  # bf16 | fp16 | none (CUDA only; the CPU trains in fp32)
     channels_last: bool = True
     compile: bool = False

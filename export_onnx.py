@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import config
-from models import CheckpointError, ExportWrapper, load_checkpoint
+from models import CheckpointError, ExportWrapper, inference_weights, load_checkpoint
 from utils import fail
 
 OUTPUTS = ["gender_prob", "age_prob", "age", "age_std"]
@@ -51,7 +51,7 @@ def release(ckpt, path):
     """A slim checkpoint: fp16 weights, config and metrics; loads with models.load_checkpoint."""
     from utils import atomic_torch_save
 
-    slim = {"model": {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()},
+    slim = {"model": {k: v.half() if v.is_floating_point() else v for k, v in inference_weights(ckpt).items()},
             "config": ckpt["config"], "metrics": ckpt.get("metrics", {}), "epoch": ckpt.get("epoch"),
             "history": ckpt.get("history", [])}
     atomic_torch_save(slim, path)

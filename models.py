@@ -136,6 +136,11 @@ class CheckpointError(Exception):
     pass
 
 
+def inference_weights(ckpt):
+    """The weights to predict with: the moving average when train.py kept one (it is what was validated)."""
+    return ckpt.get("ema") or ckpt["model"]
+
+
 def load_checkpoint(path, device="cpu"):
     """Load a checkpoint written by train.py (weights only: never runs pickled code) into a model."""
     if not os.path.isfile(path):
@@ -149,7 +154,7 @@ def load_checkpoint(path, device="cpu"):
     cfg = ckpt["config"]
     try:
         net = AgeGenderNet(cfg["arch"], pretrained="", dropout=cfg.get("dropout", 0.0))
-        state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+        state = {k: v.float() if v.is_floating_point() else v for k, v in inference_weights(ckpt).items()}
         net.load_state_dict(state)
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: weights do not fit the model ({str(e).splitlines()[0][:160]})")

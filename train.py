@@ -14,6 +14,7 @@ best.pt (lowest validation MAE), log.csv and curves.png. Checkpoints are written
 loaded with weights_only=True; --resume restores model, optimizer, schedule, scaler, RNG and the
 position inside the epoch, so an interrupted run continues exactly where it stopped.
 """
+import copy
 import csv
 import dataclasses
 import math
@@ -48,6 +49,24 @@ def age_loss(age_logits, age, cfg):
     return kl + cfg.l1_weight * (expected - age.float()).abs().mean()
 
 
+class WeightAverage:
+    """Exponential moving average of a model's weights and BatchNorm statistics (what gets validated)."""
+
+    def __init__(self, net, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(net).eval().requires_grad_(False)
+        self._pairs = list(zip(self.model.state_dict().values(), net.state_dict().values()))
+
+    @torch.no_grad()
+    def update(self, step):
+        d = min(self.decay, (1 + step) / (10 + step))  # early on, follow the model closely
+        for avg, cur in self._pairs:
+            if avg.is_floating_point():
+                avg.lerp_(cur, 1 - d)
+            else:
+                avg.copy_(cur)
+
+
 def lr_at(step, total_steps, warmup_steps, cfg):
     """Linear warm-up, then cosine decay to lr * min_lr_ratio (a multiplier for LambdaLR)."""
     if step < warmup_steps:
@@ -59,6 +78,7 @@ def lr_at(step, total_steps, warmup_steps, cfg):
 @torch.no_grad()
 def evaluate(net, loader, device, amp_dtype, tta, channels_last=False):
     """Predictions on a loader -> metrics dict (gender accuracy, MAE, CS@5, exact-age top-1/top-5)."""
+    was_training = net.training
     net.eval()
     gp, ap, ages, genders = [], [], [], []
     for x, age, gender in loader:
@@ -71,7 +91,7 @@ def evaluate(net, loader, device, amp_dtype, tta, channels_last=False):
         ap.append(out["age_prob"].cpu())
         ages.append(age)
         genders.append(gender)
-    net.train()
+    net.train(was_training)
     return compute_metrics(torch.cat(gp).numpy(), torch.cat(ap).numpy(), torch.cat(ages).numpy(), torch.cat(genders).numpy())
 
 
@@ -163,6 +183,7 @@ def main(argv=None):
     else:
         fail(f"unknown --optimizer '{cfg.optimizer}' (choose adamw or sgd)")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, warmup_steps, cfg))
+    ema = WeightAverage(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     # --- resume
@@ -182,6 +203,8 @@ def main(argv=None):
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             scaler.load_state_dict(ckpt["scaler"])
+            if ema is not None:
+                ema.model.load_state_dict(ckpt["ema"])
             step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
             best_mae, history = ckpt["best_mae"], ckpt["history"]
             torch.set_rng_state(ckpt["rng_cpu"])
@@ -199,7 +222,8 @@ def main(argv=None):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if want_cuda else None)
 
     def save(path, metrics=None):
-        state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        # "ema" (when on) holds the weights to use; load_checkpoint prefers it, "model" is for --resume
+        state = {"model": net.state_dict(), "ema": ema.model.state_dict() if ema else None, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                  "best_mae": best_mae, "history": history, "config": dataclasses.asdict(cfg), "metrics": metrics or {},
                  "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state() if want_cuda else None}
@@ -239,6 +263,8 @@ def main(argv=None):
             scaler.step(opt)
             scaler.update()
             sched.step()
+            if ema is not None:
+                ema.update(step)
             step += 1
             batch_in_epoch += 1
             loss_sum += loss.detach() * len(x)
@@ -267,7 +293,7 @@ def main(argv=None):
         epoch += 1
         batch_in_epoch = 0
         if main_proc:
-            metrics = evaluate(net, val_loader, device, amp_dtype, cfg.eval_tta, cfg.channels_last)
+            metrics = evaluate(ema.model if ema else net, val_loader, device, amp_dtype, cfg.eval_tta, cfg.channels_last)
             row = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 4), "lr": sched.get_last_lr()[0],
                    "epoch_s": round(time.time() - t0, 1), **{f"val_{k}": round(v, 4) for k, v in metrics.items() if k != "n"}}
             history.append(row)

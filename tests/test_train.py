@@ -38,6 +38,9 @@ def test_a_few_epochs_lower_the_loss(utk_cache, tmp_path):
         assert os.path.getsize(out / name) > 0
     net, ckpt = load_checkpoint(str(out / "best.pt"))  # weights_only load, on the CPU
     assert ckpt["config"]["arch"] == "mobilenet_v2" and 0 < ckpt["metrics"]["age_mae"] < 100
+    # what was validated (the weight average) is what loads, and it is not just the last step's weights
+    w = "trunk.features.0.0.weight"
+    assert torch.equal(net.state_dict()[w], ckpt["ema"][w]) and not torch.equal(ckpt["ema"][w], ckpt["model"][w])
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(utk_cache, tmp_path):
@@ -50,6 +53,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(utk_cache, tmp_pa
     assert a["step"] == b["step"] == 12 and a["epoch"] == b["epoch"] == 1
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"])
 
