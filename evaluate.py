@@ -4,6 +4,8 @@
     python evaluate.py --labels ../shared/data/utkface/labels.csv --root ../shared/data/utkface \\
         --split test --detect --pad-fraction 0.25 --json out/eval.json --plots out/eval   # raw photos
     python evaluate.py --labels crops.csv --root crops/                        # aligned 112x96 crops
+    python evaluate.py --labels ../shared/data/utkface/labels.csv --root ../shared/data/utkface \
+        --split test --detect --pad-fraction 0.25 --downscale 0.25                  # faces ~30 px tall
 
 --checkpoint defaults to the released model. With --detect every photo goes through the demo's
 pipeline (detect, align, predict) and photos where no face is found are counted in faces_found;
@@ -97,6 +99,10 @@ def main(argv=None):
     except CheckpointError as e:
         fail(str(e))
     gp, ap, ages, genders, races = [], [], [], [], []
+    if not 0 < cfg.downscale <= 1:
+        fail(f"--downscale {cfg.downscale}: give a factor in (0, 1]")
+    if cfg.downscale != 1.0 and not cfg.detect:
+        fail("--downscale applies to raw photos: add --detect")
     if cfg.cache:
         try:
             ds = FaceCache(cfg.cache, split=cfg.split or None)
@@ -130,6 +136,8 @@ def main(argv=None):
                 unreadable += 1
                 continue
             if cfg.detect:
+                if cfg.downscale != 1.0:
+                    rgb = cv2.resize(rgb, None, fx=cfg.downscale, fy=cfg.downscale, interpolation=cv2.INTER_AREA)
                 faces = predictor.detector.detect(rgb, pad_fraction=cfg.pad_fraction)
                 if not faces:
                     continue
@@ -156,7 +164,7 @@ def main(argv=None):
     ages, genders = np.concatenate(ages), np.concatenate(genders)
     pred_age = ap @ np.arange(ap.shape[1])
     metrics = compute_metrics(gp, ap, ages, genders)
-    report = {"checkpoint": cfg.checkpoint, "n": n, "faces_found": faces_found,
+    report = {"checkpoint": cfg.checkpoint, "downscale": cfg.downscale, "n": n, "faces_found": faces_found,
               **{k: round(v, 4) for k, v in metrics.items() if k != "n"}}
     groups = {"age_decade": [f"{min(a // 10 * 10, 90)}s" for a in ages], "gender": ["F" if g == 0 else "M" for g in genders]}
     if any(races):
