@@ -34,7 +34,7 @@ def augment(raw, rng):
     """Augment a uint8 NHWC batch and normalise it: returns a float NCHW tensor (channels_last memory).
 
     Geometry (flip, rotation +-12 deg, scale 0.9-1.1, shift +-6%) is one cv2.warpAffine per face on
-    uint8 pixels, then 20% of faces are made low-resolution. Colour (brightness, contrast, saturation, 10% grayscale) and the ImageNet
+    uint8 pixels, then 20% of faces are made low-resolution and 25% get a grey patch. Colour (brightness, contrast, saturation, 10% grayscale) and the ImageNet
     normalisation are all linear in the pixel, so they fold into one 3x4 matrix per face, applied by
     one cv2.transform. Both are a few microseconds per face, which is what makes this fast on a CPU.
     """
@@ -49,6 +49,13 @@ def augment(raw, rng):
     # A fifth of the faces lose resolution (shrunk to 25-60% and blown up again): faces in real photos
     # are often 30-60 pixels tall, far softer than UTKFace's 200x200 crops.
     lowres = np.where(rng.random(n) < 0.2, rng.uniform(0.25, 0.6, n), 1.0)
+    # A quarter get a flat grey patch over 2-15% of the crop (random erasing): real faces are partly
+    # hidden by hands, microphones, hair or another head far more often than UTKFace's are.
+    erase = rng.random(n) < 0.25
+    area, aspect = rng.uniform(0.02, 0.15, n) * h * w, np.exp(rng.uniform(np.log(0.5), np.log(2.0), n))
+    eh, ew = np.minimum(h, np.sqrt(area * aspect)).astype(int), np.minimum(w, np.sqrt(area / aspect)).astype(int)
+    ey, ex = (rng.random(n) * (h - eh + 1)).astype(int), (rng.random(n) * (w - ew + 1)).astype(int)
+    grey = rng.integers(0, 256, n)
     out = np.empty((n, h, w, 3), np.float32)
     warped = np.empty((h, w, 3), np.uint8)
     for i in range(n):
@@ -60,6 +67,8 @@ def augment(raw, rng):
         if lowres[i] < 1:
             small = cv2.resize(warped, None, fx=lowres[i], fy=lowres[i], interpolation=cv2.INTER_AREA)
             cv2.resize(small, (w, h), dst=warped, interpolation=cv2.INTER_LINEAR)
+        if erase[i]:
+            warped[ey[i]:ey[i] + eh[i], ex[i]:ex[i] + ew[i]] = grey[i]
         # saturation: x -> s*x + (1-s)*gray(x); contrast about the mean gray level; then brightness
         s, c, b = saturation[i], contrast[i], brightness[i]
         mat = b * c * (s * np.eye(3) + (1 - s) * _GRAY[None, :])
