@@ -34,8 +34,8 @@ def augment(raw, rng):
     """Augment a uint8 NHWC batch and normalise it: returns a float NCHW tensor (channels_last memory).
 
     Geometry (flip, rotation +-12 deg, scale 0.9-1.1, shift +-6%) is one cv2.warpAffine per face on
-    uint8 pixels, then 20% of faces are made low-resolution and 25% get a grey patch. Colour (brightness, contrast, saturation, 10% grayscale) and the ImageNet
-    normalisation are all linear in the pixel, so they fold into one 3x4 matrix per face, applied by
+    uint8 pixels, then 20% of faces are made low-resolution and 25% get a grey patch. Colour
+    (brightness, contrast, saturation, 10% grayscale) and the ImageNet normalisation are all linear in the pixel, so they fold into one 3x4 matrix per face, applied by
     one cv2.transform. Both are a few microseconds per face, which is what makes this fast on a CPU.
     """
     n, h, w, _ = raw.shape

@@ -4,7 +4,7 @@
     python evaluate.py --labels ../shared/data/utkface/labels.csv --root ../shared/data/utkface \\
         --split test --detect --pad-fraction 0.25 --json out/eval.json --plots out/eval   # raw photos
     python evaluate.py --labels crops.csv --root crops/                        # aligned 112x96 crops
-    python evaluate.py --labels ../shared/data/utkface/labels.csv --root ../shared/data/utkface \
+    python evaluate.py --labels ../shared/data/utkface/labels.csv --root ../shared/data/utkface \\
         --split test --detect --pad-fraction 0.25 --downscale 0.25                  # faces ~30 px tall
 
 --checkpoint defaults to the released model. With --detect every photo goes through the demo's
@@ -92,6 +92,10 @@ def read_labels(path, split):
 def main(argv=None):
     cfg = parse_config(config.EvalConfig, argv, description="Evaluate an AgeGenderNet checkpoint")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not 0 < cfg.downscale <= 1:
+        fail(f"--downscale {cfg.downscale}: give a factor in (0, 1]")
+    if cfg.downscale != 1.0 and not cfg.detect:
+        fail("--downscale applies to raw photos: add --detect")
     from demo import AgeGenderPredictor
 
     try:
@@ -99,10 +103,6 @@ def main(argv=None):
     except CheckpointError as e:
         fail(str(e))
     gp, ap, ages, genders, races = [], [], [], [], []
-    if not 0 < cfg.downscale <= 1:
-        fail(f"--downscale {cfg.downscale}: give a factor in (0, 1]")
-    if cfg.downscale != 1.0 and not cfg.detect:
-        fail("--downscale applies to raw photos: add --detect")
     if cfg.cache:
         try:
             ds = FaceCache(cfg.cache, split=cfg.split or None)

@@ -223,8 +223,8 @@ def main(argv=None):
 
     def save(path, metrics=None):
         # "ema" (when on) holds the weights to use; load_checkpoint prefers it, "model" is for --resume
-        state = {"model": net.state_dict(), "ema": ema.model.state_dict() if ema else None, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+        state = {"model": net.state_dict(), "ema": ema.model.state_dict() if ema else None,
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                  "best_mae": best_mae, "history": history, "config": dataclasses.asdict(cfg), "metrics": metrics or {},
                  "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state() if want_cuda else None}
         atomic_torch_save(state, path)

@@ -256,9 +256,7 @@ class FaceDetector:
 
     def _refine(self, img, boxes):
         """Stage 2: RNet rescores and regresses every proposal at 24x24."""
-        boxes = boxes.copy()
-        boxes[:, :4] = np.fix(boxes[:, :4])
-        boxes = boxes[(boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])]
+        boxes = _whole_pixel_boxes(boxes)
         if not len(boxes):
             return boxes
         reg, prob = self._forward(self.rnet, _mtcnn_input(_crops(img, boxes, 24)), ["dense_2", "softmax_1"])
@@ -269,9 +267,7 @@ class FaceDetector:
 
     def _output(self, img, boxes):
         """Stage 3: ONet gives the final score, box and the five landmarks at 48x48."""
-        boxes = boxes.copy()
-        boxes[:, :4] = np.fix(boxes[:, :4])
-        boxes = boxes[(boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])]
+        boxes = _whole_pixel_boxes(boxes)
         if not len(boxes):
             return np.empty((0, 5)), np.empty((0, 10))
         reg, pts, prob = self._forward(self.onet, _mtcnn_input(_crops(img, boxes, 48)), ["dense_5", "dense_6", "softmax_2"])
@@ -288,6 +284,13 @@ class FaceDetector:
 
 def _mtcnn_input(batch_uint8):
     return (batch_uint8.astype(np.float32) - 127.5) * 0.0078125
+
+
+def _whole_pixel_boxes(boxes):
+    """Boxes truncated to whole pixels, as the next stage crops them; empty ones dropped."""
+    out = boxes.copy()
+    out[:, :4] = np.fix(out[:, :4])
+    return out[(out[:, 2] >= out[:, 0]) & (out[:, 3] >= out[:, 1])]
 
 
 def _crops(img, boxes, size):
