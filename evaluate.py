@@ -24,7 +24,8 @@ from tqdm import tqdm
 import config
 from data_gen import CacheError, FaceCache, make_loader
 from models import CheckpointError
-from utils import InputError, align_face, compute_metrics, fail, parse_config, read_image, read_label_rows, use_all_cores_for_cv2
+from metrics import calibration_report, compute_metrics
+from utils import InputError, align_face, fail, parse_config, read_image, read_label_rows, use_all_cores_for_cv2
 
 RACES = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}
 
@@ -77,11 +78,13 @@ def plot(pred_age, ages, folder):
 
 
 def read_labels(path, split):
+    from pre_process import parse_gender
+
     rows = [r for r in read_label_rows(path) if not split or r.get("split") == split]
     good = []
     for r in rows:
         try:
-            r["age"], r["gender"] = int(float(r["age"])), int(float(r["gender"]))
+            r["age"], r["gender"] = int(round(float(r["age"]))), parse_gender(r["gender"])
         except ValueError:
             print(f"warning: {path}: row for {r['file']}: age/gender not a number, skipped", file=sys.stderr)
             continue
@@ -99,10 +102,10 @@ def main(argv=None):
     from demo import AgeGenderPredictor
 
     try:
-        predictor = AgeGenderPredictor(cfg.checkpoint, device, cfg.tta)
+        predictor = AgeGenderPredictor(cfg.checkpoint, device, cfg.tta, calibrated=cfg.calibrated)
     except CheckpointError as e:
         fail(str(e))
-    gp, ap, ages, genders, races = [], [], [], [], []
+    gp, ap, sd, ages, genders, races = [], [], [], [], [], []
     if cfg.cache:
         try:
             ds = FaceCache(cfg.cache, split=cfg.split or None)
@@ -110,13 +113,13 @@ def main(argv=None):
             fail(str(e))
         loader, _ = make_loader(ds, cfg.batch_size, workers=0)
         for x, age, gender in tqdm(loader, desc="evaluate", unit="batch"):
-            with torch.no_grad():
-                out = predictor.net.predict(x.to(predictor.device), tta=cfg.tta)
-            gp.append(out["gender_prob"].cpu().numpy())
-            ap.append(out["age_prob"].cpu().numpy())
+            out = predictor.predict_tensor(x)
+            gp.append(out["gender_prob"])
+            ap.append(out["age_prob"])
+            sd.append(out["age_std"])
             ages.append(age.numpy())
             genders.append(gender.numpy())
-        races = [r.get("race", "") for r in ds.rows()]
+        kept = ds.rows()
         n = faces_found = len(ds)
     elif cfg.labels:
         try:
@@ -150,9 +153,10 @@ def main(argv=None):
             out = predictor.predict_crops(crops[s : s + cfg.batch_size])
             gp.append(out["gender_prob"])
             ap.append(out["age_prob"])
+            sd.append(out["age_std"])
         ages = [np.array([r["age"] for r in keep])]
         genders = [np.array([r["gender"] for r in keep])]
-        races = [r.get("race", "") for r in keep]
+        kept = keep
         faces_found = len(keep)
         if unreadable:
             print(f"{unreadable} of {n} images could not be read", file=sys.stderr)
@@ -160,24 +164,37 @@ def main(argv=None):
         fail("give --cache DIR or --labels CSV")
     if faces_found == 0:
         fail("no face to evaluate")
-    gp, ap = np.concatenate(gp), np.concatenate(ap)
+    gp, ap, sd = np.concatenate(gp), np.concatenate(ap), np.concatenate(sd)
     ages, genders = np.concatenate(ages), np.concatenate(genders)
+    races = [r.get("race", "") for r in kept]
+    label_std = np.array([float(r.get("age_std") or "nan") for r in kept])
     pred_age = ap @ np.arange(ap.shape[1])
-    metrics = compute_metrics(gp, ap, ages, genders)
+    metrics = compute_metrics(gp, ap, ages, genders, label_std if np.isfinite(label_std).any() else None)
+    # the shown ±std is the model's std times the checkpoint's calibration factor (if any and --calibrated)
+    scale = predictor.calibration.get("age_std_scale", 1.0) if predictor.calibration else 1.0
+    calib = calibration_report(gp, ap, ages, genders, std_scale=scale)
     report = {"checkpoint": cfg.checkpoint, "downscale": cfg.downscale, "n": n, "faces_found": faces_found,
-              **{k: round(v, 4) for k, v in metrics.items() if k != "n"}}
-    groups = {"age_decade": [f"{min(a // 10 * 10, 90)}s" for a in ages], "gender": ["F" if g == 0 else "M" for g in genders]}
+              "calibration_applied": predictor.calibration or None,
+              **{k: round(v, 4) for k, v in metrics.items() if k != "n"}, **{k: round(v, 4) for k, v in calib.items()}}
+    groups = {"age_decade": [f"{min(a // 10 * 10, 90)}s" for a in ages],
+              "gender": [{0: "F", 1: "M"}.get(int(g), "unknown") for g in genders]}
     if any(races):
         groups["race"] = [RACES.get(str(r), str(r) or "unknown") for r in races]
     report["by"] = breakdown(gp, ap, ages, genders, groups)
 
-    print(f"faces {faces_found} of {n}   gender accuracy {100 * metrics['gender_acc']:.2f}%   age MAE {metrics['age_mae']:.3f}   "
-          f"CS@5 {100 * metrics['age_cs5']:.1f}%   exact age top-1 {100 * metrics['age_top1']:.1f}%   top-5 {100 * metrics['age_top5']:.1f}%")
+    gender_text = f"gender accuracy {100 * metrics['gender_acc']:.2f}%" if metrics["n_gender"] else "gender not labelled"
+    print(f"faces {faces_found} of {n}   {gender_text}   age MAE {metrics['age_mae']:.3f}   "
+          f"CS@5 {100 * metrics['age_cs5']:.1f}%   exact age top-1 {100 * metrics['age_top1']:.1f}%   top-5 {100 * metrics['age_top5']:.1f}%"
+          + (f"   epsilon {metrics['age_epsilon']:.4f}" if "age_epsilon" in metrics else ""))
+    print(f"calibration: true age within ±1 std {100 * calib['age_within_1std']:.1f}% (ideal ~68%), ±2 std "
+          f"{100 * calib['age_within_2std']:.1f}% (~95%); gender ECE {100 * calib['gender_ece']:.2f}%"
+          + (f"   (applied: {predictor.calibration})" if predictor.calibration else "   (uncalibrated)"))
     for name, table in report["by"].items():
         print(f"\nby {name}:  {'n':>6} {'gender%':>8} {'MAE':>6} {'CS@5%':>6}")
         for g, r in table.items():
             print(f"  {g:<12} {r['n']:>6} {100 * r['gender_acc']:>8.2f} {r['age_mae']:>6.2f} {100 * r['age_cs5']:>6.1f}")
     if cfg.json:
+        report = json.loads(json.dumps(report).replace("NaN", "null"))  # JSON has no NaN: unknown is null
         os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
         with open(cfg.json, "w") as f:
             json.dump(report, f, indent=1)

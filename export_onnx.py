@@ -53,7 +53,7 @@ def release(ckpt, path):
 
     slim = {"model": {k: v.half() if v.is_floating_point() else v for k, v in inference_weights(ckpt).items()},
             "config": ckpt["config"], "metrics": ckpt.get("metrics", {}), "epoch": ckpt.get("epoch"),
-            "history": ckpt.get("history", [])}
+            "history": ckpt.get("history", []), "calibration": ckpt.get("calibration")}
     atomic_torch_save(slim, path)
     return path
 

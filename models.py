@@ -63,11 +63,17 @@ class AgeGenderNet(nn.Module):
     def __init__(self, arch="resnet18", pretrained="", dropout=0.2, num_ages=config.NUM_AGES):
         super().__init__()
         self.arch = arch
-        self.trunk, dim, self.init_source = build_trunk(arch, pretrained)
+        whole = _project_checkpoint(pretrained)
+        self.trunk, dim, self.init_source = build_trunk(arch, "" if whole else pretrained)
         self.dropout = nn.Dropout(dropout)
         self.gender_head = nn.Linear(dim, 2)
         self.age_head = nn.Linear(dim, num_ages)
         self.register_buffer("ages", torch.arange(num_ages, dtype=torch.float32), persistent=False)
+        if whole:  # fine-tuning: every weight, heads included, from a checkpoint of this project
+            if whole["config"].get("arch") != arch:
+                raise ValueError(f"{pretrained}: is a {whole['config'].get('arch')} checkpoint, not {arch}")
+            self.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in inference_weights(whole).items()})
+            self.init_source = f"the whole network from {pretrained}"
 
     def forward(self, x):
         h = self.dropout(self.trunk(x))
@@ -134,6 +140,14 @@ def fuse_batchnorm(net):
 
 class CheckpointError(Exception):
     pass
+
+
+def _project_checkpoint(path):
+    """The checkpoint dict when `path` is a file written by train.py or export_onnx.py, else None."""
+    if not path or path in ("auto", "imagenet") or not os.path.isfile(path):
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return ckpt if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt else None
 
 
 def inference_weights(ckpt):

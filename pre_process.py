@@ -177,29 +177,57 @@ def split_by_identity(rows, fractions, seed):
 # ----------------------------------------------------------------------------- UTKFace / CSV
 
 
+UNKNOWN_GENDER = -1  # stored where a source has no gender label (CLAP2016): never guessed, masked in the loss
+
+
+def parse_gender(text):
+    """0 / 1, or UNKNOWN_GENDER for an empty cell (or -1); ValueError for anything else."""
+    text = (text or "").strip()
+    if text == "" or text.lower() in ("-1", "unknown", "nan"):
+        return UNKNOWN_GENDER
+    return int(float(text))
+
+
 def load_label_csv(path, rejects, seed, fractions):
-    """Rows of a file,age,gender[,split][,race] CSV; bad rows are rejected with a reason."""
+    """Rows of a file,age,gender[,split][,race][,age_std] CSV; bad rows are rejected with a reason.
+
+    An empty gender cell means unknown (stored as -1); an age may be fractional (apparent age) and is
+    rounded to the nearest year, its class.
+    """
     rows = []
     for i, r in enumerate(read_label_rows(path)):
         try:
-            age, gender = int(float(r["age"])), int(float(r["gender"]))
+            age, gender = int(round(float(r["age"]))), parse_gender(r["gender"])
         except (TypeError, ValueError):
             rejects.append((r.get("file", ""), "age or gender not a number"))
             continue
-        if not (0 <= age < config.NUM_AGES) or gender not in (0, 1):
+        if not (0 <= age < config.NUM_AGES) or gender not in (0, 1, UNKNOWN_GENDER):
             rejects.append((r["file"], f"label out of range (age {age}, gender {gender})"))
             continue
         row = {"i": i, "file": r["file"], "age": age, "gender": gender, "identity": r["file"], "face_location": None}
         if r.get("split"):
             row["split"] = r["split"]
-        for extra in ("race", "duplicate_group"):
-            if extra in r:
+        for extra in ("race", "duplicate_group", "age_std"):
+            if r.get(extra, "") != "":
                 row[extra] = r[extra]
         rows.append(row)
     if any("split" not in r for r in rows):
         no_split = [r for r in rows if "split" not in r]
         split_by_identity(no_split, fractions, seed)
     print(f"{path}: {len(rows):,} usable rows")
+    return rows
+
+
+def clap2016_splits(rows, holdout, seed):
+    """ChaLearn LAP 2016: its validation split becomes our `test`, never trained on nor selected on; a
+    seeded `holdout` share of its train split becomes our `val` (to choose the epoch), the rest `train`."""
+    for r in rows:
+        r["source_split"] = r.get("split", "")
+        if r["source_split"] == "val":
+            r["split"] = "test"
+        else:
+            h = hashlib.sha1(f"{seed}:{r['file']}".encode()).digest()
+            r["split"] = "val" if int.from_bytes(h[:8], "big") / 2**64 < holdout else "train"
     return rows
 
 
@@ -214,22 +242,27 @@ def _init_worker(min_face_size, threshold):
 
 
 def detect_and_align(task):
-    """Worker: read one photo, find the face, align it. Returns (index, crop, landmarks, reason)."""
+    """Worker: read one photo, find the face, align it.
+
+    Returns (index, crop, landmarks, inside, reason): `inside` is the crop's mask of pixels that came
+    from inside the photo (bit-packed along rows), the rest being replicated border.
+    """
     idx, path, face_location, pad_fraction = task
     try:
         rgb = read_image(path)
     except InputError as e:
-        return idx, None, None, str(e)
+        return idx, None, None, None, str(e)
     faces = _detector.detect(rgb, pad_fraction=pad_fraction)
     if not faces:
-        return idx, None, None, "no face detected"
+        return idx, None, None, None, "no face detected"
     face = pick_face(faces, face_location)
     if face is None:
-        return idx, None, None, "no detected face overlaps face_location"
-    return idx, align_face(rgb, face.landmarks), face.landmarks, None
+        return idx, None, None, None, "no detected face overlaps face_location"
+    crop, inside = align_face(rgb, face.landmarks, return_inside=True)
+    return idx, crop, face.landmarks, np.packbits(inside, axis=1), None
 
 
-META_COLUMNS = ["index", "file", "age", "gender", "split", "identity", "race", "duplicate_group"]
+META_COLUMNS = ["index", "file", "age", "gender", "split", "identity", "race", "duplicate_group", "age_std", "source_split"]
 
 
 def write_meta(rows, path):
@@ -257,16 +290,19 @@ def build_cache(rows, image_root, cfg, rejects):
     out, work = cfg.out, os.path.join(cfg.out, "work")
     os.makedirs(work, exist_ok=True)
     n = len(rows)
-    key = hashlib.sha1(json.dumps([[r["file"], r["age"], r["gender"]] for r in rows]).encode()).hexdigest()
+    # "inside" in the key: a work folder from before the inside masks were kept is started afresh
+    key = hashlib.sha1(json.dumps(["inside", [[r["file"], r["age"], r["gender"]] for r in rows]]).encode()).hexdigest()
     state_path = os.path.join(work, "state.json")
     fresh = True
     if os.path.exists(state_path):
         with open(state_path) as f:
             fresh = json.load(f).get("key") != key
     shape = (n, config.IMAGE_H, config.IMAGE_W, 3)
+    inside_shape = (n, config.IMAGE_H, (config.IMAGE_W + 7) // 8)
     if fresh:
         faces = np.lib.format.open_memmap(os.path.join(work, "faces_all.npy"), mode="w+", dtype=np.uint8, shape=shape)
         landmarks = np.lib.format.open_memmap(os.path.join(work, "landmarks_all.npy"), mode="w+", dtype=np.float32, shape=(n, 5, 2))
+        inside = np.lib.format.open_memmap(os.path.join(work, "inside_all.npy"), mode="w+", dtype=np.uint8, shape=inside_shape)
         status = np.zeros(n, dtype=np.int8)  # 0 to do, 1 face cached, 2 rejected
         reasons = {}
         np.save(os.path.join(work, "status.npy"), status)
@@ -274,6 +310,7 @@ def build_cache(rows, image_root, cfg, rejects):
     else:
         faces = np.load(os.path.join(work, "faces_all.npy"), mmap_mode="r+")
         landmarks = np.load(os.path.join(work, "landmarks_all.npy"), mmap_mode="r+")
+        inside = np.load(os.path.join(work, "inside_all.npy"), mmap_mode="r+")
         status = np.load(os.path.join(work, "status.npy"))
         with open(os.path.join(work, "reasons.json")) as f:
             reasons = {int(k): v for k, v in json.load(f).items()} if os.path.getsize(f.name) else {}
@@ -284,6 +321,7 @@ def build_cache(rows, image_root, cfg, rejects):
     def save_progress():
         faces.flush()
         landmarks.flush()
+        inside.flush()
         np.save(os.path.join(work, "status.tmp.npy"), status)
         os.replace(os.path.join(work, "status.tmp.npy"), os.path.join(work, "status.npy"))
         atomic_write_text(json.dumps(reasons), os.path.join(work, "reasons.json"))
@@ -291,11 +329,11 @@ def build_cache(rows, image_root, cfg, rejects):
     tasks = [(int(i), os.path.join(image_root, rows[i]["file"]), rows[i]["face_location"], cfg.pad_fraction) for i in todo]
     workers = max(1, min(cfg.workers, len(tasks)))
     with Pool(workers, initializer=_init_worker, initargs=(cfg.min_face_size, cfg.detect_threshold)) as pool:
-        for k, (idx, crop, lm, reason) in enumerate(tqdm(pool.imap(detect_and_align, tasks, chunksize=16), total=len(tasks), desc="detect+align", unit="img")):
+        for k, (idx, crop, lm, mask, reason) in enumerate(tqdm(pool.imap(detect_and_align, tasks, chunksize=16), total=len(tasks), desc="detect+align", unit="img")):
             if crop is None:
                 status[idx], reasons[idx] = 2, reason
             else:
-                faces[idx], landmarks[idx], status[idx] = crop, lm, 1
+                faces[idx], landmarks[idx], inside[idx], status[idx] = crop, lm, mask, 1
             if (k + 1) % 2000 == 0:
                 save_progress()
     save_progress()
@@ -312,6 +350,7 @@ def build_cache(rows, image_root, cfg, rejects):
     del final
     os.replace(os.path.join(out, "faces.tmp.npy"), os.path.join(out, "faces.npy"))
     np.save(os.path.join(out, "landmarks.npy"), np.asarray(landmarks[keep]))
+    np.save(os.path.join(out, "inside.npy"), np.asarray(inside[keep]))
     return [rows[i] for i in keep]
 
 
@@ -355,13 +394,15 @@ def main(argv=None):
             cleaned_ages = [r["age"] for r in rows]
             rows = cap_per_age(rows, cfg.max_per_age, cfg.seed, rejects)
             split_by_identity(rows, fractions, cfg.seed)
-        elif cfg.dataset in ("utkface", "csv"):
+        elif cfg.dataset in ("utkface", "csv", "clap2016"):
             labels = cfg.labels or os.path.join(cfg.data_dir, "labels.csv")
             rows = load_label_csv(labels, rejects, cfg.seed, fractions)
+            if cfg.dataset == "clap2016":
+                clap2016_splits(rows, cfg.clap_holdout, cfg.seed)
             image_root = cfg.data_dir
             cleaned_ages = [r["age"] for r in rows]
         else:
-            fail(f"unknown --dataset '{cfg.dataset}' (choose imdb, wiki, utkface or csv)")
+            fail(f"unknown --dataset '{cfg.dataset}' (choose imdb, wiki, utkface, clap2016 or csv)")
     except InputError as e:
         fail(str(e))
     if cfg.limit:

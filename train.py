@@ -22,18 +22,28 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import config
-from data_gen import CacheError, FaceCache, make_loader
+from data_gen import CacheError, FaceCache, MixedFaces, make_loader
+from metrics import compute_metrics
 from models import ARCHS, AgeGenderNet
-from utils import atomic_torch_save, compute_metrics, fail, parse_config
+from utils import atomic_torch_save, fail, parse_config
 
 # Options that may differ between a run and its --resume: they do not change what is learned.
 RESUME_MAY_CHANGE = {"resume", "workers", "max_steps", "ckpt_every", "device", "compile", "cache", "out_dir"}
+CHOICES = {"arch": ARCHS, "age_loss": ("ce", "dldl"), "optimizer": ("adamw", "sgd"), "amp": ("bf16", "fp16", "none")}
+
+
+def gender_loss(gender_logits, gender):
+    """Cross-entropy over the faces whose gender is known; faces with gender -1 (a source without gender
+    labels) add nothing, and a batch with none known gives 0, not NaN."""
+    known = (gender >= 0).sum()
+    return F.cross_entropy(gender_logits, gender, ignore_index=-1, reduction="sum") / known.clamp_min(1)
 
 
 def age_loss(age_logits, age, cfg):
@@ -76,8 +86,9 @@ def lr_at(step, total_steps, warmup_steps, cfg):
 
 
 @torch.no_grad()
-def evaluate(net, loader, device, amp_dtype, tta, channels_last=False):
-    """Predictions on a loader -> metrics dict (gender accuracy, MAE, CS@5, exact-age top-1/top-5)."""
+def evaluate(net, loader, device, amp_dtype, tta, channels_last=False, age_std=None):
+    """Predictions on a loader -> metrics dict (gender accuracy, MAE, CS@5, exact-age top-1/top-5, and
+    the epsilon error where the labels' std `age_std` is given)."""
     was_training = net.training
     net.eval()
     gp, ap, ages, genders = [], [], [], []
@@ -92,7 +103,7 @@ def evaluate(net, loader, device, amp_dtype, tta, channels_last=False):
         ages.append(age)
         genders.append(gender)
     net.train(was_training)
-    return compute_metrics(torch.cat(gp).numpy(), torch.cat(ap).numpy(), torch.cat(ages).numpy(), torch.cat(genders).numpy())
+    return compute_metrics(torch.cat(gp).numpy(), torch.cat(ap).numpy(), torch.cat(ages).numpy(), torch.cat(genders).numpy(), age_std)
 
 
 def plot_curves(history, path):
@@ -105,10 +116,18 @@ def plot_curves(history, path):
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     axes[0].plot(ep, [h["train_loss"] for h in history], "o-")
     axes[0].set_title("training loss")
-    axes[1].plot(ep, [h["val_age_mae"] for h in history], "o-", color="C1")
+    sources = sorted({k[4:-8] for k in history[-1] if k.startswith("val_") and k.endswith("_age_mae") and k != "val_age_mae"})
+    for k, name in enumerate(sources):
+        axes[1].plot(ep, [h[f"val_{name}_age_mae"] for h in history], "o-", color=f"C{k + 1}", label=name)
+        if not math.isnan(history[-1].get(f"val_{name}_gender_acc", float("nan"))):
+            axes[2].plot(ep, [100 * h[f"val_{name}_gender_acc"] for h in history], "o-", color=f"C{k + 1}", label=name)
+    if len(sources) > 1:
+        axes[1].plot(ep, [h["val_age_mae"] for h in history], "k--", label="mean (selects the epoch)")
     axes[1].set_title("validation age MAE (years)")
-    axes[2].plot(ep, [100 * h["val_gender_acc"] for h in history], "o-", color="C2")
     axes[2].set_title("validation gender accuracy (%)")
+    for a in axes[1:]:
+        if a.lines:
+            a.legend(fontsize=8)
     for a in axes:
         a.set_xlabel("epoch")
         a.grid(alpha=0.3)
@@ -117,16 +136,8 @@ def plot_curves(history, path):
     plt.close(fig)
 
 
-def main(argv=None):
-    cfg = parse_config(config.TrainConfig, argv, description="Train AgeGenderNet")
-    if cfg.arch not in ARCHS:
-        fail(f"unknown --arch '{cfg.arch}' (choose from {', '.join(ARCHS)})")
-    if cfg.age_loss not in ("ce", "dldl"):
-        fail(f"unknown --age-loss '{cfg.age_loss}' (choose ce or dldl)")
-    if cfg.amp not in ("bf16", "fp16", "none"):
-        fail(f"unknown --amp '{cfg.amp}' (choose bf16, fp16 or none)")
-
-    # --- processes and devices
+def setup_processes(cfg):
+    """(distributed, rank, world, device, amp dtype) for a plain run or one under torchrun."""
     distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     want_cuda = cfg.device.startswith("cuda") or (cfg.device == "" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
@@ -143,34 +154,82 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     elif distributed:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    main_proc = rank == 0
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[cfg.amp]
     if amp_dtype == torch.float16 and not want_cuda:
         amp_dtype = torch.bfloat16  # the CPU autocasts to bf16 only
-    torch.manual_seed(cfg.seed)
+    return distributed, rank, world, device, amp_dtype
 
-    # --- data
+
+def build_data(cfg, rank, world, main_proc):
+    """The training loader over every --cache (mixed by --source-weights) and one validation set per cache."""
+    if cfg.source_weights and len(cfg.source_weights) != len(cfg.cache):
+        fail(f"--source-weights has {len(cfg.source_weights)} value(s) for {len(cfg.cache)} cache(s)")
+    if cfg.source_weights and (min(cfg.source_weights) < 0 or sum(cfg.source_weights) <= 0):
+        fail(f"--source-weights must be non-negative with a positive sum, got {list(cfg.source_weights)}")
     try:
-        train_set = FaceCache(cfg.cache, split="train", train=True, seed=cfg.seed)
-        val_set = FaceCache(cfg.cache, split="val", train=False)
+        sources = [FaceCache(c, split="train", train=True, seed=cfg.seed) for c in cfg.cache]
+        val_sets = [FaceCache(c, split="val", train=False) for c in cfg.cache]
     except CacheError as e:
         fail(str(e))
+    names = [v.name for v in val_sets]
+    if len(set(names)) < len(names):
+        names = [f"{n}{k}" for k, n in enumerate(names)]  # two caches in folders of the same name
+    train_set = MixedFaces(sources, fill_outside=cfg.fill_outside)
     if len(train_set) < cfg.batch_size * world:
-        fail(f"{cfg.cache}: only {len(train_set)} training faces, fewer than one batch of {cfg.batch_size * world}")
-    train_loader, train_sampler = make_loader(train_set, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, workers=cfg.workers)
-    val_loader = make_loader(val_set, 256, workers=min(2, cfg.workers))[0] if main_proc else None  # rank 0 validates
+        fail(f"{', '.join(cfg.cache)}: only {len(train_set)} training faces, fewer than one batch of {cfg.batch_size * world}")
+    train_loader, train_sampler = make_loader(train_set, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
+                                              workers=cfg.workers, source_weights=list(cfg.source_weights) or None)
+    val = []
+    if main_proc:  # rank 0 validates
+        for name, v in zip(names, val_sets):
+            stds = np.array([float(r.get("age_std") or "nan") for r in v.rows()])
+            val.append((name, make_loader(v, 256, workers=min(2, cfg.workers))[0], stds if np.isfinite(stds).any() else None))
+    return train_set, train_loader, train_sampler, val, sum(len(v) for v in val_sets)
+
+
+def validate(model, val, device, amp_dtype, cfg):
+    """Metrics of every validation set, as flat `<source>_<metric>` keys, plus the selection figures:
+    age_mae is the mean of the sources' MAE (each source counts the same, however many faces it has,
+    so the small in-the-wild set weighs as much as the large one), gender_acc the mean over the sources
+    that have gender labels."""
+    flat, maes, accs = {}, [], []
+    for name, loader, stds in val:
+        m = evaluate(model, loader, device, amp_dtype, cfg.eval_tta, cfg.channels_last, stds)
+        flat.update({f"{name}_{k}": v for k, v in m.items() if k not in ("n", "n_gender")})
+        maes.append(m["age_mae"])
+        if m["n_gender"]:
+            accs.append(m["gender_acc"])
+    flat["age_mae"] = float(np.mean(maes))
+    flat["gender_acc"] = float(np.mean(accs)) if accs else float("nan")
+    return flat
+
+
+def main(argv=None):
+    cfg = parse_config(config.TrainConfig, argv, description=__doc__.split("\n")[0], choices=CHOICES)
+    distributed, rank, world, device, amp_dtype = setup_processes(cfg)
+    main_proc = rank == 0
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt")
+    resuming = cfg.resume and os.path.isfile(last_path)
+    if cfg.resume and not resuming and main_proc:
+        print(f"--resume: no checkpoint at {last_path} yet, so this starts a fresh run")
+
+    # --- data
+    train_set, train_loader, train_sampler, val, n_val = build_data(cfg, rank, world, main_proc)
     steps_per_epoch = len(train_sampler)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = max(1, int(cfg.warmup_epochs * steps_per_epoch))
 
     # --- model, optimizer, schedule
     try:
-        net = AgeGenderNet(cfg.arch, pretrained=cfg.pretrained if not cfg.resume else "", dropout=cfg.dropout).to(device)
+        net = AgeGenderNet(cfg.arch, pretrained=cfg.pretrained if not resuming else "", dropout=cfg.dropout).to(device)
     except (ValueError, OSError, RuntimeError) as e:
         fail(f"--pretrained {cfg.pretrained}: {str(e).splitlines()[0]}")
     if main_proc:
+        mix = ", ".join(f"{s.name} {len(s):,}" for s in train_set.sources)
         print(f"{cfg.arch}: {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters, {net.init_source}; "
-              f"{len(train_set):,} train / {len(val_set):,} val faces; {world} process(es) on {device}")
+              f"train faces: {mix}; {n_val:,} val faces; {world} process(es) on {device}")
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     decay = [p for n, p in net.named_parameters() if p.ndim > 1]
@@ -178,55 +237,35 @@ def main(argv=None):
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    elif cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     else:
-        fail(f"unknown --optimizer '{cfg.optimizer}' (choose adamw or sgd)")
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, warmup_steps, cfg))
     ema = WeightAverage(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     # --- resume
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt")
     step, epoch, batch_in_epoch, best_mae, history = 0, 0, 0, float("inf"), []
-    if cfg.resume:
-        if not os.path.isfile(last_path):
-            fail(f"--resume: no checkpoint at {last_path}")
-        try:
-            ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
-            saved = ckpt["config"]
-            diff = sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v)
-            if diff:
-                fail(f"--resume: {last_path} was trained with another config ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)})")
-            net.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            if ema is not None:
-                ema.model.load_state_dict(ckpt["ema"])
-            step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-            best_mae, history = ckpt["best_mae"], ckpt["history"]
-            torch.set_rng_state(ckpt["rng_cpu"])
-            if want_cuda and ckpt.get("rng_cuda") is not None:
-                torch.cuda.set_rng_state(ckpt["rng_cuda"])
-        except Exception as e:  # unpickling errors come in many types; any of them means "not usable"
-            fail(f"--resume: {last_path} is not a usable checkpoint ({str(e).splitlines()[0][:160]})")
+    if resuming:
+        step, epoch, batch_in_epoch, best_mae, history = load_resume_state(last_path, cfg, net, opt, sched, scaler, ema, device)
+        done = epoch >= cfg.epochs or (cfg.max_steps and step >= cfg.max_steps)
         if main_proc:
-            print(f"resumed from {last_path}: epoch {epoch}, step {step}")
+            print(f"resumed from {last_path}: epoch {epoch}, step {step}" +
+                  ("; the run is already complete, nothing to do" if done else ""))
+        if done:
+            return finish(distributed, net, main_proc)
 
     model = net
     if cfg.compile:
         model = torch.compile(model)
     if distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if want_cuda else None)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def save(path, metrics=None):
         # "ema" (when on) holds the weights to use; load_checkpoint prefers it, "model" is for --resume
         state = {"model": net.state_dict(), "ema": ema.model.state_dict() if ema else None,
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                  "best_mae": best_mae, "history": history, "config": dataclasses.asdict(cfg), "metrics": metrics or {},
-                 "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state() if want_cuda else None}
+                 "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
         atomic_torch_save(state, path)
 
     def stop_on_bad_loss(loss_value):
@@ -251,9 +290,9 @@ def main(argv=None):
             age, gender = age.to(device, non_blocking=True), gender.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 gender_logits, age_logits = model(x)
-            loss = F.cross_entropy(gender_logits.float(), gender) + cfg.age_weight * age_loss(age_logits.float(), age, cfg)
+            loss = gender_loss(gender_logits.float(), gender) + cfg.age_weight * age_loss(age_logits.float(), age, cfg)
             # checking every step costs a GPU sync; every 10 steps (and before every save) bounds the damage
-            if (not want_cuda or step % 10 == 0) and not torch.isfinite(loss):
+            if (device.type != "cuda" or step % 10 == 0) and not torch.isfinite(loss):
                 stop_on_bad_loss(loss.item())
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -293,9 +332,9 @@ def main(argv=None):
         epoch += 1
         batch_in_epoch = 0
         if main_proc:
-            metrics = evaluate(ema.model if ema else net, val_loader, device, amp_dtype, cfg.eval_tta, cfg.channels_last)
+            metrics = validate(ema.model if ema else net, val, device, amp_dtype, cfg)
             row = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 4), "lr": sched.get_last_lr()[0],
-                   "epoch_s": round(time.time() - t0, 1), **{f"val_{k}": round(v, 4) for k, v in metrics.items() if k != "n"}}
+                   "epoch_s": round(time.time() - t0, 1), **{f"val_{k}": round(v, 4) for k, v in metrics.items()}}
             history.append(row)
             print("  ".join(f"{k} {v}" for k, v in row.items()))
             improved = metrics["age_mae"] < best_mae
@@ -304,11 +343,7 @@ def main(argv=None):
             save(last_path, metrics)
             if improved:
                 save(best_path, metrics)
-            with open(log_path + ".tmp", "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(history[-1].keys()))
-                w.writeheader()
-                w.writerows(history)
-            os.replace(log_path + ".tmp", log_path)
+            write_log(history, log_path)
             plot_curves(history, os.path.join(cfg.out_dir, "curves.png"))
         if distributed:
             dist.barrier()
@@ -317,6 +352,47 @@ def main(argv=None):
         print(f"done: best validation MAE {best['val_age_mae']:.3f}, gender accuracy {100 * best['val_gender_acc']:.2f}% "
               f"(epoch {best['epoch']}), saved to {best_path}")
     return finish(distributed, net, main_proc)
+
+
+def load_resume_state(last_path, cfg, net, opt, sched, scaler, ema, device):
+    """Restore everything from last.pt; refuse a checkpoint of another config or one that is unusable."""
+    try:
+        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
+        saved = ckpt["config"]
+        now = dataclasses.asdict(cfg)
+        diff = sorted(k for k, v in now.items() if k not in RESUME_MAY_CHANGE and _comparable(saved.get(k, _DEFAULTS.get(k))) != _comparable(v))
+        if diff:
+            fail(f"--resume: {last_path} was trained with another config ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)})")
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None:
+            ema.model.load_state_dict(ckpt["ema"])
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"])
+        return ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best_mae"], ckpt["history"]
+    except SystemExit:
+        raise
+    except Exception as e:  # unpickling errors come in many types; any of them means "not usable"
+        fail(f"--resume: {last_path} is not a usable checkpoint ({str(e).splitlines()[0][:160]})")
+
+
+_DEFAULTS = dataclasses.asdict(config.TrainConfig())  # for options added after a checkpoint was written
+
+
+def _comparable(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def write_log(history, path):
+    fields = list(dict.fromkeys(k for h in history for k in h))
+    with open(path + ".tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(history)
+    os.replace(path + ".tmp", path)
 
 
 def finish(distributed, net, main_proc):

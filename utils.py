@@ -38,21 +38,50 @@ def fail(message, code=2):
 # ----------------------------------------------------------------------------- command line
 
 
-def parse_config(cfg_class, argv=None, description=None, positional=None):
-    """Build an argparse parser from a config dataclass: every field becomes `--field-name`."""
+def option_help(cfg_class):
+    """Help text of each field of a config dataclass: the comment on its line in config.py, or the
+    comment lines just above it (config.py's comments are the documentation of every option)."""
+    import inspect
+
+    helps, above = {}, []
+    for line in inspect.getsource(cfg_class).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# ").strip())
+            continue
+        name = text.split(":", 1)[0].strip()
+        if ":" in text and name.isidentifier():
+            trailing = text.split("  # ", 1)[1].strip() if "  # " in text else ""
+            helps[name] = " ".join(above + ([trailing] if trailing else []))
+        above = []
+    return helps
+
+
+def parse_config(cfg_class, argv=None, description=None, positional=None, choices=None):
+    """Build an argparse parser from a config dataclass: every field becomes `--field-name`, with its
+    comment in config.py as help and its default shown. `choices` maps a field to its allowed values
+    (argparse lists and checks them); a `tuple[str, ...]` field takes one or more values."""
+    import typing
+
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if positional:
         parser.add_argument(positional[0], **positional[1])
+    helps, choices = option_help(cfg_class), choices or {}
     for f in dataclasses.fields(cfg_class):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+        kw = {"dest": f.name, "default": f.default, "help": helps.get(f.name) or " "}
+        if f.name in choices:
+            kw["choices"] = choices[f.name]
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(f.type) is tuple:
+            parser.add_argument(flag, nargs="*" if f.default == () else "+", type=typing.get_args(f.type)[0], **kw)
         else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            parser.add_argument(flag, dest=f.name, type=typ, default=f.default)
+            parser.add_argument(flag, type=f.type, **kw)
     args = parser.parse_args(argv)
     values = vars(args)
-    cfg = cfg_class(**{f.name: values[f.name] for f in dataclasses.fields(cfg_class)})
+    cfg = cfg_class(**{f.name: tuple(values[f.name]) if isinstance(values[f.name], list) else values[f.name]
+                       for f in dataclasses.fields(cfg_class)})
     if positional:
         return cfg, values[positional[0]]
     return cfg
@@ -361,12 +390,21 @@ def similarity_transform(src, dst):
     return np.hstack([scale * r, t[:, None]]).astype(np.float32)
 
 
-def align_face(rgb, landmarks, size=(config.IMAGE_H, config.IMAGE_W)):
-    """Warp a face so that its 5 landmarks land on the standard 112x96 reference points."""
+def align_face(rgb, landmarks, size=(config.IMAGE_H, config.IMAGE_W), return_inside=False):
+    """Warp a face so that its 5 landmarks land on the standard 112x96 reference points.
+
+    With return_inside, also the boolean mask of crop pixels that come from inside the photo: the rest
+    is replicated border, which training can replace with real content (data_gen.augment).
+    """
     h, w = size
     ref = np.asarray(config.REFERENCE_LANDMARKS, dtype=np.float32) * np.array([w / config.IMAGE_W, h / config.IMAGE_H])
     m = similarity_transform(landmarks, ref)
-    return cv2.warpAffine(rgb, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    crop = cv2.warpAffine(rgb, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    if not return_inside:
+        return crop
+    ones = np.ones(rgb.shape[:2], np.uint8)
+    inside = cv2.warpAffine(ones, m, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return crop, inside.astype(bool)
 
 
 def pick_face(faces, target_box=None):
@@ -417,27 +455,3 @@ def atomic_write_text(text, path):
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def compute_metrics(gender_prob, age_prob, age_true, gender_true):
-    """Gender accuracy, age MAE of the expected age, CS@5, and exact-age top-1/top-5 accuracy."""
-    gender_prob, age_prob = np.asarray(gender_prob, dtype=np.float64), np.asarray(age_prob, dtype=np.float64)
-    age_true, gender_true = np.asarray(age_true), np.asarray(gender_true)
-    n = len(age_true)
-    if n == 0:
-        return {"n": 0, "gender_acc": float("nan"), "age_mae": float("nan"), "age_cs5": float("nan"),
-                "age_top1": float("nan"), "age_top5": float("nan")}
-    expected = age_prob @ np.arange(age_prob.shape[1])
-    err = np.abs(expected - age_true)
-    top5 = np.argsort(-age_prob, axis=1)[:, :5]
-    return {
-        "n": int(n),
-        "gender_acc": float(np.mean(gender_prob.argmax(1) == gender_true)),
-        "age_mae": float(err.mean()),
-        "age_cs5": float(np.mean(err <= 5)),
-        "age_top1": float(np.mean(age_prob.argmax(1) == age_true)),
-        "age_top5": float(np.mean((top5 == age_true[:, None]).any(1))),
-    }

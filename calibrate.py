@@ -1,0 +1,83 @@
+"""Fit the uncertainty the model shows to what it gets right, on validation faces, and store it in the checkpoint.
+
+    python calibrate.py --checkpoint checkpoints/mix/best.pt --cache data/utkface data/clap2016
+    python calibrate.py --checkpoint weights/age_gender_mobilenet_v2_112x96.pt --cache data/utkface --dry-run
+
+demo.py shows each face's age as `31 ±4`, the ± being the std of the predicted age distribution, and
+a gender probability. Trained with soft age labels, that std is a property of the loss, not of the
+error: uncalibrated, it can be far too narrow or too wide. This script predicts every `val` face of
+the caches (never `test`), fits two numbers (metrics.fit_calibration: a factor on the age std so that
+about 68% of true ages fall within ±1 std, and a temperature on the gender logit by likelihood), prints
+the coverage and the gender ECE before and after, per cache, and writes them into the checkpoint as
+`calibration` (atomically, in place unless --out). demo.py and evaluate.py apply them.
+"""
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+from data_gen import CacheError, FaceCache, make_loader
+from metrics import apply_calibration, calibration_report, fit_calibration
+from models import CheckpointError
+from utils import atomic_torch_save, fail
+
+
+def predictions(predictor, cache, split, batch_size):
+    ds = FaceCache(cache, split=split)
+    gp, ap, ages, genders = [], [], [], []
+    for x, age, gender in make_loader(ds, batch_size, workers=0)[0]:
+        out = predictor.predict_tensor(x)
+        gp.append(out["gender_prob"])
+        ap.append(out["age_prob"])
+        ages.append(age.numpy())
+        genders.append(gender.numpy())
+    return ds.name, np.concatenate(gp), np.concatenate(ap), np.concatenate(ages), np.concatenate(genders)
+
+
+def show(name, gp, ap, ages, genders, calibration):
+    scale = calibration.get("age_std_scale", 1.0) if calibration else 1.0
+    if calibration:
+        gp, _ = apply_calibration(gp, np.zeros(len(gp)), calibration)
+    r = calibration_report(gp, ap, ages, genders, std_scale=scale)
+    print(f"  {name:<14} {len(ages):>6}   within ±1 std {100 * r['age_within_1std']:5.1f}%   ±2 std {100 * r['age_within_2std']:5.1f}%"
+          f"   gender ECE {100 * r['gender_ece']:.2f}%")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint to calibrate (written in place unless --out)")
+    p.add_argument("--cache", nargs="+", required=True, help="caches whose validation faces are pooled for the fit")
+    p.add_argument("--split", default="val", choices=("val",), help="the split fitted on: validation only, never test")
+    p.add_argument("--out", default="", help="write the calibrated checkpoint here instead of in place")
+    p.add_argument("--batch-size", type=int, default=256, help="faces per forward pass")
+    p.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
+    args = p.parse_args(argv)
+    from demo import AgeGenderPredictor
+
+    try:
+        predictor = AgeGenderPredictor(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu", calibrated=False)
+        sets = [predictions(predictor, c, args.split, args.batch_size) for c in args.cache]
+    except (CheckpointError, CacheError) as e:
+        fail(str(e))
+    pooled = [np.concatenate([s[k] for s in sets]) for k in range(1, 5)]
+    calibration = fit_calibration(*pooled)
+    print("before (the model's own std and probability):")
+    for s in sets:
+        show(*s, None)
+    print(f"fitted on {len(pooled[2]):,} {args.split} faces: {calibration}")
+    print("after:")
+    for s in sets:
+        show(*s, calibration)
+    if args.dry_run:
+        return 0
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    ckpt["calibration"] = {**calibration, "fitted_on": [f"{s[0]} {args.split} ({len(s[3])})" for s in sets]}
+    target = args.out or args.checkpoint
+    atomic_torch_save(ckpt, target)
+    print(f"wrote the calibration into {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

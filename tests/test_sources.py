@@ -1,0 +1,149 @@
+"""Several data sources: a real CLAP2016 cache without gender next to UTKFace, weighted mixing, the
+masked gender loss, per-source validation, filling the outside of tight crops, and calibration."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import pre_process
+import train
+from conftest import write_csv
+from data_gen import EpochBatchSampler, FaceCache, MixedFaces, augment, make_loader
+from metrics import apply_calibration, calibration_report, compute_metrics, expected_calibration_error, fit_calibration
+
+CLAP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "clap2016")
+
+
+@pytest.fixture(scope="session")
+def clap_cache(tmp_path_factory):
+    """~60 real CLAP2016 photos (48 of its train split, 12 of its val split) through pre_process.py."""
+    tmp = tmp_path_factory.mktemp("clap")
+    with open(os.path.join(CLAP, "labels.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    pick = [r for r in rows if r["split"] == "train"][:48] + [r for r in rows if r["split"] == "val"][:12]
+    labels = write_csv(pick, tmp / "labels.csv", cols=("file", "age", "gender", "age_std", "split"))
+    out = tmp / "cache"
+    assert pre_process.main(["--dataset", "clap2016", "--labels", labels, "--data-dir", CLAP, "--out", str(out),
+                             "--pad-fraction", "0.1", "--clap-holdout", "0.25", "--workers", "2"]) == 0
+    return str(out)
+
+
+def test_missing_gender_is_stored_as_unknown_and_splits_are_honest(clap_cache):
+    with open(os.path.join(clap_cache, "meta.csv"), newline="") as f:
+        meta = list(csv.DictReader(f))
+    assert len(meta) >= 55 and {r["gender"] for r in meta} == {"-1"}  # empty in labels.csv: unknown, never guessed
+    assert all(float(r["age_std"]) >= 0 for r in meta)
+    # the challenge's val split is our test; a holdout of its train split is our val
+    assert {r["split"] for r in meta if r["source_split"] == "val"} == {"test"}
+    assert {r["split"] for r in meta if r["source_split"] == "train"} == {"train", "val"}
+    inside = np.load(os.path.join(clap_cache, "inside.npy"))
+    assert inside.shape == (len(meta), 112, 12)
+    ds = FaceCache(clap_cache, split="train")
+    assert (ds.genders == -1).all() and ds[0][2] == -1
+
+
+def test_gender_loss_ignores_unknown_labels():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.3], [-3.0, 4.0]])
+    known_only = torch.nn.functional.cross_entropy(logits[[0, 2]], torch.tensor([0, 1]))
+    assert train.gender_loss(logits, torch.tensor([0, -1, 1])) == pytest.approx(known_only.item())
+    assert train.gender_loss(logits, torch.tensor([-1, -1, -1])).item() == 0.0  # no NaN on a batch without gender
+
+
+def test_weighted_sampling_honours_the_weights():
+    s = EpochBatchSampler(1000, 50, seed=0, sizes=[900, 100], weights=[0.5, 0.5])
+    order = np.concatenate([list(b) for b in s])
+    assert len(order) == 1000
+    assert (order >= 900).mean() == pytest.approx(0.5, abs=0.01)
+    small = order[order >= 900]
+    assert np.bincount(small - 900, minlength=100).min() == 5  # the small source cycled 5 times, evenly
+    s.set_epoch(0, start_batch=3)
+    assert np.array_equal(np.concatenate([list(b) for b in s]), order[150:])  # resumable mid-epoch
+    with pytest.raises(ValueError):
+        EpochBatchSampler(1000, 50, sizes=[900, 100], weights=[1.0])
+
+
+def test_mixed_faces_serve_both_sources(utk_cache, clap_cache):
+    u, c = FaceCache(utk_cache, split="train", train=True), FaceCache(clap_cache, split="train", train=True)
+    mix = MixedFaces([u, c], fill_outside=1.0)
+    loader, sampler = make_loader(mix, 16, seed=0, workers=0, source_weights=[1, 1])
+    genders = torch.cat([g for _, _, g in loader])
+    assert (genders == -1).float().mean() == pytest.approx(0.5, abs=0.07) and set(genders.tolist()) <= {-1, 0, 1}
+
+
+def test_fill_outside_takes_real_pixels_from_a_donor():
+    rng = np.random.default_rng(0)
+    raw = np.zeros((2, 112, 96, 3), np.uint8)
+    raw[0] = 50  # a tight crop: its top 30 rows are replicated border
+    raw[1] = 200  # a donor that is real everywhere
+    inside = np.ones((2, 112, 96), bool)
+    inside[0, :30] = False
+    from data_gen import _fill_outside
+
+    _fill_outside(raw, inside, np.array([True, True]), rng.random(2))
+    assert (raw[0, :30] == 200).all() and (raw[0, 30:] == 50).all() and (raw[1] == 200).all()
+    x = augment(np.zeros((2, 112, 96, 3), np.uint8), np.random.default_rng(1), inside, fill_outside=0.0)
+    assert x.shape == (2, 3, 112, 96)
+
+
+def test_mixed_run_validates_every_source(utk_cache, clap_cache, tmp_path):
+    out = tmp_path / "mix"
+    args = ["--cache", utk_cache, clap_cache, "--source-weights", "0.5", "0.5", "--out-dir", str(out), "--arch", "resnet18",
+            "--pretrained", "", "--batch-size", "16", "--workers", "0", "--epochs", "1", "--fill-outside", "0.5"]
+    assert train.main(args) == 0
+    with open(out / "log.csv") as f:
+        row = list(csv.DictReader(f))[0]
+    assert float(row["val_cache0_age_mae"]) > 0 and float(row["val_cache1_age_mae"]) > 0
+    assert 0 <= float(row["val_cache0_gender_acc"]) <= 1 and row["val_cache1_gender_acc"] == "nan"  # CLAP: no gender
+    assert 0 <= float(row["val_cache1_age_epsilon"]) <= 1
+    # the epoch is chosen by the mean of the sources' MAE
+    assert float(row["val_age_mae"]) == pytest.approx((float(row["val_cache0_age_mae"]) + float(row["val_cache1_age_mae"])) / 2, abs=2e-4)
+    assert torch.load(out / "best.pt", weights_only=True)["step"] > 0
+
+
+def test_evaluate_without_gender_reports_age_and_epsilon(clap_cache, tmp_path, capsys):
+    assert evaluate.main(["--cache", clap_cache, "--split", "test", "--json", str(tmp_path / "e.json")]) == 0
+    out = capsys.readouterr().out
+    r = json.loads((tmp_path / "e.json").read_text())
+    assert "gender not labelled" in out and r["gender_acc"] is None and r["n_gender"] == 0
+    assert 0 < r["age_mae"] < 30 and 0 < r["age_epsilon"] < 1 and 0 <= r["age_within_1std"] <= 1
+
+
+def test_metrics_epsilon_and_unknown_gender_by_hand():
+    age_prob = np.zeros((3, 101))
+    age_prob[0, 20] = age_prob[1, 30] = age_prob[2, 44] = 1.0
+    gp = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    m = compute_metrics(gp, age_prob, np.array([20, 34, 40]), np.array([0, -1, 1]), age_std_true=np.array([2.0, 4.0, 4.0]))
+    assert m["n_gender"] == 2 and m["gender_acc"] == 0.5  # the unknown one is not counted
+    assert m["age_mae"] == pytest.approx(8 / 3)
+    assert m["age_epsilon"] == pytest.approx((0 + 2 * (1 - np.exp(-16 / 32))) / 3)
+
+
+def test_calibration_by_hand():
+    # predicted distributions: uniform over 11 ages centred on 50 -> std sqrt(10) = 3.162
+    age_prob = np.zeros((4, 101))
+    age_prob[:, 45:56] = 1 / 11
+    std = np.sqrt(10)
+    truth = np.array([50, 52, 46, 60])  # |err| 0, 2, 4, 10 -> z 0, 0.632, 1.265, 3.162
+    r = calibration_report(np.full((4, 2), 0.5), age_prob, truth, np.full(4, -1))
+    assert r["age_within_1std"] == 0.5 and r["age_within_2std"] == 0.75
+    assert r["age_z_median"] == pytest.approx((2 / std + 4 / std) / 2)
+    fit = fit_calibration(np.full((4, 2), 0.5), age_prob, truth, np.full(4, -1))
+    assert fit["age_std_scale"] == pytest.approx(((2 / std + 4 / std) / 2) / 0.6745, abs=1e-3)
+    # ECE: confidences 0.9 (right), 0.9 (wrong), 0.6 (right), 0.6 (right): |0.9-0.5|/2 + |0.6-1|/2
+    assert expected_calibration_error([0.9, 0.9, 0.6, 0.6], [1, 0, 1, 1]) == pytest.approx(0.4)
+    # an over-confident gender model gets a temperature above 1, which lowers its ECE
+    rng = np.random.default_rng(0)
+    p_true = rng.uniform(0.55, 0.95, 4000)
+    labels = (rng.random(4000) < p_true).astype(int)  # truly male with probability p_true
+    overconfident = 1 / (1 + np.exp(-3 * np.log(p_true / (1 - p_true))))
+    gp = np.stack([1 - overconfident, overconfident], 1)
+    fit = fit_calibration(gp, np.tile(age_prob[:1], (4000, 1)), np.full(4000, 50), labels)
+    assert fit["gender_temperature"] == pytest.approx(3.0, rel=0.15)
+    cal, _ = apply_calibration(gp, np.ones(4000), fit)
+    before = calibration_report(gp, np.tile(age_prob[:1], (4000, 1)), np.full(4000, 50), labels)["gender_ece"]
+    after = calibration_report(cal, np.tile(age_prob[:1], (4000, 1)), np.full(4000, 50), labels)["gender_ece"]
+    assert after < before / 3
