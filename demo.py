@@ -1,38 +1,105 @@
 """Find every face in photos, videos or a webcam, and annotate it with gender and age.
 
     python demo.py                                   # the sample photos in images/, released model
-    python demo.py photo.jpg holiday/ --out out/demo --json out/demo.json
-    python demo.py clip.mp4 --out out/video          # writes an annotated clip.mp4 into --out
+    python demo.py photo.jpg holiday/ --out out/demo --json out/demo.json --csv out/demo.csv
+    python demo.py big_folder/ --no-draw --csv out/faces.csv --workers 8   # thousands of photos, all cores
+    python demo.py clip.mp4 --out out/video          # an annotated clip.mp4 with one stable label per person
     python demo.py 0 --max-frames 100                # webcam 0
 
 Each face gets a box and a label such as `F 31 ±4` (gender, expected age, standard deviation of the
 predicted age distribution). Writes the annotated images and contact_sheet.png (photo, aligned crop,
-prediction) to --out and, with --json, one record per input. A file that cannot be read, or with no
-face in it, gets a one-line message; the others still go through; the exit code is 1 if any failed.
+prediction) to --out and, with --json / --csv, one record per input / one row per face. In videos
+faces are tracked (tracker.py) and each person's label is averaged over the frames seen so far.
+A file that cannot be read, or with no face in it, gets a one-line message; the others still go
+through; the exit code is 1 if any failed.
+
+From Python, the same pipeline:
+
+    from demo import AgeGenderPredictor
+    predictor = AgeGenderPredictor()                 # the released model, on CUDA when present
+    for face in predictor("photo.jpg"):              # a path, an RGB numpy array or a PIL image
+        print(face.gender, face.gender_prob, face.age, face.age_std, face.box)
+    batches = predictor.predict_many(["a.jpg", "b.jpg"], batch_size=64)   # one list of faces per photo
 """
 import argparse
+import csv
+import dataclasses
 import json
+import multiprocessing
 import os
 import sys
 
 import cv2
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import config
 from data_gen import normalize
 from metrics import apply_calibration
 from models import CheckpointError, fuse_batchnorm, load_checkpoint
-from utils import FaceDetector, InputError, align_face, fail, list_images, read_image, use_all_cores_for_cv2
+from tracker import FaceTracker
+from utils import FaceDetector, InputError, align_face, fail, list_images, read_image, to_rgb8, use_all_cores_for_cv2
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
 
-class AgeGenderPredictor:
-    """Detect, align and predict: the whole pipeline, shared by demo.py, evaluate.py and bench.py."""
+@dataclasses.dataclass
+class FaceRecord:
+    """One face: where it is and what the model says about it."""
 
-    def __init__(self, checkpoint=config.RELEASED_MODEL, device="cpu", tta=True, min_face_size=20, threshold=0.9, calibrated=True):
-        self.device = torch.device(device)
+    box: list  # x1, y1, x2, y2 in the photo's pixels
+    score: float  # the detector's confidence
+    landmarks: list  # five (x, y): eyes, nose tip, mouth corners (left of the image first)
+    gender: str  # "F" or "M"
+    gender_prob: float  # probability of that gender (0.5..1)
+    age: float  # expected age (years)
+    age_std: float  # standard deviation of the predicted age distribution, calibrated when the model is
+    age_distribution: list = None  # P(age = 0..100), only when asked for (distribution=True)
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        if d["age_distribution"] is None:
+            del d["age_distribution"]
+        return d
+
+
+def as_rgb(image):
+    """A path, an RGB (or grayscale / RGBA) numpy array or a PIL image -> upright RGB uint8 array."""
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(os.fspath(image))
+    if isinstance(image, np.ndarray):
+        from PIL import Image
+
+        a = image
+        if a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (1, 3, 4)):
+            if a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3:
+                return np.ascontiguousarray(a)
+            if a.ndim == 3 and a.shape[2] == 1:
+                a = a[:, :, 0]
+            if a.dtype == np.uint16 or (a.dtype.kind == "f" and a.ndim == 2):
+                return to_rgb8(Image.fromarray(a.astype(np.float32 if a.dtype.kind == "f" else np.uint16)))
+            if a.dtype.kind == "f":  # float RGB(A) in 0..1
+                a = np.clip(a * 255 + 0.5, 0, 255).astype(np.uint8)
+            return to_rgb8(Image.fromarray(a.astype(np.uint8)))
+        raise InputError(f"array of shape {a.shape} is not an image (expected H x W, H x W x 3 or H x W x 4)")
+    if hasattr(image, "mode") and hasattr(image, "size"):  # a PIL image
+        from PIL import ImageOps
+
+        return to_rgb8(ImageOps.exif_transpose(image))
+    raise InputError(f"cannot read an image from a {type(image).__name__}")
+
+
+class AgeGenderPredictor:
+    """Detect, align and predict: the whole pipeline, shared by demo.py, evaluate.py and bench.py.
+
+    predictor(image) -> list of FaceRecord (best detection first); predictor.predict_many(images)
+    batches the network across photos. `calibrated` applies the checkpoint's fitted calibration
+    (calibrate.py) to the age std and the gender probability.
+    """
+
+    def __init__(self, checkpoint=config.RELEASED_MODEL, device=None, tta=True, min_face_size=20, threshold=0.9, calibrated=True):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         net, self.ckpt = load_checkpoint(checkpoint, self.device)
         self.net = fuse_batchnorm(net)
         self.detector = FaceDetector(min_face_size=min_face_size, threshold=threshold)
@@ -53,23 +120,49 @@ class AgeGenderPredictor:
             return {"gender_prob": np.zeros((0, 2)), "age_prob": np.zeros((0, config.NUM_AGES)), "age": np.zeros(0), "age_std": np.zeros(0)}
         return self.predict_tensor(normalize(np.stack(crops)))
 
-    def __call__(self, rgb, pad_fraction=0.0):
-        """All faces in one RGB photo: (records, aligned crops)."""
+    def analyse(self, rgb, pad_fraction=0.0, distribution=False):
+        """All faces in one RGB photo: (list of FaceRecord, their aligned crops)."""
         faces = self.detector.detect(rgb, pad_fraction=pad_fraction)
         crops = [align_face(rgb, f.landmarks) for f in faces]
-        pred = self.predict_crops(crops)
+        return self._records(faces, self.predict_crops(crops), 0, distribution), crops
+
+    def __call__(self, image, pad_fraction=0.0, distribution=False):
+        """All faces in one photo (a path, an RGB array or a PIL image), as FaceRecords."""
+        return self.analyse(as_rgb(image), pad_fraction, distribution)[0]
+
+    def predict_many(self, images, batch_size=64, pad_fraction=0.0, distribution=False):
+        """One list of FaceRecords per image; the network runs on batches of faces from several photos."""
+        found, crops = [], []
+        for image in images:
+            rgb = as_rgb(image)
+            faces = self.detector.detect(rgb, pad_fraction=pad_fraction)
+            found.append(faces)
+            crops += [align_face(rgb, f.landmarks) for f in faces]
+        parts = [self.predict_crops(crops[s : s + batch_size]) for s in range(0, len(crops), batch_size)]
+        pred = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else self.predict_crops([])
+        out, start = [], 0
+        for faces in found:
+            out.append(self._records(faces, pred, start, distribution))
+            start += len(faces)
+        return out
+
+    @staticmethod
+    def _records(faces, pred, start, distribution):
         records = []
         for i, f in enumerate(faces):
-            p_male = float(pred["gender_prob"][i, 1])
-            records.append({
-                "box": [round(float(v), 1) for v in f.box],
-                "score": round(f.score, 4),
-                "gender": "M" if p_male >= 0.5 else "F",
-                "gender_prob": round(max(p_male, 1 - p_male), 4),
-                "age": round(float(pred["age"][i]), 1),
-                "age_std": round(float(pred["age_std"][i]), 1),
-            })
-        return records, crops
+            k = start + i
+            p_male = float(pred["gender_prob"][k, 1])
+            records.append(FaceRecord(
+                box=[round(float(v), 1) for v in f.box],
+                score=round(f.score, 4),
+                landmarks=[[round(float(x), 1), round(float(y), 1)] for x, y in f.landmarks],
+                gender="M" if p_male >= 0.5 else "F",
+                gender_prob=round(max(p_male, 1 - p_male), 4),
+                age=round(float(pred["age"][k]), 1),
+                age_std=round(float(pred["age_std"][k]), 1),
+                age_distribution=[round(float(p), 6) for p in pred["age_prob"][k]] if distribution else None,
+            ))
+        return records
 
 
 def draw(rgb, records):
@@ -125,108 +218,206 @@ def out_name(out_dir, path, used):
     return os.path.join(out_dir, name)
 
 
-def run_video(predictor, source, out_dir, max_frames, every, used):
-    """Annotate a video file or a webcam; returns (record, error message or None)."""
+def process_photo(predictor, job):
+    """Read, predict, annotate and save one photo; returns what the main process needs to report it."""
+    k, path, target, draw_it, want_sheet = job
+    try:
+        rgb = read_image(path)
+    except InputError as e:
+        return {"file": path, "error": str(e)}
+    records, crops = predictor.analyse(rgb)
+    faces = [r.to_dict() for r in records]
+    result = {"file": path, "faces": faces, "target": None, "sheet": []}
+    if draw_it:
+        annotated = draw(rgb, faces)
+        cv2.imwrite(target, annotated, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        result["target"] = target
+        if want_sheet:
+            side = max(annotated.shape[:2])
+            thumb = annotated if side <= 800 else cv2.resize(annotated, None, fx=800 / side, fy=800 / side, interpolation=cv2.INTER_AREA)
+            result["sheet"] = [(path, thumb, c, f) for c, f in zip(crops, faces)]
+    if not faces:
+        result["error"] = "no face found"
+    return result
+
+
+_worker_predictor = None
+
+
+def _start_worker(predictor_args):
+    global _worker_predictor
+    torch.set_num_threads(1)  # one process per core: threads inside each would only compete
+    cv2.setNumThreads(1)
+    _worker_predictor = AgeGenderPredictor(**predictor_args)
+
+
+def _worker_job(job):
+    return process_photo(_worker_predictor, job)
+
+
+def run_photos(jobs, predictor_args, workers, get_predictor):
+    """Results of process_photo for every job, in the jobs' order, on `workers` processes."""
+    workers = max(1, min(workers, len(jobs)))
+    bar = dict(total=len(jobs), desc="photos", unit="photo", disable=len(jobs) < 2)
+    if workers == 1:
+        predictor = get_predictor()
+        yield from tqdm((process_photo(predictor, j) for j in jobs), **bar)
+        return
+    # fork: the workers start at once and share the parent's imported modules
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(predictor_args,)) as pool:
+        yield from tqdm(pool.imap(_worker_job, jobs, chunksize=1), **bar)
+
+
+def run_video(predictor, source, out_dir, max_frames, every, used, draw_it=True):
+    """Annotate a video file or a webcam, tracking faces; returns (record, error message or None)."""
     cap = cv2.VideoCapture(int(source) if source.isdigit() else source)
     if not cap.isOpened():
         return {"file": source, "faces": [], "error": "cannot open video or camera"}, "cannot open video or camera"
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if not source.isdigit() else 0
     writer, frames, n_faces, k = None, [], 0, 0
+    tracker = FaceTracker(max_lost=max(2, 15 // every))
     target = out_name(out_dir, f"camera{source}" if source.isdigit() else source, used) + ".mp4"
+    bar = tqdm(total=min(total, max_frames or total) or None, desc=os.path.basename(source), unit="frame")
     while not max_frames or k < max_frames:
         ok, frame = cap.read()
         if not ok:
             break
+        bar.update(1)
         if k % every == 0:
             rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-            records, _ = predictor(rgb)
-            n_faces += len(records)
-            frames.append({"frame": k, "faces": records})
-            frame = draw(rgb, records)
-            if writer is None:
-                writer = cv2.VideoWriter(target, cv2.VideoWriter_fourcc(*"mp4v"), fps / every, (frame.shape[1], frame.shape[0]))
-            writer.write(frame)
+            faces = [r.to_dict() for r in predictor.analyse(rgb, distribution=True)[0]]
+            if predictor.calibration:
+                for f in faces:
+                    f["age_std_scale"] = predictor.calibration.get("age_std_scale", 1.0)
+            ids = tracker.update(k, faces)
+            shown = []
+            for f, tid in zip(faces, ids):
+                f.pop("age_distribution", None)
+                f.pop("age_std_scale", None)
+                f["track"] = tid
+                f["track_label"] = tracker.tracks[tid].summary()  # the person's label so far: what is shown
+                shown.append({**f, **f["track_label"]})
+            n_faces += len(faces)
+            frames.append({"frame": k, "faces": faces})
+            if draw_it:
+                annotated = draw(rgb, shown)
+                if writer is None:
+                    writer = cv2.VideoWriter(target, cv2.VideoWriter_fourcc(*"mp4v"), fps / every, (annotated.shape[1], annotated.shape[0]))
+                writer.write(annotated)
         k += 1
+    bar.close()
     cap.release()
     if writer is not None:
         writer.release()
     if k == 0:
         return {"file": source, "faces": [], "error": "no frame could be read"}, "no frame could be read"
-    print(f"{source}: {k} frames, {n_faces} faces -> {target}")
-    return {"file": source, "frames": frames}, None
+    tracks = [t.to_dict() for t in tracker.tracks.values()]
+    tqdm.write(f"{source}: {k} frames, {n_faces} faces, {len(tracks)} tracked people" + (f" -> {target}" if draw_it else ""))
+    return {"file": source, "frames": frames, "tracks": tracks}, None
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Annotate faces with gender and age",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+CSV_COLUMNS = ["file", "frame", "face", "track", "x1", "y1", "x2", "y2", "score", "gender", "gender_prob", "age", "age_std"]
+
+
+def csv_rows(record):
+    """One row per face of a photo's or a video's record."""
+    per_frame = record.get("frames") or [{"frame": "", "faces": record.get("faces", [])}]
+    for fr in per_frame:
+        for i, f in enumerate(fr["faces"]):
+            x1, y1, x2, y2 = f["box"]
+            yield {"file": record["file"], "frame": fr["frame"], "face": i, "track": f.get("track", ""), "x1": x1, "y1": y1,
+                   "x2": x2, "y2": y2, "score": f["score"], "gender": f["gender"], "gender_prob": f["gender_prob"],
+                   "age": f["age"], "age_std": f["age_std"]}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Annotate faces with gender and age", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="*", help="image files, folders, video files or a webcam index (default: images/)")
-    p.add_argument("--out", default=os.path.join(config.ROOT, "out", "demo"))
-    p.add_argument("--checkpoint", default=config.RELEASED_MODEL)
+    p.add_argument("--out", default=os.path.join(config.ROOT, "out", "demo"), help="folder for the annotated photos, videos and contact sheet")
+    p.add_argument("--checkpoint", default=config.RELEASED_MODEL, help="the model to run")
     p.add_argument("--json", default="", help="write one record per input to this file")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--csv", default="", help="write one row per face to this file (file, frame, face, track, box, gender, age)")
+    p.add_argument("--no-draw", action="store_true", help="write only --json/--csv: no annotated images, videos or contact sheet")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for photos (videos run in the main one)")
+    p.add_argument("--verbose", action="store_true", help="one line per photo instead of a progress bar")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help="also predict on the mirror image")
     p.add_argument("--min-face-size", type=int, default=20, help="smallest face to find, in pixels")
     p.add_argument("--threshold", type=float, default=0.9, help="detector score needed to accept a face")
     p.add_argument("--max-frames", type=int, default=0, help="videos/webcam: stop after this many frames (0 = all)")
     p.add_argument("--every", type=int, default=1, help="videos: annotate every N-th frame")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    predictor_args = dict(checkpoint=args.checkpoint, device=args.device, tta=args.tta, min_face_size=args.min_face_size, threshold=args.threshold)
     try:
-        predictor = AgeGenderPredictor(args.checkpoint, args.device, args.tta, args.min_face_size, args.threshold)
+        load_checkpoint(args.checkpoint)  # a bad checkpoint is one line here, before any worker starts
     except CheckpointError as e:
         fail(str(e))
+    main_predictor = []
+
+    def get_predictor():
+        if not main_predictor:
+            main_predictor.append(AgeGenderPredictor(**predictor_args))
+        return main_predictor[0]
+
     inputs = args.inputs or [os.path.join(config.ROOT, "images")]
-    os.makedirs(args.out, exist_ok=True)
-    records, sheet, failed, used = [], [], 0, set()
-
-    def report_failure(path, reason):
-        nonlocal failed
-        failed += 1
-        print(f"error: {path}: {reason}", file=sys.stderr)
-        records.append({"file": path, "faces": [], "error": reason})
-
+    draw_it = not args.no_draw
+    if draw_it:
+        os.makedirs(args.out, exist_ok=True)
+    # every input becomes one or more numbered slots, so the output order never depends on --workers
+    slots, jobs, videos, used = [], [], [], set()
     for item in inputs:
         if item.isdigit() or item.lower().endswith(VIDEO_EXTENSIONS):
-            if not item.isdigit() and not os.path.isfile(item):
-                report_failure(item, "file not found")
-                continue
-            rec, err = run_video(predictor, item, args.out, args.max_frames, max(1, args.every), used)
-            if err:
-                report_failure(item, err)
-            else:
-                records.append(rec)
+            videos.append((len(slots), item))
+            slots.append({"file": item, "faces": [], "error": "file not found"} if not item.isdigit() and not os.path.isfile(item) else None)
             continue
         files = list_images([item])
         if os.path.isdir(item) and not files:
-            report_failure(item, "folder has no images")
+            slots.append({"file": item, "faces": [], "error": "folder has no images"})
             continue
         for path in files:
-            try:
-                rgb = read_image(path)
-            except InputError as e:
-                report_failure(path, str(e))
-                continue
-            faces, crops = predictor(rgb)
-            annotated = draw(rgb, faces)
-            target = out_name(args.out, path, used) + ".jpg"
-            cv2.imwrite(target, annotated, [cv2.IMWRITE_JPEG_QUALITY, 90])
-            if not faces:
-                report_failure(path, "no face found")
-                continue
-            records.append({"file": path, "faces": faces})
-            summary = ", ".join(f"{f['gender']} {f['age']:.0f}±{f['age_std']:.0f}" for f in faces)
-            print(f"{path}: {len(faces)} face(s): {summary} -> {target}")
-            thumb = annotated if max(annotated.shape[:2]) <= 800 else cv2.resize(annotated, None, fx=800 / max(annotated.shape[:2]), fy=800 / max(annotated.shape[:2]), interpolation=cv2.INTER_AREA)
-            sheet += [(path, thumb, c, f) for c, f in zip(crops, faces)]
-    contact_sheet(sheet, os.path.join(args.out, "contact_sheet.png"))
+            jobs.append((len(slots), path, out_name(args.out, path, used) + ".jpg", draw_it, len(jobs) < 12))
+            slots.append(None)
+
+    sheet = []
+    for job, res in zip(jobs, run_photos(jobs, predictor_args, args.workers if args.device == "cpu" else 1, get_predictor)):
+        slots[job[0]] = {"file": res["file"], "faces": res.get("faces", []), **({"error": res["error"]} if "error" in res else {})}
+        sheet += res.get("sheet", [])
+        if args.verbose and res.get("faces"):
+            summary = ", ".join(f"{f['gender']} {f['age']:.0f}±{f['age_std']:.0f}" for f in res["faces"])
+            tqdm.write(f"{res['file']}: {len(res['faces'])} face(s): {summary}" + (f" -> {res['target']}" if res.get("target") else ""))
+    for slot, item in videos:
+        if slots[slot] is None:
+            rec, err = run_video(get_predictor(), item, args.out, args.max_frames, max(1, args.every), used, draw_it)
+            slots[slot] = {**rec, "error": err} if err else rec
+
+    failed = 0
+    for rec in slots:
+        if rec.get("error"):
+            failed += 1
+            print(f"error: {rec['file']}: {rec['error']}", file=sys.stderr)
+    if draw_it:
+        contact_sheet(sheet, os.path.join(args.out, "contact_sheet.png"))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
-    print(f"{len(records) - failed} of {len(records)} inputs annotated into {args.out}" + (f"; {failed} failed" if failed else ""))
+            json.dump(slots, f, indent=1)
+    if args.csv:
+        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            w.writeheader()
+            for rec in slots:
+                w.writerows(csv_rows(rec))
+    where = f" into {args.out}" if draw_it else ""
+    print(f"{len(slots) - failed} of {len(slots)} inputs annotated{where}" + (f"; {failed} failed" if failed else ""))
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    use_all_cores_for_cv2()  # a command-line run never forks, so cv2 may use every core
+    use_all_cores_for_cv2()  # a command-line run's main process may use every core in cv2
     sys.exit(main())

@@ -60,9 +60,9 @@ def release(ckpt, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Export AgeGenderNet to ONNX", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default=config.RELEASED_MODEL)
-    p.add_argument("--out", default=os.path.splitext(config.RELEASED_MODEL)[0] + ".onnx")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--checkpoint", default=config.RELEASED_MODEL, help="the model to export")
+    p.add_argument("--out", default=os.path.splitext(config.RELEASED_MODEL)[0] + ".onnx", help="the ONNX file to write")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     p.add_argument("--release", default="", help="also write a slim fp16 PyTorch checkpoint here")
     args = p.parse_args(argv)
     try:

@@ -123,7 +123,7 @@ def read_image(path, max_pixels=config.MAX_IMAGE_PIXELS):
                         raise InputError(f"image too large ({w}x{h} pixels, limit {max_pixels:,})")
                 im.load()
                 im = ImageOps.exif_transpose(im)
-                rgb = _to_rgb8(im)
+                rgb = to_rgb8(im)
     except InputError:
         raise
     except Image.DecompressionBombError as e:
@@ -138,7 +138,8 @@ def read_image(path, max_pixels=config.MAX_IMAGE_PIXELS):
     return rgb
 
 
-def _to_rgb8(im):
+def to_rgb8(im):
+    """A PIL image of any mode -> RGB uint8 array (16-bit scaled down, alpha composited on white)."""
     from PIL import Image
 
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

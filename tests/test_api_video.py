@@ -1,0 +1,192 @@
+"""The Python API, video tracking, folder runs on several processes, --help and --resume behaviour."""
+import argparse
+import csv
+import json
+import os
+import shutil
+from collections import defaultdict
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import config
+import demo
+import train
+from conftest import UTK, utk_rows
+from tracker import FaceTracker
+from utils import read_image
+
+ASTRONAUT = os.path.join(config.ROOT, "images", "astronaut.jpg")
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return demo.AgeGenderPredictor(device="cpu")
+
+
+def test_api_gives_the_same_records_for_path_array_and_pil(predictor):
+    by_path = predictor(ASTRONAUT)
+    by_array = predictor(read_image(ASTRONAUT))
+    by_pil = predictor(Image.open(ASTRONAUT))
+    assert len(by_path) == 1 and by_path == by_array == by_pil
+    face = by_path[0]
+    assert isinstance(face, demo.FaceRecord) and face.gender in ("F", "M") and 0.5 <= face.gender_prob <= 1
+    assert len(face.box) == 4 and np.asarray(face.landmarks).shape == (5, 2) and face.age_distribution is None
+    with_dist = predictor(ASTRONAUT, distribution=True)[0]
+    assert len(with_dist.age_distribution) == 101 and sum(with_dist.age_distribution) == pytest.approx(1, abs=1e-3)
+    gray = predictor(np.asarray(Image.open(ASTRONAUT).convert("L")))  # a 2-D array is grayscale
+    assert len(gray) == 1
+    with pytest.raises(demo.InputError):
+        predictor(np.zeros((5, 5, 7), np.uint8))
+
+
+def test_predict_many_equals_one_by_one(predictor):
+    photos = [ASTRONAUT, os.path.join(config.ROOT, "images", "collage.jpg"), os.path.join(config.ROOT, "images", "grace_hopper.jpg")]
+    many = predictor.predict_many(photos, batch_size=2)
+    single = [predictor(p) for p in photos]
+    assert [len(m) for m in many] == [1, 3, 1]
+    for m, s in zip(many, single):
+        for a, b in zip(m, s):
+            assert a.box == b.box and a.gender == b.gender
+            assert a.age == pytest.approx(b.age, abs=0.15) and a.gender_prob == pytest.approx(b.gender_prob, abs=2e-3)
+
+
+def _crossing_clip(path, n=48):
+    """Two real faces (25 and 55 years old) moving in opposite directions, growing and shrinking, the
+    older one passing in front of the younger one halfway; returns the true face centres per frame."""
+    rows = utk_rows("test", 200, seed=3)
+    young = next(r for r in rows if 25 <= int(r["age"]) <= 35)
+    old = next(r for r in rows if 55 <= int(r["age"]) <= 70)
+    fa, fb = read_image(os.path.join(UTK, young["file"])), read_image(os.path.join(UTK, old["file"]))
+    rng = np.random.default_rng(0)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 12, (640, 480))
+    truth = []
+    for t in range(n):
+        u = t / (n - 1)
+        frame = np.empty((480, 640, 3), np.uint8)
+        frame[:] = np.linspace(100, 200, 640)[None, :, None].astype(np.uint8)
+        sa, sb = int(110 + 40 * u), int(150 - 40 * u)
+        xa, xb = int(20 + 460 * u), int(480 - 460 * u)
+        for face, x, y, s in ((fa, xa, 90, sa), (fb, xb, 170, sb)):
+            img = cv2.resize(face, (s, s), interpolation=cv2.INTER_AREA).astype(np.float32)
+            frame[y:y + s, x:x + s] = np.clip(img * rng.uniform(0.8, 1.2) + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+        truth.append(((xa + sa / 2, 90 + sa / 2), (xb + sb / 2, 170 + sb / 2)))
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return np.array(truth)
+
+
+def test_video_tracks_keep_identities_and_steady_labels(tmp_path, capsys):
+    truth = _crossing_clip(tmp_path / "clip.mp4")
+    assert demo.main([str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "o"), "--json", str(tmp_path / "v.json")]) == 0
+    video = json.loads((tmp_path / "v.json").read_text())[0]
+    who_by_track, raw_age, shown_age = defaultdict(set), defaultdict(list), defaultdict(list)
+    for fr in video["frames"]:
+        for f in fr["faces"]:
+            centre = np.array([(f["box"][0] + f["box"][2]) / 2, (f["box"][1] + f["box"][3]) / 2])
+            who = int(np.argmin(np.linalg.norm(truth[fr["frame"]] - centre, axis=1)))
+            who_by_track[f["track"]].add(who)
+            raw_age[who].append(f["age"])
+            shown_age[f["track"]].append(f["track_label"]["age"])
+    long_tracks = [t for t in video["tracks"] if t["frames_seen"] >= 10]
+    assert len(long_tracks) == 2  # one per person
+    assert all(len(people) == 1 for people in who_by_track.values())  # no track ever holds both people: no swap
+    for t in long_tracks:
+        person = next(iter(who_by_track[t["id"]]))
+        assert np.std(shown_age[t["id"]]) * 3 <= np.std(raw_age[person])  # the label shown flickers 3x less
+        assert set(t) >= {"id", "first_frame", "last_frame", "frames_seen", "boxes", "age", "age_std", "gender", "gender_prob"}
+    young, old = sorted(long_tracks, key=lambda t: t["age"])
+    assert young["age"] < old["age"] - 15
+
+
+def test_tracker_ends_lost_tracks_and_starts_new_ones():
+    face = {"box": [100, 100, 200, 200], "landmarks": [[130, 140], [170, 140], [150, 160], [135, 180], [165, 180]], "score": 1.0}
+    far = {**face, "box": [400, 100, 500, 200], "landmarks": [[x + 300, y] for x, y in face["landmarks"]]}
+    t = FaceTracker(max_lost=3)
+    assert t.update(0, [face]) == [0]
+    assert t.update(1, [face, far]) == [0, 1]
+    assert t.update(9, [face]) == [2]  # unseen for 8 frames: a new person as far as we know
+
+
+def test_folder_with_two_workers_gives_the_same_output(tmp_path, capsys):
+    folder = tmp_path / "in"
+    os.makedirs(folder)
+    for k, r in enumerate(utk_rows("val", 5, seed=2)):
+        photo = read_image(os.path.join(UTK, r["file"]))
+        Image.fromarray(cv2.copyMakeBorder(photo, 60, 60, 60, 60, cv2.BORDER_CONSTANT, value=(120, 120, 120))).save(folder / f"p{k}.jpg")
+    shutil.copy(ASTRONAUT, folder / "z_astronaut.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff junk")
+    outs = {}
+    for w in (1, 2):
+        code = demo.main([str(folder), "--workers", str(w), "--no-draw", "--json", str(tmp_path / f"w{w}.json"), "--csv", str(tmp_path / f"w{w}.csv"),
+                          "--out", str(tmp_path / f"o{w}")])
+        err = capsys.readouterr().err
+        assert code == 1 and "broken.jpg" in err
+        outs[w] = (json.loads((tmp_path / f"w{w}.json").read_text()), (tmp_path / f"w{w}.csv").read_text())
+        assert not os.path.exists(tmp_path / f"o{w}")  # --no-draw writes no images
+    assert outs[1] == outs[2]
+    rows = list(csv.DictReader(open(tmp_path / "w1.csv")))
+    assert len(rows) == sum(len(r["faces"]) for r in outs[1][0]) >= 5
+    assert set(rows[0]) == {"file", "frame", "face", "track", "x1", "y1", "x2", "y2", "score", "gender", "gender_prob", "age", "age_std"}
+
+
+def _parser_of(main, argv=("--help",)):
+    """The ArgumentParser a script's main builds (caught as it parses)."""
+    class Caught(Exception):
+        pass
+
+    seen = []
+    real = argparse.ArgumentParser.parse_args
+
+    def catch(self, *a, **k):
+        seen.append(self)
+        raise Caught
+
+    argparse.ArgumentParser.parse_args = catch
+    try:
+        main(list(argv))
+    except Caught:
+        pass
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    return seen[0]
+
+
+def test_every_option_of_every_script_has_a_help_line():
+    import bench
+    import calibrate
+    import evaluate
+    import export_onnx
+    import pre_process
+
+    for module in (pre_process, train, evaluate, demo, bench, export_onnx, calibrate):
+        parser = _parser_of(module.main)
+        for action in parser._actions:
+            if action.dest != "help":
+                assert action.help and action.help.strip() and action.help != argparse.SUPPRESS, f"{module.__name__}: {action.option_strings or action.dest}"
+    arch = next(a for a in _parser_of(train.main)._actions if a.dest == "arch")
+    assert set(arch.choices) == {"resnet18", "resnet34", "resnet50", "mobilenet_v2"}
+
+
+SMALL = ["--arch", "resnet18", "--pretrained", "", "--batch-size", "16", "--workers", "0", "--ckpt-every", "100", "--epochs", "2"]
+
+
+def test_resume_of_a_finished_run_changes_nothing(utk_cache, tmp_path, capsys):
+    args = ["--cache", utk_cache, "--out-dir", str(tmp_path), "--max-steps", "4"] + SMALL
+    assert train.main(args) == 0
+    before = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert train.main(args + ["--resume"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    after = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert after["step"] == before["step"] == 4
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+def test_resume_without_a_checkpoint_starts_fresh(utk_cache, tmp_path, capsys):
+    args = ["--cache", utk_cache, "--out-dir", str(tmp_path / "new"), "--max-steps", "2", "--resume"] + SMALL
+    assert train.main(args) == 0
+    assert "starts a fresh run" in capsys.readouterr().out
+    assert torch.load(tmp_path / "new" / "last.pt", weights_only=True)["step"] == 2
