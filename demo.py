@@ -38,8 +38,9 @@ import config
 from data_gen import normalize
 from metrics import apply_calibration
 from models import CheckpointError, fuse_batchnorm, load_checkpoint
+from detector import FaceDetector, align_face
 from tracker import FaceTracker
-from utils import FaceDetector, InputError, align_face, fail, list_images, read_image, to_rgb8, use_all_cores_for_cv2
+from utils import InputError, fail, list_images, read_image, to_rgb8, use_all_cores_for_cv2
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 

@@ -25,7 +25,8 @@ import config
 from data_gen import CacheError, FaceCache, make_loader
 from models import CheckpointError
 from metrics import calibration_report, compute_metrics
-from utils import InputError, align_face, fail, parse_config, read_image, read_label_rows, use_all_cores_for_cv2
+from detector import align_face
+from utils import InputError, fail, parse_config, read_image, read_label_rows, use_all_cores_for_cv2
 
 RACES = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}
 

@@ -29,7 +29,8 @@ import numpy as np
 from tqdm import tqdm
 
 import config
-from utils import (FaceDetector, InputError, align_face, atomic_write_text, fail, parse_config, pick_face, read_image,
+from detector import FaceDetector, align_face, pick_face
+from utils import (InputError, atomic_write_text, fail, parse_config, read_image,
                    read_label_rows)
 
 MAT_FIELDS = ("dob", "photo_taken", "full_path", "gender", "name", "face_location", "face_score", "second_face_score")

@@ -21,7 +21,7 @@ so the age shown is that of the averaged distribution and its ± the spread of t
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from utils import box_iou
+from detector import box_iou
 
 
 class Track:

@@ -10,7 +10,8 @@ from PIL import Image
 
 import config
 from conftest import UTK, utk_rows
-from utils import FaceDetector, InputError, align_face, read_image, similarity_transform
+from detector import FaceDetector, align_face, similarity_transform
+from utils import InputError, read_image
 
 
 def face_photo():

