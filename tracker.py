@@ -10,7 +10,7 @@
 Association (per frame, Hungarian assignment with scipy): the cost of pairing a track with a face is
 1 - IoU of the face's box with the track's box predicted at this frame (constant velocity), plus the
 mean distance between their five landmarks in units of the face's size. A pair is allowed only if the
-boxes overlap or the landmarks are within half a face of each other; faces left over start new tracks,
+boxes overlap or the landmarks are within one face size of each other; faces left over start new tracks,
 and a track unseen for `max_lost` frames ends. The velocity is what keeps two faces that cross from
 swapping identities: each track's predicted box is ahead of it in its own direction.
 
@@ -45,10 +45,11 @@ class Track:
 
     def _add(self, frame, face):
         box = np.asarray(face["box"], dtype=np.float64)
-        if self.boxes:
+        if self.boxes and face.get("detected", True):  # a face carried forward says nothing new about motion
             gap = frame - self.last_frame
             self.velocity = 0.5 * self.velocity + 0.5 * (box - self.box) / max(1, gap)  # smoothed: detections jitter
         self.box, self.landmarks, self.last_frame = box, np.asarray(face["landmarks"], dtype=np.float64), frame
+        self.score = float(face.get("score", 1.0))
         self.boxes[frame] = [round(float(v), 1) for v in box]
         if face.get("age_distribution") is None:
             return
@@ -79,7 +80,7 @@ class Track:
 
 
 class FaceTracker:
-    def __init__(self, max_lost=15, landmark_gate=0.5):
+    def __init__(self, max_lost=15, landmark_gate=1.0):
         self.max_lost = max_lost
         self.landmark_gate = landmark_gate
         self.tracks = {}  # every track so far, by id
@@ -94,6 +95,17 @@ class FaceTracker:
         if iou <= 0 and lm_dist > self.landmark_gate:
             return None
         return (1 - iou) + lm_dist
+
+    def carried_forward(self, frame):
+        """detector.Face objects for the tracks seen at the last update, moved to where their velocity puts
+        them at `frame` (to predict without running the detector); None if there are none to carry."""
+        from detector import Face
+
+        if not self.active:
+            return None
+        last = max(self.tracks[t].last_frame for t in self.active)
+        live = [self.tracks[t] for t in self.active if self.tracks[t].last_frame == last]
+        return [Face(t.predicted_box(frame), t.score, t.predicted_landmarks(frame)) for t in live] or None
 
     def update(self, frame, faces):
         """Match this frame's faces (dicts with box, landmarks, score and, to aggregate, age_distribution,

@@ -79,9 +79,11 @@ def _crossing_clip(path, n=48):
     return np.array(truth)
 
 
-def test_video_tracks_keep_identities_and_steady_labels(tmp_path, capsys):
+@pytest.mark.parametrize("detect_every", [1, 3])
+def test_video_tracks_keep_identities_and_steady_labels(tmp_path, capsys, detect_every):
     truth = _crossing_clip(tmp_path / "clip.mp4")
-    assert demo.main([str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "o"), "--json", str(tmp_path / "v.json")]) == 0
+    assert demo.main([str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "o"), "--json", str(tmp_path / "v.json"),
+                      "--detect-every", str(detect_every)]) == 0
     video = json.loads((tmp_path / "v.json").read_text())[0]
     who_by_track, raw_age, shown_age = defaultdict(set), defaultdict(list), defaultdict(list)
     for fr in video["frames"]:
@@ -100,6 +102,8 @@ def test_video_tracks_keep_identities_and_steady_labels(tmp_path, capsys):
         assert set(t) >= {"id", "first_frame", "last_frame", "frames_seen", "boxes", "age", "age_std", "gender", "gender_prob"}
     young, old = sorted(long_tracks, key=lambda t: t["age"])
     assert young["age"] < old["age"] - 15
+    detected = [f["detected"] for fr in video["frames"] for f in fr["faces"]]
+    assert sum(detected) == (len(detected) if detect_every == 1 else pytest.approx(len(detected) / 3, abs=3))
 
 
 def test_tracker_ends_lost_tracks_and_starts_new_ones():
