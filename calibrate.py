@@ -8,7 +8,8 @@ a gender probability. Trained with soft age labels, that std is a property of th
 error: uncalibrated, it can be far too narrow or too wide. This script predicts every `val` face of
 the caches (never `test`), fits two numbers (metrics.fit_calibration: a factor on the age std so that
 about 68% of true ages fall within ±1 std, and a temperature on the gender logit by likelihood), prints
-the coverage and the gender ECE before and after, per cache, and writes them into the checkpoint as
+the coverage and the gender ECE before and after, per cache (each cache weighing the same in the fit),
+and writes them into the checkpoint as
 `calibration` (atomically, in place unless --out). demo.py and evaluate.py apply them.
 """
 import argparse
@@ -61,11 +62,13 @@ def main(argv=None):
     except (CheckpointError, CacheError) as e:
         fail(str(e))
     pooled = [np.concatenate([s[k] for s in sets]) for k in range(1, 5)]
-    calibration = fit_calibration(*pooled)
+    # each cache weighs the same, as in train.py's choice of epoch: the small in-the-wild set counts as much
+    weights = np.concatenate([np.full(len(s[3]), 1.0 / len(s[3])) for s in sets])
+    calibration = fit_calibration(*pooled, weights=weights)
     print("before (the model's own std and probability):")
     for s in sets:
         show(*s, None)
-    print(f"fitted on {len(pooled[2]):,} {args.split} faces: {calibration}")
+    print(f"fitted on {len(pooled[2]):,} {args.split} faces, each cache weighing the same: {calibration}")
     print("after:")
     for s in sets:
         show(*s, calibration)

@@ -97,17 +97,30 @@ def _gender_with_temperature(gender_prob, t):
     return np.stack([1 - p1, p1], axis=1)
 
 
-def fit_calibration(gender_prob, age_prob, age_true, gender_true):
+def weighted_median(values, weights):
+    order = np.argsort(values)
+    v, w = np.asarray(values, dtype=np.float64)[order], np.asarray(weights, dtype=np.float64)[order]
+    cum = np.cumsum(w)
+    half = 0.5 * cum[-1]
+    k = int(np.searchsorted(cum, half))
+    if np.isclose(cum[k], half) and k + 1 < len(v):  # exactly half the weight below: the midpoint, as np.median
+        return float((v[k] + v[k + 1]) / 2)
+    return float(v[k])
+
+
+def fit_calibration(gender_prob, age_prob, age_true, gender_true, weights=None):
     """{'age_std_scale': s, 'gender_temperature': t} fitted on validation predictions.
 
-    s makes the median of |error| / (s * std) equal 0.674, the median of |z| for a Gaussian, so that
-    half the true ages fall within ±0.674 std and, if errors are near Gaussian, 68% within ±1 std. A
-    median is robust to the few labels that are simply wrong. t minimises the gender negative
-    log-likelihood (a grid search over 0.25..4 on a log scale, then refined)."""
+    s makes the (weighted) median of |error| / (s * std) equal 0.674, the median of |z| for a Gaussian,
+    so that half the true ages fall within ±0.674 std and, if errors are near Gaussian, 68% within ±1
+    std. A median is robust to the few labels that are simply wrong. `weights` (per face) let each data
+    source count the same however many faces it has. t minimises the gender negative log-likelihood
+    (a grid search over 0.25..4 on a log scale, then refined)."""
     age_true, gender_true = np.asarray(age_true, dtype=np.float64), np.asarray(gender_true)
     std = np.maximum(age_std_of(age_prob), 1e-6)
     z = np.abs(expected_age(age_prob) - age_true) / std
-    scale = float(np.median(z) / 0.6745) if len(z) else 1.0
+    weights = np.ones(len(z)) if weights is None else np.asarray(weights, dtype=np.float64)
+    scale = weighted_median(z, weights) / 0.6745 if len(z) else 1.0
     known = gender_true >= 0
     t_best = 1.0
     if known.any():

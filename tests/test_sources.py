@@ -147,3 +147,15 @@ def test_calibration_by_hand():
     before = calibration_report(gp, np.tile(age_prob[:1], (4000, 1)), np.full(4000, 50), labels)["gender_ece"]
     after = calibration_report(cal, np.tile(age_prob[:1], (4000, 1)), np.full(4000, 50), labels)["gender_ece"]
     assert after < before / 3
+
+
+def test_calibration_weights_let_a_small_source_count_as_much():
+    # 100 faces of source A with |err|/std = 1, 10 faces of source B with |err|/std = 3
+    age_prob = np.zeros((110, 101))
+    age_prob[:, [40, 60]] = 0.5  # expected age 50, std 10
+    truth = np.r_[np.full(100, 60.0), np.full(10, 80.0)]
+    plain = fit_calibration(np.full((110, 2), 0.5), age_prob, truth, np.full(110, -1))
+    weights = np.r_[np.full(100, 1 / 100), np.full(10, 1 / 10)]
+    fair = fit_calibration(np.full((110, 2), 0.5), age_prob, truth, np.full(110, -1), weights=weights)
+    assert plain["age_std_scale"] == pytest.approx(1 / 0.6745, abs=1e-3)
+    assert fair["age_std_scale"] == pytest.approx(2 / 0.6745, abs=1e-3)  # halfway between the two sources
