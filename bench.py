@@ -249,7 +249,7 @@ def bench_video(args):
         writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 25, (640, 480))
         for t in range(args.frames):  # the astronaut drifting across a 640x480 frame
             frame = np.full((480, 640, 3), 160, np.uint8)
-            x, y = int(20 + 340 * t / max(1, args.frames - 1)), int(60 + 100 * np.sin(t / 10))
+            x, y = int(20 + 340 * t / max(1, args.frames - 1)), int(112 + 100 * np.sin(t / 10))
             frame[y : y + 256, x : x + 256] = face
             writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
         writer.release()
