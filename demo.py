@@ -273,7 +273,9 @@ def run_photos(jobs, predictor_args, workers, get_predictor):
         return
     # fork: the workers start at once and share the parent's imported modules
     with multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(predictor_args,)) as pool:
-        yield from tqdm(pool.imap(_worker_job, jobs, chunksize=1), **bar)
+        # photos go out four at a time: one at a time cost about a tenth of the speed-up in round trips
+        # (bench.py folder: 1.67x with 2 workers against 1.84-1.97x)
+        yield from tqdm(pool.imap(_worker_job, jobs, chunksize=4), **bar)
 
 
 def run_video(predictor, source, out_dir, max_frames, every, used, draw_it=True, detect_every=1):
