@@ -376,7 +376,8 @@ def plot_age_histogram(before, after, path, cap):
 
 
 def main(argv=None):
-    cfg = parse_config(config.PreprocessConfig, argv, description=__doc__.split("\n")[0])
+    cfg = parse_config(config.PreprocessConfig, argv, description=__doc__.split("\n")[0],
+                       choices={"dataset": ("imdb", "wiki", "utkface", "clap2016", "csv")})
     try:
         fractions = tuple(float(x) for x in cfg.split_fractions.split(","))
         assert len(fractions) == 3 and abs(sum(fractions) - 1) < 1e-6 and min(fractions) >= 0
@@ -403,7 +404,7 @@ def main(argv=None):
             image_root = cfg.data_dir
             cleaned_ages = [r["age"] for r in rows]
         else:
-            fail(f"unknown --dataset '{cfg.dataset}' (choose imdb, wiki, utkface, clap2016 or csv)")
+            raise AssertionError(cfg.dataset)  # argparse has already refused anything else
     except InputError as e:
         fail(str(e))
     if cfg.limit:
