@@ -37,7 +37,7 @@ def augment(raw, rng, inside=None, fill_outside=0.0):
     uint8 pixels. With `inside` (N x H x W bool: the crop pixels that came from inside the source photo)
     a share `fill_outside` of the faces get their outside pixels (replicated border in the cache)
     filled from another face of the batch whose crop is real there: tight crops such as UTKFace's leave
-    the top fifth of the aligned crop as smeared border, where deployment photos show hair, hats and
+    about a quarter of the aligned crop (the top band) as smeared border, where deployment photos show hair, hats and
     background. Then 20% of faces are made low-resolution and 25% get a grey patch. Colour
     (brightness, contrast, saturation, 10% grayscale) and the ImageNet normalisation are all linear in
     the pixel, so they fold into one 3x4 matrix per face, applied by one cv2.transform. Both are a few
@@ -183,21 +183,21 @@ class FaceCache(Dataset):
         x, age, gender = self.__getitems__(SeededBatch([i], seed=self.seed * 1_000_003 + self.calls))
         return x[0], int(age[0]), int(gender[0])
 
-    def read(self, pos):
-        """Raw uint8 faces, ages, genders and inside masks (N x H x W bool, or None) of positions `pos`."""
+    def read(self, pos, with_inside=False):
+        """Raw uint8 faces, ages, genders and (with_inside) inside masks (N x H x W bool, or None) of positions `pos`."""
         idx = self.indices[pos]
         order = np.argsort(idx)  # read the memory map in file order, then put the batch back in order
         raw = np.empty((len(idx),) + self.faces.shape[1:], dtype=np.uint8)
         raw[order] = self.faces[idx[order]]
         inside = None
-        if self.inside is not None:
+        if with_inside and self.inside is not None:
             packed = np.empty((len(idx),) + self.inside.shape[1:], dtype=np.uint8)
             packed[order] = self.inside[idx[order]]
             inside = np.unpackbits(packed, axis=2, count=config.IMAGE_W).astype(bool)
         return raw, self.ages[pos], self.genders[pos], inside
 
     def __getitems__(self, batch):
-        raw, ages, genders, inside = self.read(np.asarray(batch, dtype=np.int64))
+        raw, ages, genders, inside = self.read(np.asarray(batch, dtype=np.int64), with_inside=self.train and self.fill_outside > 0)
         return _serve(self, batch, raw, inside), ages, genders
 
 
@@ -231,7 +231,7 @@ class MixedFaces(Dataset):
         ages, genders = torch.empty(len(pos), dtype=torch.int64), torch.empty(len(pos), dtype=torch.int64)
         for s in np.unique(which):
             m = which == s
-            r, a, g, ins = self.sources[s].read(pos[m] - self.starts[s])
+            r, a, g, ins = self.sources[s].read(pos[m] - self.starts[s], with_inside=self.fill_outside > 0)
             raw[m], ages[torch.from_numpy(m)], genders[torch.from_numpy(m)] = r, a, g
             if ins is not None:
                 inside[m] = ins

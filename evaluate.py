@@ -24,7 +24,7 @@ from tqdm import tqdm
 import config
 from data_gen import CacheError, FaceCache, make_loader
 from models import CheckpointError
-from metrics import calibration_report, compute_metrics
+from metrics import calibration_report, compute_metrics, label_stds
 from detector import align_face
 from utils import InputError, fail, parse_config, read_image, read_label_rows, use_all_cores_for_cv2
 
@@ -170,9 +170,8 @@ def main(argv=None):
     gp, ap, sd = np.concatenate(gp), np.concatenate(ap), np.concatenate(sd)
     ages, genders = np.concatenate(ages), np.concatenate(genders)
     races = [r.get("race", "") for r in kept]
-    label_std = np.array([float(r.get("age_std") or "nan") for r in kept])
     pred_age = ap @ np.arange(ap.shape[1])
-    metrics = compute_metrics(gp, ap, ages, genders, label_std if np.isfinite(label_std).any() else None)
+    metrics = compute_metrics(gp, ap, ages, genders, label_stds(kept))
     # the shown ±std is the model's std times the checkpoint's calibration factor (if any and --calibrated)
     scale = predictor.calibration.get("age_std_scale", 1.0) if predictor.calibration else 1.0
     calib = calibration_report(gp, ap, ages, genders, std_scale=scale)

@@ -15,6 +15,12 @@ import numpy as np
 NAN = float("nan")
 
 
+def label_stds(rows):
+    """The votes' std of each labelled row (apparent age, CLAP2016) as an array, or None when no row has one."""
+    stds = np.array([float(r.get("age_std") or "nan") for r in rows])
+    return stds if np.isfinite(stds).any() else None
+
+
 def expected_age(age_prob):
     return np.asarray(age_prob, dtype=np.float64) @ np.arange(np.shape(age_prob)[1])
 

@@ -396,15 +396,13 @@ def main(argv=None):
             cleaned_ages = [r["age"] for r in rows]
             rows = cap_per_age(rows, cfg.max_per_age, cfg.seed, rejects)
             split_by_identity(rows, fractions, cfg.seed)
-        elif cfg.dataset in ("utkface", "csv", "clap2016"):
+        else:  # utkface, clap2016 or csv (argparse refuses anything else)
             labels = cfg.labels or os.path.join(cfg.data_dir, "labels.csv")
             rows = load_label_csv(labels, rejects, cfg.seed, fractions)
             if cfg.dataset == "clap2016":
                 clap2016_splits(rows, cfg.clap_holdout, cfg.seed)
             image_root = cfg.data_dir
             cleaned_ages = [r["age"] for r in rows]
-        else:
-            raise AssertionError(cfg.dataset)  # argparse has already refused anything else
     except InputError as e:
         fail(str(e))
     if cfg.limit:

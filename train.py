@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import config
 from data_gen import CacheError, FaceCache, MixedFaces, make_loader
-from metrics import compute_metrics
+from metrics import compute_metrics, label_stds
 from models import ARCHS, AgeGenderNet
 from utils import atomic_torch_save, fail, parse_config
 
@@ -182,8 +182,7 @@ def build_data(cfg, rank, world, main_proc):
     val = []
     if main_proc:  # rank 0 validates
         for name, v in zip(names, val_sets):
-            stds = np.array([float(r.get("age_std") or "nan") for r in v.rows()])
-            val.append((name, make_loader(v, 256, workers=min(2, cfg.workers))[0], stds if np.isfinite(stds).any() else None))
+            val.append((name, make_loader(v, 256, workers=min(2, cfg.workers))[0], label_stds(v.rows())))
     return train_set, train_loader, train_sampler, val, sum(len(v) for v in val_sets)
 
 
