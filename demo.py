@@ -375,7 +375,8 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv=None, use_all_cores=False):
+    """use_all_cores: let cv2 use every core in this process (a command-line run), once no worker will fork."""
     args = parse_args(argv)
     predictor_args = dict(checkpoint=args.checkpoint, device=args.device, tta=args.tta, min_face_size=args.min_face_size, threshold=args.threshold,
                           detector=args.detector)
@@ -388,6 +389,10 @@ def main(argv=None):
 
     def get_predictor():
         if not main_predictor:
+            if use_all_cores:
+                # only now, never before worker processes fork: a process forked after cv2 has started
+                # its thread pool deadlocks in cv2 (photos run first, in the workers; videos after)
+                use_all_cores_for_cv2()
             main_predictor.append(AgeGenderPredictor(**predictor_args))
         return main_predictor[0]
 
@@ -447,5 +452,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    use_all_cores_for_cv2()  # a command-line run's main process may use every core in cv2
-    sys.exit(main())
+    sys.exit(main(use_all_cores=True))

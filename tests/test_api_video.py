@@ -194,3 +194,20 @@ def test_resume_without_a_checkpoint_starts_fresh(utk_cache, tmp_path, capsys):
     assert train.main(args) == 0
     assert "starts a fresh run" in capsys.readouterr().out
     assert torch.load(tmp_path / "new" / "last.pt", weights_only=True)["step"] == 2
+
+
+def test_command_line_folder_run_with_workers_does_not_hang(tmp_path):
+    """The command line lets cv2 use every core in the main process; workers must fork before that
+    (a process forked after cv2 started its thread pool deadlocks), so run it as users do."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "in"
+    os.makedirs(folder)
+    for name in ("astronaut.jpg", "grace_hopper.jpg", "collage.jpg"):
+        shutil.copy(os.path.join(config.ROOT, "images", name), folder / name)
+    cmd = [sys.executable, os.path.join(config.ROOT, "demo.py"), str(folder), "--workers", "2", "--json", str(tmp_path / "r.json"),
+           "--out", str(tmp_path / "o")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-1000:]
+    assert [len(r["faces"]) for r in json.loads((tmp_path / "r.json").read_text())] == [1, 3, 1]
