@@ -124,9 +124,7 @@ class AgeGenderPredictor:
 
     def analyse(self, rgb, pad_fraction=0.0, distribution=False):
         """All faces in one RGB photo: (list of FaceRecord, their aligned crops)."""
-        faces = self.detector.detect(rgb, pad_fraction=pad_fraction)
-        crops = [align_face(rgb, f.landmarks) for f in faces]
-        return self._records(faces, self.predict_crops(crops), 0, distribution), crops
+        return self.analyse_known(rgb, self.detector.detect(rgb, pad_fraction=pad_fraction), distribution)
 
     def analyse_known(self, rgb, faces, distribution=False):
         """Predict faces whose boxes and landmarks are already known (detector.Face objects, e.g. carried
@@ -290,7 +288,8 @@ def run_video(predictor, source, out_dir, max_frames, every, used, draw_it=True,
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
     total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if not source.isdigit() else 0
     writer, frames, n_faces, k = None, [], 0, 0
-    tracker = FaceTracker(max_lost=max(2, 15 // every))
+    # the averaged distribution's std gets the same calibration factor as a single face's
+    tracker = FaceTracker(max_lost=max(2, 15 // every), age_std_scale=(predictor.calibration or {}).get("age_std_scale", 1.0))
     target = out_name(out_dir, f"camera{source}" if source.isdigit() else source, used) + ".mp4"
     bar = tqdm(total=min(total, max_frames or total) or None, desc=os.path.basename(source), unit="frame")
     while not max_frames or k < max_frames:
@@ -305,17 +304,11 @@ def run_video(predictor, source, out_dir, max_frames, every, used, draw_it=True,
                 records = predictor.analyse(rgb, distribution=True)[0]
             else:
                 records = predictor.analyse_known(rgb, carried, distribution=True)[0]
-            faces = [r.to_dict() for r in records]
-            for f in faces:
-                f["detected"] = carried is None
-            if predictor.calibration:
-                for f in faces:
-                    f["age_std_scale"] = predictor.calibration.get("age_std_scale", 1.0)
+            faces = [{**r.to_dict(), "detected": carried is None} for r in records]
             ids = tracker.update(k, faces)
             shown = []
             for f, tid in zip(faces, ids):
-                f.pop("age_distribution", None)
-                f.pop("age_std_scale", None)
+                del f["age_distribution"]  # the tracker has it; the JSON keeps the summary
                 f["track"] = tid
                 f["track_label"] = tracker.tracks[tid].summary()  # the person's label so far: what is shown
                 shown.append({**f, **f["track_label"]})

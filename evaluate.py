@@ -78,6 +78,12 @@ def plot(pred_age, ages, folder):
     plt.close(fig)
 
 
+def _nan_to_none(obj):
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    return None if isinstance(obj, float) and obj != obj else obj
+
+
 def read_labels(path, split):
     from pre_process import parse_gender
 
@@ -108,7 +114,7 @@ def main(argv=None):
         predictor = AgeGenderPredictor(cfg.checkpoint, device, cfg.tta, calibrated=cfg.calibrated, detector=cfg.detector)
     except (CheckpointError, ValueError) as e:
         fail(str(e))
-    gp, ap, sd, ages, genders, races = [], [], [], [], [], []
+    gp, ap, ages, genders = [], [], [], []
     if cfg.cache:
         try:
             ds = FaceCache(cfg.cache, split=cfg.split or None)
@@ -119,7 +125,6 @@ def main(argv=None):
             out = predictor.predict_tensor(x)
             gp.append(out["gender_prob"])
             ap.append(out["age_prob"])
-            sd.append(out["age_std"])
             ages.append(age.numpy())
             genders.append(gender.numpy())
         kept = ds.rows()
@@ -156,7 +161,6 @@ def main(argv=None):
             out = predictor.predict_crops(crops[s : s + cfg.batch_size])
             gp.append(out["gender_prob"])
             ap.append(out["age_prob"])
-            sd.append(out["age_std"])
         ages = [np.array([r["age"] for r in keep])]
         genders = [np.array([r["gender"] for r in keep])]
         kept = keep
@@ -167,7 +171,7 @@ def main(argv=None):
         fail("give --cache DIR or --labels CSV")
     if faces_found == 0:
         fail("no face to evaluate")
-    gp, ap, sd = np.concatenate(gp), np.concatenate(ap), np.concatenate(sd)
+    gp, ap = np.concatenate(gp), np.concatenate(ap)
     ages, genders = np.concatenate(ages), np.concatenate(genders)
     races = [r.get("race", "") for r in kept]
     pred_age = ap @ np.arange(ap.shape[1])
@@ -196,7 +200,7 @@ def main(argv=None):
         for g, r in table.items():
             print(f"  {g:<12} {r['n']:>6} {100 * r['gender_acc']:>8.2f} {r['age_mae']:>6.2f} {100 * r['age_cs5']:>6.1f}")
     if cfg.json:
-        report = json.loads(json.dumps(report).replace("NaN", "null"))  # JSON has no NaN: unknown is null
+        report = _nan_to_none(report)  # JSON has no NaN: unknown is null
         os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
         with open(cfg.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -72,7 +72,7 @@ class AgeGenderNet(nn.Module):
         if whole:  # fine-tuning: every weight, heads included, from a checkpoint of this project
             if whole["config"].get("arch") != arch:
                 raise ValueError(f"{pretrained}: is a {whole['config'].get('arch')} checkpoint, not {arch}")
-            self.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in inference_weights(whole).items()})
+            self.load_state_dict(inference_weights(whole))
             self.init_source = f"the whole network from {pretrained}"
 
     def forward(self, x):
@@ -151,8 +151,9 @@ def _project_checkpoint(path):
 
 
 def inference_weights(ckpt):
-    """The weights to predict with: the moving average when train.py kept one (it is what was validated)."""
-    return ckpt.get("ema") or ckpt["model"]
+    """The weights to predict with, in fp32 (releases store fp16): the moving average when train.py kept
+    one (it is what was validated)."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in (ckpt.get("ema") or ckpt["model"]).items()}
 
 
 def load_checkpoint(path, device="cpu"):
@@ -168,8 +169,7 @@ def load_checkpoint(path, device="cpu"):
     cfg = ckpt["config"]
     try:
         net = AgeGenderNet(cfg["arch"], pretrained="", dropout=cfg.get("dropout", 0.0))
-        state = {k: v.float() if v.is_floating_point() else v for k, v in inference_weights(ckpt).items()}
-        net.load_state_dict(state)
+        net.load_state_dict(inference_weights(ckpt))
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: weights do not fit the model ({str(e).splitlines()[0][:160]})")
     return net.to(device).eval(), ckpt

@@ -25,7 +25,7 @@ from detector import box_iou
 
 
 class Track:
-    def __init__(self, track_id, frame, face):
+    def __init__(self, track_id, frame, face, age_std_scale=1.0):
         self.id = track_id
         self.first_frame = self.last_frame = frame
         self.boxes = {}
@@ -33,7 +33,7 @@ class Track:
         self.weight = 0.0
         self.age_prob = None
         self.gender_prob = None
-        self.age_std_scale = 1.0
+        self.age_std_scale = age_std_scale
         self._add(frame, face)
 
     def predicted_box(self, frame):
@@ -59,8 +59,6 @@ class Track:
         self.age_prob = w * age_prob if self.age_prob is None else self.age_prob + w * age_prob
         self.gender_prob = w * p_male if self.gender_prob is None else self.gender_prob + w * p_male
         self.weight += w
-        if face.get("age_std_scale"):
-            self.age_std_scale = face["age_std_scale"]
 
     def summary(self):
         """The track's label so far: age and its ± from the averaged distribution, gender and its probability."""
@@ -80,8 +78,9 @@ class Track:
 
 
 class FaceTracker:
-    def __init__(self, max_lost=15, landmark_gate=1.0):
+    def __init__(self, max_lost=15, landmark_gate=1.0, age_std_scale=1.0):
         self.max_lost = max_lost
+        self.age_std_scale = age_std_scale  # the calibration factor of the model's std (calibrate.py)
         self.landmark_gate = landmark_gate
         self.tracks = {}  # every track so far, by id
         self.active = []  # ids of tracks that may still be matched
@@ -127,7 +126,7 @@ class FaceTracker:
                     ids[j] = tid
         for j, face in enumerate(faces):
             if ids[j] is None:
-                t = Track(self._next_id, frame, face)
+                t = Track(self._next_id, frame, face, self.age_std_scale)
                 self._next_id += 1
                 self.tracks[t.id] = t
                 self.active.append(t.id)
