@@ -102,15 +102,22 @@ def age_mean_std(age_prob, ages):
 
 
 class ExportWrapper(nn.Module):
-    """What export_onnx.py exports: probabilities and the expected age, no Python dicts."""
+    """What export_onnx.py exports and demo.py runs in onnxruntime: probabilities, the expected age and its
+    std, no Python dicts; `tta` averages each face with its mirror image inside the graph, as predict() does."""
 
-    def __init__(self, net):
+    def __init__(self, net, tta=False):
         super().__init__()
         self.net = net
+        self.tta = tta
 
     def forward(self, x):
+        if self.tta:
+            x = torch.cat([x, torch.flip(x, dims=[3])])
         g, a = self.net(x)
         gp, ap = F.softmax(g, 1), F.softmax(a, 1)
+        if self.tta:
+            n = gp.shape[0] // 2
+            gp, ap = (gp[:n] + gp[n:]) / 2, (ap[:n] + ap[n:]) / 2
         return (gp, ap) + age_mean_std(ap, self.net.ages)
 
 
