@@ -54,6 +54,23 @@ def test_predict_many_equals_one_by_one(predictor):
             assert a.age == pytest.approx(b.age, abs=0.15) and a.gender_prob == pytest.approx(b.gender_prob, abs=2e-3)
 
 
+def test_onnxruntime_and_pytorch_give_the_same_predictions(predictor):
+    """The CPU default runs the network in onnxruntime (exported in memory, mirror pass inside the graph)."""
+    assert predictor.session is not None
+    torch_run = demo.AgeGenderPredictor(device="cpu", runtime="torch")
+    assert torch_run.session is None
+    rows = utk_rows("test", 16, seed=11)
+    crops = np.stack([cv2.resize(read_image(os.path.join(UTK, r["file"]))[40:152, 52:148], (96, 112)) for r in rows])
+    a, b = predictor.predict_crops(crops), torch_run.predict_crops(crops)
+    assert np.abs(a["age_prob"] - b["age_prob"]).max() < 1e-4 and np.abs(a["gender_prob"] - b["gender_prob"]).max() < 1e-4
+    assert np.abs(a["age"] - b["age"]).max() < 0.01 and np.abs(a["age_std"] - b["age_std"]).max() < 0.01
+    no_mirror = demo.AgeGenderPredictor(device="cpu", tta=False)
+    c = no_mirror.predict_crops(crops)
+    assert np.abs(c["age"] - a["age"]).max() > 0.01  # the mirror pass is really averaged in
+    with pytest.raises(ValueError, match="unknown runtime"):
+        demo.AgeGenderPredictor(device="cpu", runtime="tensorrt")
+
+
 def _crossing_clip(path, n=48):
     """Two real faces (25 and 55 years old) moving in opposite directions, growing and shrinking, the
     older one passing in front of the younger one halfway; returns the true face centres per frame."""
