@@ -5,6 +5,9 @@
     python demo.py big_folder/ --no-draw --csv out/faces.csv --workers 8   # thousands of photos, all cores
     python demo.py clip.mp4 --out out/video          # an annotated clip.mp4 with one stable label per person
     python demo.py 0 --max-frames 100                # webcam 0
+    python demo.py photos/ --detector retinaface     # ~2.3x faster per photo, misses more faces under ~30 px
+
+On a CPU the network runs in onnxruntime, exported in memory at start (--runtime torch keeps PyTorch).
 
 Each face gets a box and a label such as `F 31 ±4` (gender, expected age, standard deviation of the
 predicted age distribution). Writes the annotated images and contact_sheet.png (photo, aligned crop,
