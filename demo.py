@@ -116,7 +116,7 @@ class AgeGenderPredictor:
         self.calibration = self.ckpt.get("calibration") if calibrated else None
 
     def _onnx_session(self, runtime, tta):
-        """runtime auto: onnxruntime on a CPU when it is installed (3-6x faster per photo), else PyTorch."""
+        """runtime auto: onnxruntime on a CPU when it is installed (the network runs 3-6x faster), else PyTorch."""
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime '{runtime}' (choose from {', '.join(RUNTIMES)})")
         if runtime == "torch" or (runtime == "auto" and self.device.type != "cpu"):
