@@ -146,22 +146,16 @@ def _ms(fn, repeat):
 
 
 def bench_infer(args):
-    import onnxruntime as ort
-
     from demo import AgeGenderPredictor
-    from export_onnx import export
+    from export_onnx import network_session
 
     use_all_cores_for_cv2()  # as demo.py does when run from the command line
     net, _ = load_checkpoint(args.checkpoint)
     x = torch.randn(1, 3, config.IMAGE_H, config.IMAGE_W)
     with torch.no_grad():
         model_ms = _ms(lambda: net(x), args.repeat)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export(net, os.path.join(tmp, "m.onnx"))
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        onnx_ms = _ms(lambda: sess.run(None, {"input": x.numpy()}), args.repeat)
+    sess = network_session(net)  # as the demo runs it, without the mirror pass
+    onnx_ms = _ms(lambda: sess.run(None, {"input": x.numpy()}), args.repeat)
     # the demo as it was before onnxruntime ran the network (PyTorch eager): the baseline of the ratios
     before = AgeGenderPredictor(args.checkpoint, "cpu", tta=True, min_face_size=args.min_face_size, detector="mtcnn", runtime="torch")
     predictor = AgeGenderPredictor(args.checkpoint, "cpu", tta=True, min_face_size=args.min_face_size, detector="mtcnn")
