@@ -136,7 +136,7 @@ class AgeGenderPredictor:
         if self.session is not None:
             out = dict(zip(OUTPUTS, self.session.run(OUTPUTS, {"input": x.cpu().numpy()})))
         else:
-            out = {k: v.cpu().numpy() for k, v in self.net.predict(x.to(self.device), tta=self.tta).items()}
+            out = {k: v.cpu().numpy() for k, v in self.net.predict(x.to(self.device), tta=self.tta).items() if k in OUTPUTS}
         out["gender_prob"], out["age_std"] = apply_calibration(out["gender_prob"], out["age_std"], self.calibration)
         return out
 

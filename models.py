@@ -79,9 +79,9 @@ class AgeGenderNet(nn.Module):
         h = self.dropout(self.trunk(x))
         return self.gender_head(h), self.age_head(h)
 
-    @torch.no_grad()
-    def predict(self, x, tta=False, topk=5):
-        """Probabilities and summary statistics; `tta` averages the face and its mirror image."""
+    def probabilities(self, x, tta=False):
+        """Gender and age probabilities (fp32); `tta` averages the face and its mirror image. Shared by
+        predict() and ExportWrapper, so PyTorch and the ONNX graph compute the same thing."""
         n = x.shape[0]
         if tta:  # one forward pass over the faces and their mirror images: cheaper than two
             x = torch.cat([x, torch.flip(x, dims=[3])])
@@ -90,6 +90,12 @@ class AgeGenderNet(nn.Module):
         if tta:
             gender_prob = (gender_prob[:n] + gender_prob[n:]) / 2
             age_prob = (age_prob[:n] + age_prob[n:]) / 2
+        return gender_prob, age_prob
+
+    @torch.no_grad()
+    def predict(self, x, tta=False, topk=5):
+        """Probabilities and summary statistics; `tta` averages the face and its mirror image."""
+        gender_prob, age_prob = self.probabilities(x, tta)
         mean, std = age_mean_std(age_prob, self.ages)
         return {"gender_prob": gender_prob, "age_prob": age_prob, "age": mean, "age_std": std,
                 "age_topk": age_prob.topk(topk, dim=1).indices}
@@ -111,13 +117,7 @@ class ExportWrapper(nn.Module):
         self.tta = tta
 
     def forward(self, x):
-        if self.tta:
-            x = torch.cat([x, torch.flip(x, dims=[3])])
-        g, a = self.net(x)
-        gp, ap = F.softmax(g, 1), F.softmax(a, 1)
-        if self.tta:
-            n = gp.shape[0] // 2
-            gp, ap = (gp[:n] + gp[n:]) / 2, (ap[:n] + ap[n:]) / 2
+        gp, ap = self.net.probabilities(x, self.tta)
         return (gp, ap) + age_mean_std(ap, self.net.ages)
 
 
