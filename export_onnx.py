@@ -51,12 +51,12 @@ def network_session(net, tta=False, threads=0):
 
 def max_difference(net, path, batch=8, seed=0):
     """Largest absolute difference of the probabilities between PyTorch and onnxruntime."""
-    import onnxruntime as ort
+    from detector import onnx_session
 
     x = torch.randn(batch, 3, config.IMAGE_H, config.IMAGE_W, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         ref = [t.numpy() for t in ExportWrapper(net.eval())(x)]
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    sess = onnx_session(path)
     got = sess.run(OUTPUTS, {"input": x.numpy()})
     return max(float(np.abs(r - g).max()) for r, g in zip(ref[:2], got[:2]))
 
