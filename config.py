@@ -44,6 +44,9 @@ class PreprocessConfig:
     data_dir: str = os.path.join(SHARED_DATA, "utkface")  # folder of the photos (and of imdb.mat/wiki.mat/labels.csv)
     out: str = os.path.join(ROOT, "data", "utkface")  # folder the cache is written to
     labels: str = ""  # a CSV of file,age,gender[,split][,age_std] (paths relative to --data-dir); empty gender = unknown
+    # a CSV of file,gender that fills in genders the labels leave empty; "auto" = labels/clap2016_gender.csv
+    # for --dataset clap2016 (this repository's annotation of its photos), none otherwise; "" = none
+    gender_labels: str = "auto"
     metadata_only: bool = False  # stop after cleaning the labels: write meta.csv without opening a photo
     # IMDB-WIKI cleaning rules (the original recipe's, made explicit)
     min_face_score: float = 1.0  # keep an entry when its face_score is finite and at least this
@@ -113,6 +116,7 @@ class TrainConfig:
 class EvalConfig:
     checkpoint: str = RELEASED_MODEL  # the model to evaluate
     labels: str = ""  # CSV file,age,gender[,race][,split][,age_std]; an empty gender is unknown
+    gender_labels: str = ""  # CSV file,gender filling in the genders --labels leaves empty (labels/clap2016_gender.csv)
     root: str = ""  # image paths in --labels are relative to this folder
     split: str = ""  # keep only rows of this split (e.g. test) when the CSV has a split column
     cache: str = ""  # evaluate on a cache from pre_process.py instead of images

