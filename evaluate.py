@@ -89,21 +89,19 @@ def _nan_to_none(obj):
 def read_labels(path, split, gender_labels=""):
     """Rows of the labels CSV in `split`, with int age and gender; `gender_labels` (a file,gender CSV)
     fills in the genders the CSV leaves empty."""
-    from pre_process import UNKNOWN_GENDER, parse_gender, read_gender_labels
+    from pre_process import apply_gender_labels, parse_gender, read_gender_labels
 
-    genders = read_gender_labels(gender_labels) if gender_labels else {}
+    genders = read_gender_labels(gender_labels) if gender_labels else None
     rows = [r for r in read_label_rows(path) if not split or r.get("split") == split]
     good = []
     for r in rows:
         try:
             r["age"], r["gender"] = int(round(float(r["age"]))), parse_gender(r["gender"])
-            if r["gender"] == UNKNOWN_GENDER:
-                r["gender"] = genders.get(r["file"], UNKNOWN_GENDER)
         except ValueError:
             print(f"warning: {path}: row for {r['file']}: age/gender not a number, skipped", file=sys.stderr)
             continue
         good.append(r)
-    return good
+    return apply_gender_labels(good, genders, gender_labels) if genders is not None else good
 
 
 def main(argv=None):

@@ -23,6 +23,16 @@ def utk_rows(split, n, seed=0):
     return [rows[i] for i in sorted(rng.choice(len(rows), n, replace=False))]
 
 
+def run_main(main, args, capsys):
+    """A script's main(args) as the shell would see it: exit code, stdout, stderr."""
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def write_csv(rows, path, cols=("file", "age", "gender", "race", "split")):
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(cols), extrasaction="ignore")

@@ -12,19 +12,10 @@ from PIL import Image
 import config
 import demo
 import evaluate
-from conftest import UTK, utk_rows, write_csv
+from conftest import UTK, run_main as run, utk_rows, write_csv
 from export_onnx import export, max_difference
 from models import AgeGenderNet, load_checkpoint
 from utils import read_image
-
-
-def run(main, args, capsys):
-    try:
-        code = main(args)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_released_model_beats_a_constant_guess_on_utkface_test(tmp_path, capsys):

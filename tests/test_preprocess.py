@@ -8,7 +8,7 @@ import pytest
 import scipy.io
 
 import pre_process
-from conftest import WIKI_MAT
+from conftest import WIKI_MAT, run_main
 
 
 def ordinal(y, m, d):
@@ -56,12 +56,7 @@ ENTRIES = [
 
 
 def run(args, capsys):
-    try:
-        code = pre_process.main(args)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_main(pre_process.main, args, capsys)
 
 
 def read_meta(out):

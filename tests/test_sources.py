@@ -11,7 +11,7 @@ import torch
 import evaluate
 import pre_process
 import train
-from conftest import write_csv
+from conftest import run_main, write_csv
 from data_gen import EpochBatchSampler, FaceCache, MixedFaces, augment, make_loader
 from metrics import apply_calibration, calibration_report, compute_metrics, expected_calibration_error, fit_calibration
 
@@ -50,15 +50,6 @@ def test_missing_gender_is_stored_as_unknown_and_splits_are_honest(clap_cache):
 GENDER_LABELS = pre_process.GENDER_LABELS["clap2016"]
 
 
-def _run_pre_process(args, capsys):
-    try:
-        code = pre_process.main(args)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_shipped_gender_labels_cover_every_clap2016_photo():
     with open(os.path.join(CLAP, "labels.csv"), newline="") as f:
         files = [r["file"] for r in csv.DictReader(f)]
@@ -78,7 +69,7 @@ def test_gender_labels_fill_in_unknown_genders_only(tmp_path, capsys):
     rows[0]["gender"] = str(1 - shipped[first])  # a source's own gender wins over the annotation
     labels = write_csv(rows, tmp_path / "labels.csv", cols=("file", "age", "gender", "age_std", "split"))
     common = ["--dataset", "clap2016", "--labels", labels, "--data-dir", CLAP, "--metadata-only"]
-    assert _run_pre_process(common + ["--out", str(tmp_path / "auto")], capsys)[0] == 0
+    assert run_main(pre_process.main, common + ["--out", str(tmp_path / "auto")], capsys)[0] == 0
     with open(tmp_path / "auto" / "meta.csv", newline="") as f:
         meta = {r["file"]: int(r["gender"]) for r in csv.DictReader(f)}
     assert meta[first] == 1 - shipped[first]
@@ -88,9 +79,9 @@ def test_gender_labels_fill_in_unknown_genders_only(tmp_path, capsys):
     # a broken gender file: one line naming the file and the line, exit 2, before any photo is opened
     bad = tmp_path / "bad.csv"
     bad.write_text("file,gender\nimages/img0000000.jpg,1\nimages/img0000001.jpg,male\n")
-    code, _, err = _run_pre_process(common + ["--out", str(tmp_path / "b"), "--gender-labels", str(bad)], capsys)
+    code, _, err = run_main(pre_process.main, common + ["--out", str(tmp_path / "b"), "--gender-labels", str(bad)], capsys)
     assert code == 2 and "bad.csv: line 3" in err and "male" in err and len(err.strip().splitlines()) == 1
-    code, _, err = _run_pre_process(common + ["--out", str(tmp_path / "b"), "--gender-labels", str(tmp_path / "no.csv")], capsys)
+    code, _, err = run_main(pre_process.main, common + ["--out", str(tmp_path / "b"), "--gender-labels", str(tmp_path / "no.csv")], capsys)
     assert code == 2 and "no.csv" in err and "not found" in err
 
 
