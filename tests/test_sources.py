@@ -161,6 +161,19 @@ def test_evaluate_without_gender_reports_age_and_epsilon(clap_cache, tmp_path, c
     assert 0 < r["age_mae"] < 30 and 0 < r["age_epsilon"] < 1 and 0 <= r["age_within_1std"] <= 1
 
 
+def test_released_model_on_in_the_wild_photos_with_their_gender(tmp_path):
+    """The whole pipeline on 48 raw CLAP2016 val photos, gender scored against the shipped annotation."""
+    with open(os.path.join(CLAP, "labels.csv"), newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "val"][::31][:48]
+    labels = write_csv(rows, tmp_path / "labels.csv", cols=("file", "age", "gender", "age_std", "split"))
+    assert evaluate.main(["--labels", labels, "--root", CLAP, "--detect", "--gender-labels", GENDER_LABELS,
+                          "--json", str(tmp_path / "e.json")]) == 0
+    r = json.loads((tmp_path / "e.json").read_text())
+    assert r["faces_found"] >= 45 and r["n_gender"] >= 35  # the annotator left a few (children) unsure
+    # measured on these 48: all found, gender 95.1% of 41, MAE 3.09; on all 1,500: 98.1% and 3.77 (README)
+    assert r["gender_acc"] > 0.9 and r["age_mae"] < 5.5
+
+
 def test_metrics_epsilon_and_unknown_gender_by_hand():
     age_prob = np.zeros((3, 101))
     age_prob[0, 20] = age_prob[1, 30] = age_prob[2, 44] = 1.0
