@@ -28,7 +28,9 @@ OUTPUTS = ["gender_prob", "age_prob", "age", "age_std"]
 
 def export(net, path, opset=17, tta=False):
     """Write the network as ONNX to `path` (a file name or a binary file object, e.g. io.BytesIO)."""
-    wrapper = ExportWrapper(net.eval(), tta=tta)
+    # the wrapper in eval mode too: torch.onnx.export puts the module back into the mode it found it in,
+    # and a fresh wrapper is in training mode, which would leave `net` in training mode after the export
+    wrapper = ExportWrapper(net.eval(), tta=tta).eval()
     dummy = torch.randn(2, 3, config.IMAGE_H, config.IMAGE_W)
     if isinstance(path, str):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -57,6 +57,7 @@ def test_predict_many_equals_one_by_one(predictor):
 def test_onnxruntime_and_pytorch_give_the_same_predictions(predictor):
     """The CPU default runs the network in onnxruntime (exported in memory, mirror pass inside the graph)."""
     assert predictor.session is not None
+    assert not predictor.net.training  # exporting it must leave the network in eval mode
     torch_run = demo.AgeGenderPredictor(device="cpu", runtime="torch")
     assert torch_run.session is None
     rows = utk_rows("test", 16, seed=11)
