@@ -10,6 +10,7 @@ distribution is returned as a per-face uncertainty.
 """
 import os
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -69,6 +70,11 @@ class AgeGenderNet(nn.Module):
         self.gender_head = nn.Linear(dim, 2)
         self.age_head = nn.Linear(dim, num_ages)
         self.register_buffer("ages", torch.arange(num_ages, dtype=torch.float32), persistent=False)
+        # the enlarged view of test-time augmentation (config.TTA_ZOOM) for the crops the network is fed;
+        # zoom_view False keeps the mirror pass only (bench.py's baseline: the demo as it was before)
+        self.zoom_view = config.TTA_ZOOM != 1.0
+        self.register_buffer("zoom_rows", zoom_matrix(config.IMAGE_H, config.TTA_ZOOM), persistent=False)
+        self.register_buffer("zoom_cols", zoom_matrix(config.IMAGE_W, config.TTA_ZOOM).T.contiguous(), persistent=False)
         if whole:  # fine-tuning: every weight, heads included, from a checkpoint of this project
             if whole["config"].get("arch") != arch:
                 raise ValueError(f"{pretrained}: is a {whole['config'].get('arch')} checkpoint, not {arch}")
@@ -80,16 +86,21 @@ class AgeGenderNet(nn.Module):
         return self.gender_head(h), self.age_head(h)
 
     def probabilities(self, x, tta=False):
-        """Gender and age probabilities (fp32); `tta` averages the face and its mirror image. Shared by
+        """Gender and age probabilities (fp32). `tta` averages four views of each face: the crop, its mirror
+        image, the crop enlarged by config.TTA_ZOOM about its centre and that one's mirror image. Shared by
         predict() and ExportWrapper, so PyTorch and the ONNX graph compute the same thing."""
-        n = x.shape[0]
-        if tta:  # one forward pass over the faces and their mirror images: cheaper than two
-            x = torch.cat([x, torch.flip(x, dims=[3])])
+        n, k = x.shape[0], 1
+        if tta:  # one forward pass over every view: cheaper than one per view
+            views = [x]
+            if self.zoom_view:
+                views.append(self.zoom_rows.to(x.dtype) @ x @ self.zoom_cols.to(x.dtype))
+            x = torch.cat([v for view in views for v in (view, torch.flip(view, dims=[3]))])
+            k = 2 * len(views)
         gender_logits, age_logits = self(x)
         gender_prob, age_prob = F.softmax(gender_logits.float(), 1), F.softmax(age_logits.float(), 1)
         if tta:
-            gender_prob = (gender_prob[:n] + gender_prob[n:]) / 2
-            age_prob = (age_prob[:n] + age_prob[n:]) / 2
+            gender_prob = sum(gender_prob[i * n:(i + 1) * n] for i in range(k)) / k
+            age_prob = sum(age_prob[i * n:(i + 1) * n] for i in range(k)) / k
         return gender_prob, age_prob
 
     @torch.no_grad()
@@ -101,6 +112,20 @@ class AgeGenderNet(nn.Module):
                 "age_topk": age_prob.topk(topk, dim=1).indices}
 
 
+def zoom_matrix(size, factor):
+    """size x size matrix Z such that Z @ image (along that axis) is the image enlarged by `factor` about its
+    centre: bilinear sampling with the border repeated, what F.grid_sample(align_corners=False,
+    padding_mode="border") does for a zoom, but as two constant matmuls that export to ONNX at any batch."""
+    src = ((2 * np.arange(size) + 1) / size - 1) / factor  # where each output pixel samples, in [-1, 1]
+    pos = np.clip(((src + 1) * size - 1) / 2, 0, size - 1)  # ... in pixels, clamped to the border
+    lo = np.floor(pos).astype(int)
+    hi, frac = np.minimum(lo + 1, size - 1), pos - lo
+    z = np.zeros((size, size), np.float32)
+    np.add.at(z, (np.arange(size), lo), 1 - frac)
+    np.add.at(z, (np.arange(size), hi), frac)
+    return torch.from_numpy(z)
+
+
 def age_mean_std(age_prob, ages):
     """The expected age (DEX) and the standard deviation of the predicted distribution."""
     mean = age_prob @ ages
@@ -109,7 +134,7 @@ def age_mean_std(age_prob, ages):
 
 class ExportWrapper(nn.Module):
     """What export_onnx.py exports and demo.py runs in onnxruntime: probabilities, the expected age and its
-    std, no Python dicts; `tta` averages each face with its mirror image inside the graph, as predict() does."""
+    std, no Python dicts; `tta` averages the views of probabilities() inside the graph, as predict() does."""
 
     def __init__(self, net, tta=False):
         super().__init__()

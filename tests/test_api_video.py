@@ -16,6 +16,8 @@ import config
 import demo
 import train
 from conftest import UTK, utk_rows
+from data_gen import normalize
+from models import zoom_matrix
 from tracker import FaceTracker
 from utils import read_image
 
@@ -68,8 +70,24 @@ def test_onnxruntime_and_pytorch_give_the_same_predictions(predictor):
     no_mirror = demo.AgeGenderPredictor(device="cpu", tta=False)
     c = no_mirror.predict_crops(crops)
     assert np.abs(c["age"] - a["age"]).max() > 0.01  # the mirror pass is really averaged in
+    x = normalize(crops)
+    with torch.no_grad():  # the face and its mirror image alone (two views of four)
+        mirror_only = (torch_run.net.probabilities(x)[1] + torch_run.net.probabilities(torch.flip(x, dims=[3]))[1]) / 2
+    assert (mirror_only - torch.from_numpy(b["age_prob"])).abs().max() > 1e-3  # ... and so is the enlarged view
     with pytest.raises(ValueError, match="unknown runtime"):
         demo.AgeGenderPredictor(device="cpu", runtime="tensorrt")
+
+
+def test_zoom_matrix_is_grid_samples_zoom():
+    """The enlarged view of test-time augmentation: two constant matmuls equal to F.grid_sample's zoom."""
+    x = torch.randn(3, 3, config.IMAGE_H, config.IMAGE_W, generator=torch.Generator().manual_seed(0))
+    theta = torch.tensor([[1 / 1.08, 0.0, 0.0], [0.0, 1 / 1.08, 0.0]]).expand(3, 2, 3)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    ref = torch.nn.functional.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    got = zoom_matrix(config.IMAGE_H, 1.08) @ x @ zoom_matrix(config.IMAGE_W, 1.08).T
+    assert (ref - got).abs().max() < 1e-4
+    assert torch.allclose(zoom_matrix(10, 1.0), torch.eye(10), atol=1e-6)  # no zoom: the identity
+    assert torch.allclose(zoom_matrix(config.IMAGE_W, 1.08).sum(1), torch.ones(config.IMAGE_W))  # weights sum to 1
 
 
 def _crossing_clip(path, n=48):
