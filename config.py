@@ -32,9 +32,9 @@ SHARED_DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
 MAX_IMAGE_PIXELS = 80_000_000
 # Test-time augmentation (demo.py, evaluate.py, calibrate.py, validation in train.py): besides each face
 # and its mirror image the network also sees the aligned crop enlarged by this factor about its centre
-# (and that view's mirror), and the four predictions are averaged. Chosen on the two val splits: mean
-# val MAE 3.942 -> 3.831 for the released model (1.04: 3.931, 1.06-1.10 with the plain view: 3.842-3.885
-# for row 5's model, 1.08 best for both); 1.0 keeps the mirror pass only.
+# (and that view's mirror), and the four predictions are averaged. Chosen on the two val splits (README,
+# row 11): mean val MAE 3.942 -> 3.832 for the released weights; 3.973 -> 3.885 / 3.866 / 3.879 at
+# 1.06 / 1.08 / 1.10 for the previous release's. 1.0 keeps the mirror pass only.
 TTA_ZOOM = 1.08
 # Larger photos are scaled down to this long side before face detection (landmarks are mapped back).
 DETECT_MAX_SIDE = 1280
