@@ -115,7 +115,7 @@ class TrainConfig:
     # can restart the same command); a finished run is left as it is
     resume: bool = False
     device: str = ""  # '' = cuda when present, else cpu
-    eval_tta: bool = True  # average the prediction of the face and its mirror image on validation
+    eval_tta: bool = True  # average the four views of test-time augmentation (see TTA_ZOOM) on validation
 
 
 @dataclass
@@ -135,6 +135,6 @@ class EvalConfig:
     json: str = ""  # write the whole report (with breakdowns and calibration) to this file
     plots: str = ""  # folder for the plots (MAE by age, predicted vs true)
     batch_size: int = 256  # faces per forward pass
-    tta: bool = True  # average the prediction of the face and its mirror image
+    tta: bool = True  # average the four views of test-time augmentation (see TTA_ZOOM)
     calibrated: bool = True  # apply the checkpoint's calibration (age std scale, gender temperature) if it has one
     device: str = ""  # '' = cuda when present, else cpu

@@ -382,7 +382,7 @@ def parse_args(argv):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--runtime", default="auto", choices=RUNTIMES,
                    help="what runs the network: auto = onnxruntime on a CPU (several times faster), PyTorch on a GPU")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help="also predict on the mirror image")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help="average four views of each face: the crop, the crop enlarged by config.TTA_ZOOM, and their mirror images")
     p.add_argument("--min-face-size", type=int, default=20, help="smallest face to find, in pixels")
     p.add_argument("--threshold", type=float, default=None, help="detector score needed to accept a face (default: the detector's own, 0.8 retinaface, 0.9 mtcnn)")
     p.add_argument("--detector", default=config.DETECTOR, choices=sorted(DETECTORS),
