@@ -158,9 +158,9 @@ def bench_infer(args):
     onnx_ms = _ms(lambda: sess.run(None, {"input": x.numpy()}), args.repeat)
     tta_sess = network_session(net, tta=True)  # the four views of the demo's test-time augmentation
     tta_ms = _ms(lambda: tta_sess.run(None, {"input": x.numpy()}), args.repeat)
-    net.zoom_view = False
+    zoom_view, net.zoom_view = net.zoom_view, False
     mirror_sess = network_session(net, tta=True)  # the face and its mirror image only, as before
-    net.zoom_view = True
+    net.zoom_view = zoom_view
     mirror_ms = _ms(lambda: mirror_sess.run(None, {"input": x.numpy()}), args.repeat)
     # the demo as it was before onnxruntime ran the network (PyTorch eager): the baseline of the ratios
     before = AgeGenderPredictor(args.checkpoint, "cpu", tta=True, min_face_size=args.min_face_size, detector="mtcnn", runtime="torch")
