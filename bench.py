@@ -158,13 +158,12 @@ def bench_infer(args):
     onnx_ms = _ms(lambda: sess.run(None, {"input": x.numpy()}), args.repeat)
     tta_sess = network_session(net, tta=True)  # the four views of the demo's test-time augmentation
     tta_ms = _ms(lambda: tta_sess.run(None, {"input": x.numpy()}), args.repeat)
-    zoom_view, net.zoom_view = net.zoom_view, False
-    mirror_sess = network_session(net, tta=True)  # the face and its mirror image only, as before
-    net.zoom_view = zoom_view
+    mirror_sess = network_session(net.set_tta_zoom(1.0), tta=True)  # the face and its mirror image only, as before
+    net.set_tta_zoom(config.TTA_ZOOM)
     mirror_ms = _ms(lambda: mirror_sess.run(None, {"input": x.numpy()}), args.repeat)
     # the demo as it was before onnxruntime ran the network (PyTorch eager): the baseline of the ratios
-    before = AgeGenderPredictor(args.checkpoint, "cpu", tta=True, min_face_size=args.min_face_size, detector="mtcnn", runtime="torch")
-    before.net.zoom_view = False  # ... and with the mirror pass only, as it was before the enlarged view
+    # ... and with the mirror pass only, as it was before the enlarged view
+    before = AgeGenderPredictor(args.checkpoint, "cpu", tta=True, min_face_size=args.min_face_size, detector="mtcnn", runtime="torch", tta_zoom=1.0)
     predictor = AgeGenderPredictor(args.checkpoint, "cpu", tta=True, min_face_size=args.min_face_size, detector="mtcnn")
     retina = AgeGenderPredictor(args.checkpoint, "cpu", tta=True, min_face_size=args.min_face_size, detector="retinaface")
     photo = cv2.cvtColor(cv2.imread(os.path.join(config.ROOT, "images", "astronaut.jpg")), cv2.COLOR_BGR2RGB)

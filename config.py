@@ -136,5 +136,6 @@ class EvalConfig:
     plots: str = ""  # folder for the plots (MAE by age, predicted vs true)
     batch_size: int = 256  # faces per forward pass
     tta: bool = True  # average the four views of test-time augmentation (see TTA_ZOOM)
+    tta_zoom: float = TTA_ZOOM  # the enlarged view's factor; 1.0 = the mirror pass only (how rows 1-10 were measured)
     calibrated: bool = True  # apply the checkpoint's calibration (age std scale, gender temperature) if it has one
     device: str = ""  # '' = cuda when present, else cpu

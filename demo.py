@@ -105,10 +105,10 @@ class AgeGenderPredictor:
     """
 
     def __init__(self, checkpoint=config.RELEASED_MODEL, device=None, tta=True, min_face_size=20, threshold=None, calibrated=True,
-                 detector=config.DETECTOR, detector_threads=0, runtime="auto"):
+                 detector=config.DETECTOR, detector_threads=0, runtime="auto", tta_zoom=config.TTA_ZOOM):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         net, self.ckpt = load_checkpoint(checkpoint, self.device)
-        self.net = fuse_batchnorm(net)
+        self.net = fuse_batchnorm(net).set_tta_zoom(tta_zoom)
         self.session = self._onnx_session(runtime, tta)
         self.detector = make_detector(detector, min_face_size=min_face_size, threshold=threshold, threads=detector_threads)
         self.tta = tta
@@ -383,6 +383,7 @@ def parse_args(argv):
     p.add_argument("--runtime", default="auto", choices=RUNTIMES,
                    help="what runs the network: auto = onnxruntime on a CPU (several times faster), PyTorch on a GPU")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help="average four views of each face: the crop, the crop enlarged by config.TTA_ZOOM, and their mirror images")
+    p.add_argument("--tta-zoom", type=float, default=config.TTA_ZOOM, help="how much the enlarged view is enlarged (1.0: the mirror pass only)")
     p.add_argument("--min-face-size", type=int, default=20, help="smallest face to find, in pixels")
     p.add_argument("--threshold", type=float, default=None, help="detector score needed to accept a face (default: the detector's own, 0.8 retinaface, 0.9 mtcnn)")
     p.add_argument("--detector", default=config.DETECTOR, choices=sorted(DETECTORS),
@@ -397,8 +398,10 @@ def parse_args(argv):
 def main(argv=None, use_all_cores=False):
     """use_all_cores: let cv2 use every core in this process (a command-line run), once no worker will fork."""
     args = parse_args(argv)
+    if not 0.5 <= args.tta_zoom <= 2.0:
+        fail(f"--tta-zoom {args.tta_zoom}: give a factor between 0.5 and 2 (1.0: the mirror pass only)")
     predictor_args = dict(checkpoint=args.checkpoint, device=args.device, tta=args.tta, min_face_size=args.min_face_size, threshold=args.threshold,
-                          detector=args.detector, runtime=args.runtime)
+                          detector=args.detector, runtime=args.runtime, tta_zoom=args.tta_zoom)
     try:
         load_checkpoint(args.checkpoint)  # a bad checkpoint is one line here, before any worker starts
         make_detector(args.detector, args.min_face_size, args.threshold)  # so is a detector that cannot load

@@ -70,11 +70,7 @@ class AgeGenderNet(nn.Module):
         self.gender_head = nn.Linear(dim, 2)
         self.age_head = nn.Linear(dim, num_ages)
         self.register_buffer("ages", torch.arange(num_ages, dtype=torch.float32), persistent=False)
-        # the enlarged view of test-time augmentation (config.TTA_ZOOM) for the crops the network is fed;
-        # zoom_view False keeps the mirror pass only (bench.py's baseline: the demo as it was before)
-        self.zoom_view = config.TTA_ZOOM != 1.0
-        self.register_buffer("zoom_rows", zoom_matrix(config.IMAGE_H, config.TTA_ZOOM), persistent=False)
-        self.register_buffer("zoom_cols", zoom_matrix(config.IMAGE_W, config.TTA_ZOOM).T.contiguous(), persistent=False)
+        self.set_tta_zoom(config.TTA_ZOOM)
         if whole:  # fine-tuning: every weight, heads included, from a checkpoint of this project
             if whole["config"].get("arch") != arch:
                 raise ValueError(f"{pretrained}: is a {whole['config'].get('arch')} checkpoint, not {arch}")
@@ -102,6 +98,16 @@ class AgeGenderNet(nn.Module):
             gender_prob = sum(gender_prob[i * n:(i + 1) * n] for i in range(k)) / k
             age_prob = sum(age_prob[i * n:(i + 1) * n] for i in range(k)) / k
         return gender_prob, age_prob
+
+    def set_tta_zoom(self, factor):
+        """The enlarged view of test-time augmentation: the crop enlarged by `factor` about its centre, as two
+        constant matrices for the 112x96 crops the network is fed; 1.0 keeps the mirror pass only (how the
+        demo ran before, bench.py's baseline). Set it before an ONNX export: the graph holds the matrices."""
+        self.zoom_view = factor != 1.0
+        device = self.ages.device
+        self.register_buffer("zoom_rows", zoom_matrix(config.IMAGE_H, factor).to(device), persistent=False)
+        self.register_buffer("zoom_cols", zoom_matrix(config.IMAGE_W, factor).T.contiguous().to(device), persistent=False)
+        return self
 
     @torch.no_grad()
     def predict(self, x, tta=False, topk=5):

@@ -174,6 +174,17 @@ def test_released_model_on_in_the_wild_photos_with_their_gender(tmp_path):
     assert r["gender_acc"] > 0.9 and r["age_mae"] < 5.5
 
 
+def test_tta_zoom_is_a_command_line_choice(clap_cache, tmp_path, capsys):
+    """--tta-zoom 1.0 is the mirror pass only (how rows 1-10 were measured): other predictions, same faces."""
+    runs = {}
+    for zoom in ("1.0", "1.08"):
+        assert evaluate.main(["--cache", clap_cache, "--split", "test", "--tta-zoom", zoom, "--json", str(tmp_path / f"{zoom}.json")]) == 0
+        runs[zoom] = json.loads((tmp_path / f"{zoom}.json").read_text())
+    assert runs["1.0"]["n"] == runs["1.08"]["n"] and runs["1.0"]["age_mae"] != runs["1.08"]["age_mae"]
+    code, _, err = run_main(evaluate.main, ["--cache", clap_cache, "--tta-zoom", "9"], capsys)
+    assert code == 2 and "--tta-zoom 9.0" in err
+
+
 def test_metrics_epsilon_and_unknown_gender_by_hand():
     age_prob = np.zeros((3, 101))
     age_prob[0, 20] = age_prob[1, 30] = age_prob[2, 44] = 1.0
