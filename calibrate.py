@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import torch
 
+import config
 from data_gen import CacheError, FaceCache, make_loader
 from metrics import apply_calibration, calibration_report, fit_calibration
 from models import CheckpointError
@@ -53,11 +54,14 @@ def main(argv=None):
     p.add_argument("--out", default="", help="write the calibrated checkpoint here instead of in place")
     p.add_argument("--batch-size", type=int, default=256, help="faces per forward pass")
     p.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
+    p.add_argument("--tta-zoom", type=float, default=config.TTA_ZOOM,
+                   help="the enlarged view of test-time augmentation the fit is for (1.0: the mirror pass only)")
     args = p.parse_args(argv)
     from demo import AgeGenderPredictor
 
     try:
-        predictor = AgeGenderPredictor(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu", calibrated=False)
+        predictor = AgeGenderPredictor(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu", calibrated=False,
+                                       tta_zoom=args.tta_zoom)
         sets = [predictions(predictor, c, args.split, args.batch_size) for c in args.cache]
     except (CheckpointError, CacheError) as e:
         fail(str(e))
