@@ -63,7 +63,7 @@ def main(argv=None):
         predictor = AgeGenderPredictor(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu", calibrated=False,
                                        tta_zoom=args.tta_zoom)
         sets = [predictions(predictor, c, args.split, args.batch_size) for c in args.cache]
-    except (CheckpointError, CacheError) as e:
+    except (CheckpointError, CacheError, ValueError) as e:
         fail(str(e))
     pooled = [np.concatenate([s[k] for s in sets]) for k in range(1, 5)]
     # each cache weighs the same, as in train.py's choice of epoch: the small in-the-wild set counts as much

@@ -398,12 +398,10 @@ def parse_args(argv):
 def main(argv=None, use_all_cores=False):
     """use_all_cores: let cv2 use every core in this process (a command-line run), once no worker will fork."""
     args = parse_args(argv)
-    if not 0.5 <= args.tta_zoom <= 2.0:
-        fail(f"--tta-zoom {args.tta_zoom}: give a factor between 0.5 and 2 (1.0: the mirror pass only)")
     predictor_args = dict(checkpoint=args.checkpoint, device=args.device, tta=args.tta, min_face_size=args.min_face_size, threshold=args.threshold,
                           detector=args.detector, runtime=args.runtime, tta_zoom=args.tta_zoom)
     try:
-        load_checkpoint(args.checkpoint)  # a bad checkpoint is one line here, before any worker starts
+        load_checkpoint(args.checkpoint)[0].set_tta_zoom(args.tta_zoom)  # a bad checkpoint or factor is one line here, before any worker starts
         make_detector(args.detector, args.min_face_size, args.threshold)  # so is a detector that cannot load
     except (CheckpointError, ValueError) as e:
         fail(str(e))

@@ -111,8 +111,6 @@ def main(argv=None):
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not 0 < cfg.downscale <= 1:
         fail(f"--downscale {cfg.downscale}: give a factor in (0, 1]")
-    if not 0.5 <= cfg.tta_zoom <= 2.0:
-        fail(f"--tta-zoom {cfg.tta_zoom}: give a factor between 0.5 and 2 (1.0: the mirror pass only)")
     if cfg.downscale != 1.0 and not cfg.detect:
         fail("--downscale applies to raw photos: add --detect")
     from demo import AgeGenderPredictor

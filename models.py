@@ -103,6 +103,8 @@ class AgeGenderNet(nn.Module):
         """The enlarged view of test-time augmentation: the crop enlarged by `factor` about its centre, as two
         constant matrices for the 112x96 crops the network is fed; 1.0 keeps the mirror pass only (how the
         demo ran before, bench.py's baseline). Set it before an ONNX export: the graph holds the matrices."""
+        if not 0.5 <= factor <= 2.0:
+            raise ValueError(f"--tta-zoom {factor}: give a factor between 0.5 and 2 (1.0: the mirror pass only)")
         self.zoom_view = factor != 1.0
         device = self.ages.device
         self.register_buffer("zoom_rows", zoom_matrix(config.IMAGE_H, factor).to(device), persistent=False)
