@@ -113,7 +113,7 @@ class AgeGenderNet(nn.Module):
 
     @torch.no_grad()
     def predict(self, x, tta=False, topk=5):
-        """Probabilities and summary statistics; `tta` averages the face and its mirror image."""
+        """Probabilities and summary statistics; `tta` averages the views of probabilities()."""
         gender_prob, age_prob = self.probabilities(x, tta)
         mean, std = age_mean_std(age_prob, self.ages)
         return {"gender_prob": gender_prob, "age_prob": age_prob, "age": mean, "age_std": std,
