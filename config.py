@@ -36,6 +36,9 @@ MAX_IMAGE_PIXELS = 80_000_000
 # row 11): mean val MAE 3.942 -> 3.832 for the released weights; 3.973 -> 3.885 / 3.866 / 3.879 at
 # 1.06 / 1.08 / 1.10 for the previous release's. 1.0 keeps the mirror pass only.
 TTA_ZOOM = 1.08
+# Training augmentation scales each face by a factor drawn uniformly from this range (> 1 enlarges it:
+# a tighter crop); train.py --aug-scale LO HI overrides it.
+AUG_SCALE = (0.9, 1.1)
 # Larger photos are scaled down to this long side before face detection (landmarks are mapped back).
 DETECT_MAX_SIDE = 1280
 # The face detector of demo.py and evaluate.py --detect (detector.py): mtcnn (an image pyramid: finds
@@ -101,6 +104,7 @@ class TrainConfig:
     # share of training faces whose outside-the-photo pixels (replicated border in the cache) are filled
     # with real content from another face of the batch (data_gen.augment); 0 = keep the border
     fill_outside: float = 0.0
+    aug_scale: tuple[float, ...] = AUG_SCALE  # LO HI: the range of the random scale of each training face
     # validate and release an exponential moving average of the weights (0 = off): smoother than the
     # last step's weights on a small, noisy dataset; per optimizer step, warmed up as min(d, (1+t)/(10+t))
     ema_decay: float = 0.998

@@ -30,11 +30,11 @@ class CacheError(Exception):
 _GRAY = np.array([0.299, 0.587, 0.114])
 
 
-def augment(raw, rng, inside=None, fill_outside=0.0):
+def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCALE):
     """Augment a uint8 NHWC batch and normalise it: returns a float NCHW tensor (channels_last memory).
 
-    Geometry (flip, rotation +-12 deg, scale 0.9-1.1, shift +-6%) is one cv2.warpAffine per face on
-    uint8 pixels. With `inside` (N x H x W bool: the crop pixels that came from inside the source photo)
+    Geometry (flip, rotation +-12 deg, scale uniform in `scale_range` (> 1 enlarges the face), shift
+    +-6%) is one cv2.warpAffine per face on uint8 pixels. With `inside` (N x H x W bool: the crop pixels that came from inside the source photo)
     a share `fill_outside` of the faces get their outside pixels (replicated border in the cache)
     filled from another face of the batch whose crop is real there: tight crops such as UTKFace's leave
     about a quarter of the aligned crop (the top band) as smeared border, where deployment photos show hair, hats and
@@ -46,7 +46,7 @@ def augment(raw, rng, inside=None, fill_outside=0.0):
     n, h, w, _ = raw.shape
     flip = rng.random(n) < 0.5
     angle = rng.uniform(-12, 12, n)
-    scale = rng.uniform(0.9, 1.1, n)
+    scale = rng.uniform(scale_range[0], scale_range[1], n)
     shift = rng.uniform(-0.06, 0.06, (n, 2)) * (w, h)
     brightness = rng.uniform(0.7, 1.3, n)
     contrast = rng.uniform(0.7, 1.3, n)
@@ -139,7 +139,7 @@ class FaceCache(Dataset):
     Items are (3x112x96 float tensor, age, gender); gender is -1 where the source has no gender label.
     """
 
-    def __init__(self, cache_dir, split=None, train=False, seed=0, fill_outside=0.0):
+    def __init__(self, cache_dir, split=None, train=False, seed=0, fill_outside=0.0, aug_scale=config.AUG_SCALE):
         info_path = os.path.join(cache_dir, "cache.json")
         if not os.path.isfile(info_path):
             raise CacheError(f"{cache_dir}: no cache here (cache.json missing); run pre_process.py first")
@@ -171,6 +171,7 @@ class FaceCache(Dataset):
         except (KeyError, ValueError) as e:
             raise CacheError(f"{cache_dir}: meta.csv has a bad age or gender ({e})")
         self.train, self.seed, self.fill_outside, self.calls = train, seed, fill_outside, 0
+        self.aug_scale = tuple(aug_scale)
 
     def __len__(self):
         return len(self.indices)
@@ -203,7 +204,7 @@ class FaceCache(Dataset):
 
 def _serve(ds, batch, raw, inside):
     if ds.train:
-        return augment(raw, np.random.default_rng(int(getattr(batch, "seed", 0))), inside, ds.fill_outside)
+        return augment(raw, np.random.default_rng(int(getattr(batch, "seed", 0))), inside, ds.fill_outside, ds.aug_scale)
     return normalize(raw)
 
 
@@ -211,8 +212,9 @@ class MixedFaces(Dataset):
     """Several caches as one dataset (indices run through them in order); a batch mixing sources is
     augmented as one, so faces of one source can lend real background to another's (augment)."""
 
-    def __init__(self, sources, fill_outside=0.0):
+    def __init__(self, sources, fill_outside=0.0, aug_scale=config.AUG_SCALE):
         self.sources = list(sources)
+        self.aug_scale = tuple(aug_scale)
         self.sizes = [len(s) for s in self.sources]
         self.starts = np.cumsum([0] + self.sizes)
         self.train = any(s.train for s in self.sources)

@@ -166,15 +166,17 @@ def build_data(cfg, rank, world, main_proc):
         fail(f"--source-weights has {len(cfg.source_weights)} value(s) for {len(cfg.cache)} cache(s)")
     if cfg.source_weights and (min(cfg.source_weights) < 0 or sum(cfg.source_weights) <= 0):
         fail(f"--source-weights must be non-negative with a positive sum, got {list(cfg.source_weights)}")
+    if len(cfg.aug_scale) != 2 or not 0 < cfg.aug_scale[0] <= cfg.aug_scale[1] <= 4:
+        fail(f"--aug-scale takes LO HI with 0 < LO <= HI <= 4, got {list(cfg.aug_scale)}")
     try:
-        sources = [FaceCache(c, split="train", train=True, seed=cfg.seed) for c in cfg.cache]
+        sources = [FaceCache(c, split="train", train=True, seed=cfg.seed, aug_scale=cfg.aug_scale) for c in cfg.cache]
         val_sets = [FaceCache(c, split="val", train=False) for c in cfg.cache]
     except CacheError as e:
         fail(str(e))
     names = [v.name for v in val_sets]
     if len(set(names)) < len(names):
         names = [f"{n}{k}" for k, n in enumerate(names)]  # two caches in folders of the same name
-    train_set = MixedFaces(sources, fill_outside=cfg.fill_outside)
+    train_set = MixedFaces(sources, fill_outside=cfg.fill_outside, aug_scale=cfg.aug_scale)
     if len(train_set) < cfg.batch_size * world:
         fail(f"{', '.join(cfg.cache)}: only {len(train_set)} training faces, fewer than one batch of {cfg.batch_size * world}")
     train_loader, train_sampler = make_loader(train_set, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,

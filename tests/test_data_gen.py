@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -72,6 +73,22 @@ def test_augmentation_is_seeded_and_changes_pixels(utk_cache):
     sampler.set_epoch(1)
     assert not torch.equal(next(iter(loader))[1], a[1])  # another epoch, another order
     assert a[0].abs().max() < 6  # normalised, not 0..255
+
+
+def test_augmentation_scale_range_is_honoured():
+    """A white disc in the middle of each face: at scale 2 its area is 4 times that at scale 1."""
+    from data_gen import augment
+
+    raw = np.zeros((64, 112, 96, 3), np.uint8)
+    cv2.circle(raw[0], (48, 56), 12, (255, 255, 255), -1)
+    raw[:] = raw[0]
+    areas = {}
+    for s in (1.0, 2.0):
+        x = augment(raw, np.random.default_rng(0), scale_range=(s, s)).numpy()
+        bright = x.mean(1) > x.mean((1, 2, 3))[:, None, None]  # above each face's own mean: colour jitter aside
+        areas[s] = np.median(bright.sum((1, 2)))
+    assert areas[1.0] == pytest.approx(np.pi * 12**2, rel=0.15)
+    assert areas[2.0] / areas[1.0] == pytest.approx(4.0, rel=0.15)
 
 
 def test_loader_with_workers_matches_in_process(utk_cache):

@@ -90,6 +90,8 @@ def test_bad_input_exits_2_with_one_line(utk_cache, tmp_path, capsys):
     assert code == 2 and "no cache here" in err
     code, err = run_train(["--cache", utk_cache, "--arch", "vgg99", "--out-dir", str(tmp_path / "o")], capsys)
     assert code == 2 and "invalid choice: 'vgg99'" in err
+    code, err = run_train(["--cache", utk_cache, "--aug-scale", "1.2", "0.9", "--out-dir", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--aug-scale takes LO HI" in err and len(err.strip().splitlines()) == 1
     out = tmp_path / "r"
     os.makedirs(out)
     (out / "last.pt").write_bytes(b"garbage" * 100)
