@@ -169,7 +169,7 @@ def build_data(cfg, rank, world, main_proc):
     if len(cfg.aug_scale) != 2 or not 0 < cfg.aug_scale[0] <= cfg.aug_scale[1] <= 4:
         fail(f"--aug-scale takes LO HI with 0 < LO <= HI <= 4, got {list(cfg.aug_scale)}")
     try:
-        sources = [FaceCache(c, split="train", train=True, seed=cfg.seed, aug_scale=cfg.aug_scale) for c in cfg.cache]
+        sources = [FaceCache(c, split="train", train=True, seed=cfg.seed) for c in cfg.cache]
         val_sets = [FaceCache(c, split="val", train=False) for c in cfg.cache]
     except CacheError as e:
         fail(str(e))
