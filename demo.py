@@ -96,6 +96,13 @@ def as_rgb(image):
     raise InputError(f"cannot read an image from a {type(image).__name__}")
 
 
+def views_of(ckpt, tta=None, tta_zoom=None):
+    """The test-time views to predict with: those asked for, else those the checkpoint's calibration was
+    fitted for (calibrate.py stores them), else all four (config.TTA_ZOOM), as for checkpoints before."""
+    tta = ckpt.get("tta", True) if tta is None else tta
+    return tta, ckpt.get("tta_zoom", config.TTA_ZOOM) if tta_zoom is None else tta_zoom
+
+
 class AgeGenderPredictor:
     """Detect, align and predict: the whole pipeline, shared by demo.py, evaluate.py and bench.py.
 
@@ -104,10 +111,11 @@ class AgeGenderPredictor:
     (calibrate.py) to the age std and the gender probability.
     """
 
-    def __init__(self, checkpoint=config.RELEASED_MODEL, device=None, tta=True, min_face_size=20, threshold=None, calibrated=True,
-                 detector=config.DETECTOR, detector_threads=0, runtime="auto", tta_zoom=config.TTA_ZOOM):
+    def __init__(self, checkpoint=config.RELEASED_MODEL, device=None, tta=None, min_face_size=20, threshold=None, calibrated=True,
+                 detector=config.DETECTOR, detector_threads=0, runtime="auto", tta_zoom=None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         net, self.ckpt = load_checkpoint(checkpoint, self.device)
+        tta, tta_zoom = views_of(self.ckpt, tta, tta_zoom)
         self.net = fuse_batchnorm(net).set_tta_zoom(tta_zoom)
         self.session = self._onnx_session(runtime, tta)
         self.detector = make_detector(detector, min_face_size=min_face_size, threshold=threshold, threads=detector_threads)
@@ -382,8 +390,11 @@ def parse_args(argv):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--runtime", default="auto", choices=RUNTIMES,
                    help="what runs the network: auto = onnxruntime on a CPU (several times faster), PyTorch on a GPU")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help="average four views of each face: the crop, the crop enlarged by config.TTA_ZOOM, and their mirror images")
-    p.add_argument("--tta-zoom", type=float, default=config.TTA_ZOOM, help="how much the enlarged view is enlarged (1.0: the mirror pass only)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average four views of each face: the crop, the crop enlarged by --tta-zoom, and their mirror images "
+                        "(default: the views the checkpoint was calibrated for; the released model: --no-tta)")
+    p.add_argument("--tta-zoom", type=float, default=None,
+                   help=f"how much the enlarged view is enlarged, 1.0: the mirror pass only (default: the checkpoint's, else {config.TTA_ZOOM})")
     p.add_argument("--min-face-size", type=int, default=20, help="smallest face to find, in pixels")
     p.add_argument("--threshold", type=float, default=None, help="detector score needed to accept a face (default: the detector's own, 0.8 retinaface, 0.9 mtcnn)")
     p.add_argument("--detector", default=config.DETECTOR, choices=sorted(DETECTORS),
@@ -401,7 +412,8 @@ def main(argv=None, use_all_cores=False):
     predictor_args = dict(checkpoint=args.checkpoint, device=args.device, tta=args.tta, min_face_size=args.min_face_size, threshold=args.threshold,
                           detector=args.detector, runtime=args.runtime, tta_zoom=args.tta_zoom)
     try:
-        load_checkpoint(args.checkpoint)[0].set_tta_zoom(args.tta_zoom)  # a bad checkpoint or factor is one line here, before any worker starts
+        net, ckpt = load_checkpoint(args.checkpoint)  # a bad checkpoint or factor is one line here, before any worker starts
+        net.set_tta_zoom(views_of(ckpt, args.tta, args.tta_zoom)[1])
         make_detector(args.detector, args.min_face_size, args.threshold)  # so is a detector that cannot load
     except (CheckpointError, ValueError) as e:
         fail(str(e))

@@ -185,7 +185,8 @@ def main(argv=None):
     # the shown ±std is the model's std times the checkpoint's calibration factor (if any and --calibrated)
     scale = predictor.calibration.get("age_std_scale", 1.0) if predictor.calibration else 1.0
     calib = calibration_report(gp, ap, ages, genders, std_scale=scale)
-    report = {"checkpoint": cfg.checkpoint, "detector": cfg.detector if cfg.detect else None, "downscale": cfg.downscale, "n": n, "faces_found": faces_found,
+    views = (4 if predictor.net.zoom_view else 2) if predictor.tta else 1
+    report = {"checkpoint": cfg.checkpoint, "views": views, "detector": cfg.detector if cfg.detect else None, "downscale": cfg.downscale, "n": n, "faces_found": faces_found,
               "calibration_applied": predictor.calibration or None,
               **{k: round(v, 4) for k, v in metrics.items() if k != "n"}, **{k: round(v, 4) for k, v in calib.items()}}
     groups = {"age_decade": [f"{min(a // 10 * 10, 90)}s" for a in ages],
@@ -197,7 +198,7 @@ def main(argv=None):
     gender_text = f"gender accuracy {100 * metrics['gender_acc']:.2f}%" if metrics["n_gender"] else "gender not labelled"
     print(f"faces {faces_found} of {n}   {gender_text}   age MAE {metrics['age_mae']:.3f}   "
           f"CS@5 {100 * metrics['age_cs5']:.1f}%   exact age top-1 {100 * metrics['age_top1']:.1f}%   top-5 {100 * metrics['age_top5']:.1f}%"
-          + (f"   epsilon {metrics['age_epsilon']:.4f}" if "age_epsilon" in metrics else ""))
+          + (f"   epsilon {metrics['age_epsilon']:.4f}" if "age_epsilon" in metrics else "") + f"   ({views} view{'s' * (views > 1)} per face)")
     print(f"calibration: true age within ±1 std {100 * calib['age_within_1std']:.1f}% (ideal ~68%), ±2 std "
           f"{100 * calib['age_within_2std']:.1f}% (~95%); gender ECE {100 * calib['gender_ece']:.2f}%"
           + (f"   (applied: {predictor.calibration})" if predictor.calibration else "   (uncalibrated)"))

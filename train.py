@@ -231,10 +231,15 @@ def main(argv=None):
         mix = ", ".join(f"{s.name} {len(s):,}" for s in train_set.sources)
         print(f"{cfg.arch}: {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters, {net.init_source}; "
               f"train faces: {mix}; {n_val:,} val faces; {world} process(es) on {device}")
+    try:
+        net.freeze_stages(cfg.freeze_stages)
+    except ValueError as e:
+        fail(str(e))
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    decay = [p for n, p in net.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in net.named_parameters() if p.ndim <= 1]  # biases and norms
+    trained = [p for p in net.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim > 1]
+    no_decay = [p for p in trained if p.ndim <= 1]  # biases and norms
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(groups, lr=cfg.lr)

@@ -208,7 +208,7 @@ def test_every_option_of_every_script_has_a_help_line():
             if action.dest != "help":
                 assert action.help and action.help.strip() and action.help != argparse.SUPPRESS, f"{module.__name__}: {action.option_strings or action.dest}"
     arch = next(a for a in _parser_of(train.main)._actions if a.dest == "arch")
-    assert set(arch.choices) == {"resnet18", "resnet34", "resnet50", "mobilenet_v2"}
+    assert set(arch.choices) == {"resnet18", "resnet34", "resnet50", "mobilenet_v2", "sface"}
 
 
 SMALL = ["--arch", "resnet18", "--pretrained", "", "--batch-size", "16", "--workers", "0", "--ckpt-every", "100", "--epochs", "2"]

