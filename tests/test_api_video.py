@@ -67,13 +67,16 @@ def test_onnxruntime_and_pytorch_give_the_same_predictions(predictor):
     a, b = predictor.predict_crops(crops), torch_run.predict_crops(crops)
     assert np.abs(a["age_prob"] - b["age_prob"]).max() < 1e-4 and np.abs(a["gender_prob"] - b["gender_prob"]).max() < 1e-4
     assert np.abs(a["age"] - b["age"]).max() < 0.01 and np.abs(a["age_std"] - b["age_std"]).max() < 0.01
-    no_mirror = demo.AgeGenderPredictor(device="cpu", tta=False)
-    c = no_mirror.predict_crops(crops)
-    assert np.abs(c["age"] - a["age"]).max() > 0.01  # the mirror pass is really averaged in
+    four = demo.AgeGenderPredictor(device="cpu", tta=True)  # the four views, inside the ONNX graph
+    four_torch = demo.AgeGenderPredictor(device="cpu", tta=True, runtime="torch")
+    c, d = four.predict_crops(crops), four_torch.predict_crops(crops)
+    assert np.abs(c["age_prob"] - d["age_prob"]).max() < 1e-4 and np.abs(c["gender_prob"] - d["gender_prob"]).max() < 1e-4
+    one = demo.AgeGenderPredictor(device="cpu", tta=False).predict_crops(crops)
+    assert np.abs(c["age"] - one["age"]).max() > 0.01  # the other views are really averaged in
     x = normalize(crops)
     with torch.no_grad():  # the face and its mirror image alone (two views of four)
         mirror_only = (torch_run.net.probabilities(x)[1] + torch_run.net.probabilities(torch.flip(x, dims=[3]))[1]) / 2
-    assert (mirror_only - torch.from_numpy(b["age_prob"])).abs().max() > 1e-3  # ... and so is the enlarged view
+    assert (mirror_only - torch.from_numpy(d["age_prob"])).abs().max() > 1e-3  # ... and so is the enlarged view
     with pytest.raises(ValueError, match="unknown runtime"):
         demo.AgeGenderPredictor(device="cpu", runtime="tensorrt")
 

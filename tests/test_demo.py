@@ -20,7 +20,7 @@ from utils import read_image
 
 def test_released_model_beats_a_constant_guess_on_utkface_test(tmp_path, capsys):
     ckpt = torch.load(config.RELEASED_MODEL, map_location="cpu", weights_only=True)
-    assert ckpt["config"]["arch"] in ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
+    assert ckpt["config"]["arch"] in ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "sface")
     assert os.path.getsize(config.RELEASED_MODEL) < 25 * 2**20
     rows = utk_rows("test", 150, seed=11)
     labels = write_csv(rows, tmp_path / "test.csv")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import evaluate
 import pre_process
 import train
@@ -178,9 +179,10 @@ def test_tta_zoom_is_a_command_line_choice(clap_cache, tmp_path, capsys):
     """--tta-zoom 1.0 is the mirror pass only (how rows 1-10 were measured): other predictions, same faces."""
     runs = {}
     for zoom in ("1.0", "1.08"):
-        assert evaluate.main(["--cache", clap_cache, "--split", "test", "--tta-zoom", zoom, "--json", str(tmp_path / f"{zoom}.json")]) == 0
+        assert evaluate.main(["--cache", clap_cache, "--split", "test", "--tta", "--tta-zoom", zoom, "--json", str(tmp_path / f"{zoom}.json")]) == 0
         runs[zoom] = json.loads((tmp_path / f"{zoom}.json").read_text())
     assert runs["1.0"]["n"] == runs["1.08"]["n"] and runs["1.0"]["age_mae"] != runs["1.08"]["age_mae"]
+    assert (runs["1.0"]["views"], runs["1.08"]["views"]) == (2, 4)
     code, _, err = run_main(evaluate.main, ["--cache", clap_cache, "--tta-zoom", "9"], capsys)
     assert code == 2 and "--tta-zoom 9.0" in err
 
@@ -232,3 +234,20 @@ def test_calibration_weights_let_a_small_source_count_as_much():
     fair = fit_calibration(np.full((110, 2), 0.5), age_prob, truth, np.full(110, -1), weights=weights)
     assert plain["age_std_scale"] == pytest.approx(1 / 0.6745, abs=1e-3)
     assert fair["age_std_scale"] == pytest.approx(2 / 0.6745, abs=1e-3)  # halfway between the two sources
+
+
+def test_calibrate_stores_the_views_it_was_fitted_for(clap_cache, tmp_path, capsys):
+    """calibrate.py writes the fit with its test-time views; they become the checkpoint's default views."""
+    import calibrate
+    import demo
+
+    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
+    code, out, _ = run_main(calibrate.main, ["--checkpoint", config.RELEASED_MODEL, "--cache", clap_cache, "--no-tta", "--out", one], capsys)
+    assert code == 0 and "wrote the calibration" in out
+    ckpt = torch.load(one, map_location="cpu", weights_only=True)
+    assert ckpt["tta"] is False and ckpt["calibration"]["age_std_scale"] > 0
+    assert demo.AgeGenderPredictor(one, "cpu").tta is False
+    assert run_main(calibrate.main, ["--checkpoint", one, "--cache", clap_cache, "--tta", "--tta-zoom", "1.0", "--out", two], capsys)[0] == 0
+    stored = demo.AgeGenderPredictor(two, "cpu")
+    assert stored.tta is True and not stored.net.zoom_view  # the mirror pass only, as fitted
+    assert demo.AgeGenderPredictor(two, "cpu", tta=False).tta is False  # what the caller asks for comes first
