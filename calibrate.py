@@ -1,7 +1,7 @@
 """Fit the uncertainty the model shows to what it gets right, on validation faces, and store it in the checkpoint.
 
     python calibrate.py --checkpoint checkpoints/mix/best.pt --cache data/utkface data/clap2016
-    python calibrate.py --checkpoint weights/age_gender_mobilenet_v2_112x96.pt --cache data/utkface --dry-run
+    python calibrate.py --checkpoint weights/age_gender_sface_112x96.pt --cache data/utkface --dry-run
 
 demo.py shows each face's age as `31 ±4`, the ± being the std of the predicted age distribution, and
 a gender probability. Trained with soft age labels, that std is a property of the loss, not of the

@@ -24,17 +24,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # The model that ships with the repository; demo.py and evaluate.py use it by default.
-RELEASED_MODEL = os.path.join(ROOT, "weights", "age_gender_mobilenet_v2_112x96.pt")
+RELEASED_MODEL = os.path.join(ROOT, "weights", "age_gender_sface_112x96.pt")
 SHARED_DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
 
 # Images are refused above this many pixels unless they can be decoded at a reduced scale (JPEG),
 # so that a decompression bomb cannot exhaust memory.
 MAX_IMAGE_PIXELS = 80_000_000
-# Test-time augmentation (demo.py, evaluate.py, calibrate.py, validation in train.py): besides each face
-# and its mirror image the network also sees the aligned crop enlarged by this factor about its centre
-# (and that view's mirror), and the four predictions are averaged. Chosen on the two val splits (README,
-# row 11): mean val MAE 3.942 -> 3.832 for the released weights; 3.973 -> 3.885 / 3.866 / 3.879 at
-# 1.06 / 1.08 / 1.10 for the previous release's. 1.0 keeps the mirror pass only.
+# Test-time augmentation (--tta in demo.py, evaluate.py, calibrate.py; validation in train.py): besides
+# each face and its mirror image the network also sees the aligned crop enlarged by this factor about
+# its centre (and that view's mirror), and the four predictions are averaged. Chosen on the two val
+# splits (README, row 11): mean val MAE 3.942 -> 3.832 for the MobileNetV2 release; 3.973 -> 3.885 /
+# 3.866 / 3.879 at 1.06 / 1.08 / 1.10 for the one before. 1.0 keeps the mirror pass only. The SFace
+# release runs one view (its calibration was fitted for one: calibrate.py --no-tta), to stay within
+# twice the MobileNetV2 demo's time per face.
 TTA_ZOOM = 1.08
 # Training augmentation scales each face by a factor drawn uniformly from this range (> 1 enlarges it:
 # a tighter crop); train.py --aug-scale LO HI overrides it.

@@ -96,6 +96,12 @@ def as_rgb(image):
     raise InputError(f"cannot read an image from a {type(image).__name__}")
 
 
+# trunks that PyTorch runs faster than onnxruntime on a CPU, so runtime "auto" keeps PyTorch for them:
+# SFace's full-resolution stages with PReLU took 14-16 ms a face in onnxruntime, 10-12 ms in PyTorch
+# (one face, 2 threads, BatchNorm folded; bench.py infer times both)
+TORCH_FASTER_ON_CPU = ("sface",)
+
+
 def views_of(ckpt, tta=None, tta_zoom=None):
     """The test-time views to predict with: those asked for, else those the checkpoint's calibration was
     fitted for (calibrate.py stores them), else all four (config.TTA_ZOOM), as for checkpoints before."""
@@ -124,10 +130,10 @@ class AgeGenderPredictor:
         self.calibration = self.ckpt.get("calibration") if calibrated else None
 
     def _onnx_session(self, runtime, tta):
-        """runtime auto: onnxruntime on a CPU when it is installed (the network runs 3-6x faster), else PyTorch."""
+        """runtime auto: onnxruntime on a CPU when it is installed (MobileNetV2 runs 3-6x faster), else PyTorch."""
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime '{runtime}' (choose from {', '.join(RUNTIMES)})")
-        if runtime == "torch" or (runtime == "auto" and self.device.type != "cpu"):
+        if runtime == "torch" or (runtime == "auto" and (self.device.type != "cpu" or self.net.arch in TORCH_FASTER_ON_CPU)):
             return None
         if self.device.type != "cpu":
             raise ValueError("--runtime onnxruntime runs on the CPU: use --device cpu")
@@ -389,7 +395,7 @@ def parse_args(argv):
     p.add_argument("--verbose", action="store_true", help="one line per photo instead of a progress bar")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--runtime", default="auto", choices=RUNTIMES,
-                   help="what runs the network: auto = onnxruntime on a CPU (several times faster), PyTorch on a GPU")
+                   help="what runs the network: auto = onnxruntime on a CPU (MobileNetV2 several times faster) except for trunks PyTorch runs faster (SFace), PyTorch on a GPU")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average four views of each face: the crop, the crop enlarged by --tta-zoom, and their mirror images "
                         "(default: the views the checkpoint was calibrated for; the released model: --no-tta)")
