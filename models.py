@@ -126,12 +126,18 @@ def local_face_weights():
 
 
 def build_sface_trunk(pretrained=""):
-    trunk, source = SFaceTrunk(), "random init"
-    path = local_face_weights() if pretrained == "auto" else pretrained
     if pretrained == "imagenet":
         raise ValueError("SFace is a face-recognition network: it has no ImageNet weights (use auto or an .onnx file)")
+    trunk, source = SFaceTrunk(), "random init"
+    path = local_face_weights() if pretrained == "auto" else pretrained
     if path:
-        trunk.load_state_dict(sface_onnx_state_dict(path), strict=False)  # the input buffers are not in the file
+        try:
+            state = sface_onnx_state_dict(path)
+        except ValueError:
+            raise
+        except Exception as e:  # onnx raises its own decode errors for a file that is not ONNX
+            raise ValueError(f"{path}: not SFace's ONNX file ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})")
+        trunk.load_state_dict(state, strict=False)  # the input buffers are not in the file
         source = f"SFace face-recognition weights from {path}"
     return trunk, 1024, source
 
@@ -150,7 +156,10 @@ def build_trunk(arch, pretrained=""):
         net.load_state_dict(weights.get_state_dict(progress=True))  # downloads: needs internet
         source = f"torchvision {weights}"
     elif path:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # unpickling errors are not OSErrors: say it in one line
+            raise ValueError(f"{path}: not a weights file torch.load can read ({str(e).splitlines()[0][:120]})")
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         missing, unexpected = net.load_state_dict(state, strict=False)
         if len(missing) > 2 or unexpected:  # only the ImageNet classifier may differ
@@ -315,7 +324,10 @@ def _project_checkpoint(path):
     """The checkpoint dict when `path` is a file written by train.py or export_onnx.py, else None."""
     if not path or path in ("auto", "imagenet") or not os.path.isfile(path):
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a PyTorch file (SFace's .onnx, say): the trunk's loader takes it or says why not
+        return None
     return ckpt if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt else None
 
 

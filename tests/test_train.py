@@ -93,6 +93,10 @@ def test_bad_input_exits_2_with_one_line(utk_cache, tmp_path, capsys):
     assert code == 2 and "invalid choice: 'vgg99'" in err
     code, err = run_train(["--cache", utk_cache, "--aug-scale", "1.2", "0.9", "--out-dir", str(tmp_path / "o")], capsys)
     assert code == 2 and "--aug-scale takes LO HI" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    for arch in ("sface", "mobilenet_v2"):
+        code, err = run_train(["--cache", utk_cache, "--arch", arch, "--pretrained", str(tmp_path / "bad.onnx"), "--out-dir", str(tmp_path / "o")], capsys)
+        assert code == 2 and "bad.onnx" in err and len(err.strip().splitlines()) == 1, err
     code, err = run_train(["--cache", utk_cache, "--arch", "mobilenet_v2", "--freeze-stages", "20", "--out-dir", str(tmp_path / "o")], capsys)
     assert code == 2 and "the mobilenet_v2 trunk has 19 stages" in err and len(err.strip().splitlines()) == 1
     out = tmp_path / "r"
