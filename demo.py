@@ -5,7 +5,7 @@
     python demo.py big_folder/ --no-draw --csv out/faces.csv --workers 8   # thousands of photos, all cores
     python demo.py clip.mp4 --out out/video          # an annotated clip.mp4 with one stable label per person
     python demo.py 0 --max-frames 100                # webcam 0
-    python demo.py photos/ --detector retinaface     # ~2.3x faster per photo, misses more faces under ~30 px
+    python demo.py photos/ --detector retinaface     # faster per photo (about 1.3-1.9x), misses more faces under ~30 px
 
 On a CPU the network runs in onnxruntime, exported in memory at start (--runtime torch keeps PyTorch).
 
@@ -404,7 +404,7 @@ def parse_args(argv):
     p.add_argument("--min-face-size", type=int, default=20, help="smallest face to find, in pixels")
     p.add_argument("--threshold", type=float, default=None, help="detector score needed to accept a face (default: the detector's own, 0.8 retinaface, 0.9 mtcnn)")
     p.add_argument("--detector", default=config.DETECTOR, choices=sorted(DETECTORS),
-                   help="face detector: mtcnn (finds faces down to 20 px) or retinaface (about 2.3x faster per photo, misses more faces under ~30 px)")
+                   help="face detector: mtcnn (finds faces down to 20 px) or retinaface (about 1.3-1.9x faster per photo with the released model, misses more faces under ~30 px)")
     p.add_argument("--max-frames", type=int, default=0, help="videos/webcam: stop after this many frames (0 = all)")
     p.add_argument("--every", type=int, default=1, help="videos: annotate every N-th frame")
     p.add_argument("--detect-every", type=int, default=1,
