@@ -271,6 +271,8 @@ def main(argv=None):
         state = {"model": net.state_dict(), "ema": ema.model.state_dict() if ema else None,
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                  "best_mae": best_mae, "history": history, "config": dataclasses.asdict(cfg), "metrics": metrics or {},
+                 # the test-time views validation used: demo.py and evaluate.py predict with them by default
+                 "tta": cfg.eval_tta, "tta_zoom": config.TTA_ZOOM,
                  "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
         atomic_torch_save(state, path)
 

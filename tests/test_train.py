@@ -128,8 +128,10 @@ def test_nan_loss_stops_training_without_saving(utk_cache, tmp_path, capsys):
 def test_frozen_stages_keep_their_weights_and_statistics(utk_cache, tmp_path):
     out = tmp_path / "frozen"
     args = ["--cache", utk_cache, "--out-dir", str(out), "--arch", "mobilenet_v2", "--pretrained", "", "--freeze-stages", "12",
-            "--batch-size", "16", "--workers", "0", "--epochs", "1", "--max-steps", "4", "--lr", "1e-2", "--ema-decay", "0"]
+            "--batch-size", "16", "--workers", "0", "--epochs", "1", "--max-steps", "4", "--lr", "1e-2", "--ema-decay", "0", "--no-eval-tta"]
     assert train.main(args) == 0
+    from demo import views_of
+    assert views_of(torch.load(out / "last.pt", weights_only=True)) == (False, config.TTA_ZOOM)  # validated with one view, predicts with one
     torch.manual_seed(0)  # train.py seeds with --seed 0 before it builds the network
     init = AgeGenderNet("mobilenet_v2", pretrained="").state_dict()
     trained = torch.load(out / "last.pt", weights_only=True)["model"]
