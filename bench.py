@@ -175,7 +175,7 @@ def bench_infer(args):
     # the demo with the checkpoint's own views (those its calibration was fitted for)
     predictor = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="mtcnn")
     retina = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="retinaface")
-    views = (4 if predictor.net.zoom_view else 2) if predictor.tta else 1
+    views = predictor.views
     # each model as its demo runs it: its own views and runtime (runtime auto), one face
     base_predictor = AgeGenderPredictor(baseline, "cpu", min_face_size=args.min_face_size, detector="mtcnn")
     demo_model_ms = _ms(lambda: predictor.predict_tensor(x), args.repeat)

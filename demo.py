@@ -129,6 +129,11 @@ class AgeGenderPredictor:
         # fitted on validation data by calibrate.py: scales the shown ±std, tempers the gender probability
         self.calibration = self.ckpt.get("calibration") if calibrated else None
 
+    @property
+    def views(self):
+        """How many views of each face are averaged: 1 (the crop), 2 (and its mirror) or 4 (and the enlarged crop)."""
+        return (4 if self.net.zoom_view else 2) if self.tta else 1
+
     def _onnx_session(self, runtime, tta):
         """runtime auto: onnxruntime on a CPU when it is installed (MobileNetV2 runs 3-6x faster), else PyTorch."""
         if runtime not in RUNTIMES:

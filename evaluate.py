@@ -185,7 +185,7 @@ def main(argv=None):
     # the shown ±std is the model's std times the checkpoint's calibration factor (if any and --calibrated)
     scale = predictor.calibration.get("age_std_scale", 1.0) if predictor.calibration else 1.0
     calib = calibration_report(gp, ap, ages, genders, std_scale=scale)
-    views = (4 if predictor.net.zoom_view else 2) if predictor.tta else 1
+    views = predictor.views
     report = {"checkpoint": cfg.checkpoint, "views": views, "detector": cfg.detector if cfg.detect else None, "downscale": cfg.downscale, "n": n, "faces_found": faces_found,
               "calibration_applied": predictor.calibration or None,
               **{k: round(v, 4) for k, v in metrics.items() if k != "n"}, **{k: round(v, 4) for k, v in calib.items()}}

@@ -237,13 +237,18 @@ class AgeGenderNet(nn.Module):
             age_prob = sum(age_prob[i * n:(i + 1) * n] for i in range(k)) / k
         return gender_prob, age_prob
 
+    @property
+    def zoom_view(self):
+        """Whether test-time augmentation adds the enlarged view (a factor of 1.0 leaves the mirror pass only)."""
+        return self.zoom_factor != 1.0
+
     def set_tta_zoom(self, factor):
         """The enlarged view of test-time augmentation: the crop enlarged by `factor` about its centre, as two
         constant matrices for the 112x96 crops the network is fed; 1.0 keeps the mirror pass only (how the
         demo ran before, bench.py's baseline). Set it before an ONNX export: the graph holds the matrices."""
         if not 0.5 <= factor <= 2.0:
             raise ValueError(f"--tta-zoom {factor}: give a factor between 0.5 and 2 (1.0: the mirror pass only)")
-        self.zoom_view, self.zoom_factor = factor != 1.0, factor
+        self.zoom_factor = factor
         device = self.ages.device
         self.register_buffer("zoom_rows", zoom_matrix(config.IMAGE_H, factor).to(device), persistent=False)
         self.register_buffer("zoom_cols", zoom_matrix(config.IMAGE_W, factor).T.contiguous().to(device), persistent=False)
