@@ -3,9 +3,11 @@
     python export_onnx.py                                   # the released model -> weights/*.onnx
     python export_onnx.py --checkpoint checkpoints/run/best.pt --out model.onnx
     python export_onnx.py --checkpoint checkpoints/run/best.pt --release weights/my_model.pt   # slim fp16 .pt
+    python export_onnx.py --checkpoint checkpoints/a/best.pt checkpoints/b/best.pt --release soup.pt   # averaged
 
 --release writes the weights in fp16 with the config and metrics only (no optimizer state): the
-form the released model ships in. Loading casts back to fp32.
+form the released model ships in. Loading casts back to fp32. Several checkpoints are averaged weight by
+weight first (models.average_checkpoints: for runs fine-tuned from one another; validate the result).
 
 Inputs: `input` N x 3 x 112 x 96, ImageNet-normalised RGB (data_gen.normalize). Outputs:
 `gender_prob` N x 2 (female, male), `age_prob` N x 101, `age` N (expected age), `age_std` N.
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 import config
-from models import CheckpointError, ExportWrapper, inference_weights, load_checkpoint
+from models import CheckpointError, ExportWrapper, average_checkpoints, inference_weights, load_checkpoint, network_of
 from utils import fail
 
 OUTPUTS = ["gender_prob", "age_prob", "age", "age_std"]
@@ -70,20 +72,26 @@ def release(ckpt, path):
     slim = {"model": {k: v.half() if v.is_floating_point() else v for k, v in inference_weights(ckpt).items()},
             "config": ckpt["config"], "metrics": ckpt.get("metrics", {}), "epoch": ckpt.get("epoch"),
             "history": ckpt.get("history", []), "calibration": ckpt.get("calibration"),
-            **{k: ckpt[k] for k in ("tta", "tta_zoom") if k in ckpt}}  # the views the calibration was fitted for
+            **{k: ckpt[k] for k in ("tta", "tta_zoom", "averaged_from") if k in ckpt}}  # tta*: the calibration's views
     atomic_torch_save(slim, path)
     return path
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Export AgeGenderNet to ONNX", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default=config.RELEASED_MODEL, help="the model to export")
+    p.add_argument("--checkpoint", nargs="+", default=[config.RELEASED_MODEL],
+                   help="the model to export; several: their weights averaged (runs fine-tuned from one another)")
     p.add_argument("--out", default=os.path.splitext(config.RELEASED_MODEL)[0] + ".onnx", help="the ONNX file to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     p.add_argument("--release", default="", help="also write a slim fp16 PyTorch checkpoint here")
     args = p.parse_args(argv)
     try:
-        net, ckpt = load_checkpoint(args.checkpoint)
+        if len(args.checkpoint) == 1:
+            net, ckpt = load_checkpoint(args.checkpoint[0])
+        else:
+            ckpt = average_checkpoints(args.checkpoint)
+            net = network_of(ckpt, "the average")
+            print(f"averaged the weights of {len(args.checkpoint)} checkpoints")
     except CheckpointError as e:
         fail(str(e))
     if args.release:

@@ -352,10 +352,37 @@ def load_checkpoint(path, device="cpu"):
         raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:160]})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model'/'config' entries)")
+    return network_of(ckpt, path, device), ckpt
+
+
+def network_of(ckpt, path="checkpoint", device="cpu"):
+    """The AgeGenderNet (eval mode) that a checkpoint dict describes; `path` names it in errors."""
     cfg = ckpt["config"]
     try:
         net = AgeGenderNet(cfg["arch"], pretrained="", dropout=cfg.get("dropout", 0.0))
         net.load_state_dict(inference_weights(ckpt))
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: weights do not fit the model ({str(e).splitlines()[0][:160]})")
-    return net.to(device).eval(), ckpt
+    return net.to(device).eval()
+
+
+def average_checkpoints(paths):
+    """One checkpoint whose weights are the mean of several (a "model soup", Wortsman et al. 2022).
+
+    Meant for runs fine-tuned from one another (train.py --pretrained a checkpoint), which stay in one
+    basin of the loss, so their average is a network of its own, often better than each, at the cost of
+    one. Runs trained from different starts average to garbage: validate the result (evaluate.py).
+    BatchNorm statistics are averaged too. The config, views and history are the first checkpoint's."""
+    ckpts = []
+    for path in paths:
+        _, ckpt = load_checkpoint(path)  # one line for a missing or foreign file, or weights that do not fit
+        ckpts.append(ckpt)
+    first, weights = ckpts[0], [inference_weights(c) for c in ckpts]
+    for path, ckpt, w in zip(paths[1:], ckpts[1:], weights[1:]):
+        if ckpt["config"].get("arch") != first["config"].get("arch"):
+            raise CheckpointError(f"{path}: a {ckpt['config'].get('arch')} checkpoint cannot be averaged with "
+                                  f"{first['config'].get('arch')} ({paths[0]})")
+    averaged = {k: (sum(w[k] for w in weights) / len(weights) if v.is_floating_point() else v)
+                for k, v in weights[0].items()}
+    return {**{k: first[k] for k in ("config", "history", "tta", "tta_zoom") if k in first},
+            "model": averaged, "metrics": {}, "epoch": None, "averaged_from": [os.path.abspath(p) for p in paths]}

@@ -188,3 +188,27 @@ def test_fuse_batchnorm_keeps_the_outputs(arch):
     a, b = net.predict(x, tta=True), fused.predict(x, tta=True)
     assert torch.allclose(a["gender_prob"], b["gender_prob"], atol=1e-5)
     assert torch.allclose(a["age"], b["age"], atol=1e-3)
+
+
+def test_export_averages_the_weights_of_several_checkpoints(tmp_path, capsys):
+    import export_onnx
+    from conftest import run_main
+
+    paths, states = [], []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        state = AgeGenderNet("sface").state_dict()
+        paths.append(str(tmp_path / f"run{seed}.pt"))
+        torch.save({"model": state, "config": {"arch": "sface", "dropout": 0.0}, "tta": False}, paths[-1])
+        states.append(state)
+    soup = str(tmp_path / "soup.pt")
+    code, out, err = run_main(export_onnx.main, ["--checkpoint", *paths, "--release", soup, "--out", str(tmp_path / "soup.onnx")], capsys)
+    assert code == 0, err
+    net, ckpt = load_checkpoint(soup)
+    key = "gender_head.weight"
+    assert torch.allclose(net.state_dict()[key], ((states[0][key] + states[1][key]) / 2).half().float())
+    assert ckpt["tta"] is False and ckpt["averaged_from"] == [os.path.abspath(p) for p in paths]
+
+    torch.save({"model": AgeGenderNet("mobilenet_v2").state_dict(), "config": {"arch": "mobilenet_v2"}}, tmp_path / "other.pt")
+    code, out, err = run_main(export_onnx.main, ["--checkpoint", paths[0], str(tmp_path / "other.pt"), "--release", soup], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "other.pt" in err and "cannot be averaged" in err
