@@ -42,11 +42,12 @@ from data_gen import normalize
 from metrics import apply_calibration
 from models import CheckpointError, fuse_batchnorm, load_checkpoint
 from detector import DETECTORS, align_face, make_detector
-from export_onnx import OUTPUTS, network_session
+from export_onnx import OUTPUTS, frozen_network, network_session
 from tracker import FaceTracker
 from utils import InputError, fail, list_images, read_image, to_rgb8, use_all_cores_for_cv2
 
-RUNTIMES = ("auto", "onnxruntime", "torch")  # what runs the network; auto: onnxruntime on a CPU
+# what runs the network: auto = onnxruntime on a CPU, or torchscript for TORCHSCRIPT_ON_CPU, torch (eager) on a GPU
+RUNTIMES = ("auto", "onnxruntime", "torchscript", "torch")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
 
@@ -96,10 +97,10 @@ def as_rgb(image):
     raise InputError(f"cannot read an image from a {type(image).__name__}")
 
 
-# trunks that PyTorch runs faster than onnxruntime on a CPU, so runtime "auto" keeps PyTorch for them:
-# SFace's full-resolution stages with PReLU took 14-16 ms a face in onnxruntime, 10-12 ms in PyTorch
-# (one face, 2 threads, BatchNorm folded; bench.py infer times both)
-TORCH_FASTER_ON_CPU = ("sface",)
+# trunks that runtime "auto" runs as a frozen TorchScript graph on a CPU rather than in onnxruntime: SFace's
+# full-resolution stages with PReLU took 14-16 ms a face in onnxruntime, 10-12 ms in PyTorch's eager mode
+# and about 7.5 ms frozen (one face, 2 threads, BatchNorm folded; bench.py infer times them)
+TORCHSCRIPT_ON_CPU = ("sface",)
 
 
 def views_of(ckpt, tta=None, tta_zoom=None):
@@ -123,7 +124,7 @@ class AgeGenderPredictor:
         net, self.ckpt = load_checkpoint(checkpoint, self.device)
         tta, tta_zoom = views_of(self.ckpt, tta, tta_zoom)
         self.net = fuse_batchnorm(net).set_tta_zoom(tta_zoom)
-        self.session = self._onnx_session(runtime, tta)
+        self.runtime = self._start_runtime(runtime, tta)
         self.detector = make_detector(detector, min_face_size=min_face_size, threshold=threshold, threads=detector_threads)
         self.tta = tta
         # fitted on validation data by calibrate.py: scales the shown ±std, tempers the gender probability
@@ -134,26 +135,37 @@ class AgeGenderPredictor:
         """How many views of each face are averaged: 1 (the crop), 2 (and its mirror) or 4 (and the enlarged crop)."""
         return (4 if self.net.zoom_view else 2) if self.tta else 1
 
-    def _onnx_session(self, runtime, tta):
-        """runtime auto: onnxruntime on a CPU when it is installed (MobileNetV2 runs 3-6x faster), else PyTorch."""
+    def _start_runtime(self, runtime, tta):
+        """What runs the network (RUNTIMES): sets the onnxruntime session or the frozen TorchScript graph, and
+        returns the runtime's name. auto on a CPU: onnxruntime (MobileNetV2 runs 3-6x faster there than in
+        eager mode), or TorchScript for the trunks in TORCHSCRIPT_ON_CPU; eager PyTorch on a GPU."""
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime '{runtime}' (choose from {', '.join(RUNTIMES)})")
-        if runtime == "torch" or (runtime == "auto" and (self.device.type != "cpu" or self.net.arch in TORCH_FASTER_ON_CPU)):
-            return None
-        if self.device.type != "cpu":
-            raise ValueError("--runtime onnxruntime runs on the CPU: use --device cpu")
-        try:
-            return network_session(self.net, tta=tta)
-        except ImportError:
-            if runtime == "onnxruntime":
-                raise ValueError("--runtime onnxruntime needs `pip install onnx onnxruntime`")
-            return None
+        self.session, self.frozen, requested = None, None, runtime
+        if runtime == "auto":
+            runtime = "torch" if self.device.type != "cpu" else "torchscript" if self.net.arch in TORCHSCRIPT_ON_CPU else "onnxruntime"
+        elif runtime != "torch" and self.device.type != "cpu":
+            raise ValueError(f"--runtime {runtime} runs on the CPU: use --device cpu")
+        if runtime == "onnxruntime":
+            try:
+                self.session = network_session(self.net, tta=tta)
+            except ImportError:
+                if requested == "onnxruntime":
+                    raise ValueError("--runtime onnxruntime needs `pip install onnx onnxruntime`")
+                runtime = "torch"
+        elif runtime == "torchscript":
+            self.frozen = frozen_network(self.net, tta=tta)
+            runtime = "torchscript" if self.frozen is not None else "torch"  # eager mode computes the same
+        return runtime
 
     @torch.no_grad()
     def predict_tensor(self, x):
         """Normalised faces (N x 3 x 112 x 96 tensor) -> dict of numpy arrays, calibrated."""
         if self.session is not None:
             out = dict(zip(OUTPUTS, self.session.run(OUTPUTS, {"input": x.cpu().numpy()})))
+        elif self.frozen is not None:
+            with torch.inference_mode():
+                out = dict(zip(OUTPUTS, (t.numpy() for t in self.frozen(x.cpu()))))
         else:
             out = {k: v.cpu().numpy() for k, v in self.net.predict(x.to(self.device), tta=self.tta).items() if k in OUTPUTS}
         out["gender_prob"], out["age_std"] = apply_calibration(out["gender_prob"], out["age_std"], self.calibration)
@@ -400,7 +412,7 @@ def parse_args(argv):
     p.add_argument("--verbose", action="store_true", help="one line per photo instead of a progress bar")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--runtime", default="auto", choices=RUNTIMES,
-                   help="what runs the network: auto = onnxruntime on a CPU (MobileNetV2 several times faster) except for trunks PyTorch runs faster (SFace), PyTorch on a GPU")
+                   help="what runs the network: auto = on a CPU onnxruntime (MobileNetV2 several times faster than eager PyTorch) or a frozen TorchScript graph (SFace, 1.6x faster than eager), on a GPU PyTorch; torch = eager PyTorch")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average four views of each face: the crop, the crop enlarged by --tta-zoom, and their mirror images "
                         "(default: the views the checkpoint was calibrated for; the released model: --no-tta)")

@@ -53,6 +53,21 @@ def network_session(net, tta=False, threads=0):
     return onnx_session(buf.getvalue(), threads or torch.get_num_threads())
 
 
+def frozen_network(net, tta=False):
+    """The network as a frozen TorchScript graph optimised for CPU inference (torch.jit.optimize_for_inference:
+    convolutions in oneDNN's blocked layout, bias and PReLU fused), with the outputs of ExportWrapper. It runs
+    SFace's one view 1.6x faster than eager mode (bench.py infer), where onnxruntime runs it slower. Takes
+    about a second. None when TorchScript cannot take the network (it is deprecated in PyTorch 2.x)."""
+    wrapper = ExportWrapper(net.eval(), tta=tta).eval()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.trace is deprecated": still the fastest path here
+            traced = torch.jit.trace(wrapper, torch.zeros(2, 3, config.IMAGE_H, config.IMAGE_W))
+            return torch.jit.optimize_for_inference(traced.eval())
+    except Exception:
+        return None
+
+
 def max_difference(net, path, batch=8, seed=0):
     """Largest absolute difference of the probabilities between PyTorch and onnxruntime."""
     from detector import onnx_session

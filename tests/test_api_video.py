@@ -57,18 +57,24 @@ def test_predict_many_equals_one_by_one(predictor):
 
 
 def test_onnxruntime_and_pytorch_give_the_same_predictions(predictor):
-    """--runtime onnxruntime exports the network in memory (test-time views inside the graph); auto keeps
-    PyTorch for SFace, which it runs faster on a CPU."""
-    assert (predictor.session is None) == (predictor.net.arch in demo.TORCH_FASTER_ON_CPU)
+    """--runtime onnxruntime exports the network in memory (test-time views inside the graph); auto runs
+    SFace as a frozen TorchScript graph on a CPU, which is faster for it; torch is eager mode."""
+    assert predictor.runtime == ("torchscript" if predictor.net.arch in demo.TORCHSCRIPT_ON_CPU else "onnxruntime")
+    assert (predictor.frozen is not None) == (predictor.runtime == "torchscript")
     ort_run = demo.AgeGenderPredictor(device="cpu", runtime="onnxruntime")
     assert ort_run.session is not None and not ort_run.net.training  # exporting it must leave the network in eval mode
     torch_run = demo.AgeGenderPredictor(device="cpu", runtime="torch")
-    assert torch_run.session is None
+    assert torch_run.session is None and torch_run.frozen is None
+    script_run = demo.AgeGenderPredictor(device="cpu", runtime="torchscript")
+    assert script_run.frozen is not None
     rows = utk_rows("test", 16, seed=11)
     crops = np.stack([cv2.resize(read_image(os.path.join(UTK, r["file"]))[40:152, 52:148], (96, 112)) for r in rows])
     a, b = ort_run.predict_crops(crops), torch_run.predict_crops(crops)
     assert np.abs(a["age_prob"] - b["age_prob"]).max() < 1e-4 and np.abs(a["gender_prob"] - b["gender_prob"]).max() < 1e-4
     assert np.abs(a["age"] - b["age"]).max() < 0.01 and np.abs(a["age_std"] - b["age_std"]).max() < 0.01
+    e = script_run.predict_crops(crops)
+    assert np.abs(e["age_prob"] - b["age_prob"]).max() < 1e-4 and np.abs(e["gender_prob"] - b["gender_prob"]).max() < 1e-4
+    assert np.abs(e["age"] - b["age"]).max() < 0.01 and np.abs(e["age_std"] - b["age_std"]).max() < 0.01
     four = demo.AgeGenderPredictor(device="cpu", tta=True)  # the four views, inside the ONNX graph
     four_torch = demo.AgeGenderPredictor(device="cpu", tta=True, runtime="torch")
     c, d = four.predict_crops(crops), four_torch.predict_crops(crops)
