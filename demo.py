@@ -7,7 +7,8 @@
     python demo.py 0 --max-frames 100                # webcam 0
     python demo.py photos/ --detector retinaface     # faster per photo (about 1.3-1.9x), misses more faces under ~30 px
 
-On a CPU the network runs in onnxruntime, exported in memory at start (--runtime torch keeps PyTorch).
+On a CPU the network runs in onnxruntime, exported in memory at start, or for SFace (the released model) as a
+frozen TorchScript graph, which is faster for it (--runtime onnxruntime | torchscript | torch picks one).
 
 Each face gets a box and a label such as `F 31 ±4` (gender, expected age, standard deviation of the
 predicted age distribution). Writes the annotated images and contact_sheet.png (photo, aligned crop,
