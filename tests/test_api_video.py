@@ -258,3 +258,15 @@ def test_command_line_folder_run_with_workers_does_not_hang(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-1000:]
     assert [len(r["faces"]) for r in json.loads((tmp_path / "r.json").read_text())] == [1, 3, 1]
+
+
+def test_torchscript_falls_back_to_eager_mode_when_tracing_fails(monkeypatch):
+    """TorchScript is deprecated: a PyTorch that refuses to trace must leave the demo working, in eager mode."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("TorchScript is gone")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    run = demo.AgeGenderPredictor(device="cpu", runtime="torchscript")
+    assert run.runtime == "torch" and run.frozen is None and run.session is None
+    faces = run(ASTRONAUT)
+    assert len(faces) == 1 and faces[0].gender in ("F", "M")
