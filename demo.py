@@ -100,7 +100,7 @@ def as_rgb(image):
 
 # trunks that runtime "auto" runs as a frozen TorchScript graph on a CPU rather than in onnxruntime: SFace's
 # full-resolution stages with PReLU took 14-16 ms a face in onnxruntime, 10-12 ms in PyTorch's eager mode
-# and about 7.5 ms frozen (one face, 2 threads, BatchNorm folded; bench.py infer times them)
+# and about 8 ms frozen (one face, 2 threads, BatchNorm folded; bench.py infer times them)
 TORCHSCRIPT_ON_CPU = ("sface",)
 
 
@@ -413,7 +413,7 @@ def parse_args(argv):
     p.add_argument("--verbose", action="store_true", help="one line per photo instead of a progress bar")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--runtime", default="auto", choices=RUNTIMES,
-                   help="what runs the network: auto = on a CPU onnxruntime (MobileNetV2 several times faster than eager PyTorch) or a frozen TorchScript graph (SFace, 1.6x faster than eager), on a GPU PyTorch; torch = eager PyTorch")
+                   help="what runs the network: auto = on a CPU onnxruntime (MobileNetV2 several times faster than eager PyTorch) or a frozen TorchScript graph (SFace, faster than eager: bench.py infer), on a GPU PyTorch; torch = eager PyTorch")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average four views of each face: the crop, the crop enlarged by --tta-zoom, and their mirror images "
                         "(default: the views the checkpoint was calibrated for; the released model: --no-tta)")

@@ -56,7 +56,7 @@ def network_session(net, tta=False, threads=0):
 def frozen_network(net, tta=False):
     """The network as a frozen TorchScript graph optimised for CPU inference (torch.jit.optimize_for_inference:
     convolutions in oneDNN's blocked layout, bias and PReLU fused), with the outputs of ExportWrapper. It runs
-    SFace's one view 1.6x faster than eager mode (bench.py infer), where onnxruntime runs it slower. Takes
+    SFace's one view faster than eager mode (bench.py infer times both), where onnxruntime runs it slower. Takes
     about a second. None when TorchScript cannot take the network (it is deprecated in PyTorch 2.x)."""
     wrapper = ExportWrapper(net.eval(), tta=tta).eval()
     try:
