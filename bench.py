@@ -152,7 +152,7 @@ def _ms(fn, repeat):
 
 
 def bench_infer(args):
-    from demo import AgeGenderPredictor, views_of
+    from demo import AgeGenderPredictor
     from export_onnx import network_session
 
     use_all_cores_for_cv2()  # as demo.py does when run from the command line

@@ -36,7 +36,7 @@ MAX_IMAGE_PIXELS = 80_000_000
 # splits (README, row 11): mean val MAE 3.942 -> 3.832 for the MobileNetV2 release; 3.973 -> 3.885 /
 # 3.866 / 3.879 at 1.06 / 1.08 / 1.10 for the one before. 1.0 keeps the mirror pass only. The SFace
 # release runs one view (its calibration was fitted for one: calibrate.py --no-tta): one view of SFace
-# already costs about twice the MobileNetV2 release's four (README, Speed).
+# already costs 1.6-1.8 times the MobileNetV2 release's four (README, Speed).
 TTA_ZOOM = 1.08
 # Training augmentation scales each face by a factor drawn uniformly from this range (> 1 enlarges it:
 # a tighter crop); train.py --aug-scale LO HI overrides it.

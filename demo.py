@@ -99,8 +99,8 @@ def as_rgb(image):
 
 
 # trunks that runtime "auto" runs as a frozen TorchScript graph on a CPU rather than in onnxruntime: SFace's
-# full-resolution stages with PReLU took 14-16 ms a face in onnxruntime, 10-12 ms in PyTorch's eager mode
-# and about 8 ms frozen (one face, 2 threads, BatchNorm folded; bench.py infer times them)
+# full-resolution stages with PReLU took 15-19 ms a face in onnxruntime, 10-14 ms in PyTorch's eager mode
+# and 8-11 ms frozen (one face, 2 threads, BatchNorm folded; bench.py infer times them)
 TORCHSCRIPT_ON_CPU = ("sface",)
 
 

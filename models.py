@@ -378,7 +378,7 @@ def average_checkpoints(paths):
         _, ckpt = load_checkpoint(path)  # one line for a missing or foreign file, or weights that do not fit
         ckpts.append(ckpt)
     first, weights = ckpts[0], [inference_weights(c) for c in ckpts]
-    for path, ckpt, w in zip(paths[1:], ckpts[1:], weights[1:]):
+    for path, ckpt in zip(paths[1:], ckpts[1:]):
         if ckpt["config"].get("arch") != first["config"].get("arch"):
             raise CheckpointError(f"{path}: a {ckpt['config'].get('arch')} checkpoint cannot be averaged with "
                                   f"{first['config'].get('arch')} ({paths[0]})")
