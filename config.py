@@ -126,6 +126,13 @@ class TrainConfig:
     resume: bool = False
     device: str = ""  # '' = cuda when present, else cpu
     eval_tta: bool = True  # average the four views of test-time augmentation (see TTA_ZOOM) on validation
+    # knowledge distillation: checkpoints of this project (any trunk) whose averaged predictions on each
+    # training batch the network learns from as well as from the labels; e.g. an SFace and a MobileNetV2
+    # run, whose average predicts better than either (README) but costs two networks at run time
+    teacher: tuple[str, ...] = ()
+    teacher_weights: tuple[float, ...] = ()  # share of each --teacher in their average (empty = equal shares)
+    # loss = (1 - w) * the labels' loss + w * the same loss with the teachers' distributions as targets
+    distill_weight: float = 0.5
 
 
 @dataclass

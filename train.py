@@ -8,7 +8,10 @@
     torchrun --nproc_per_node=2 train.py --device cpu                          # DDP on the CPU (gloo)
 
 Loss = CE(gender) + age_weight * age loss (`--age-loss ce` or `dldl`: KL divergence to a Gaussian
-label distribution around the true age plus an L1 term on the expected age). Every default lives in
+label distribution around the true age plus an L1 term on the expected age). With `--teacher A.pt B.pt`
+(knowledge distillation) a share `--distill-weight` of the loss instead follows the teachers' averaged
+gender and age distributions on the same batch: one network learns what several predict together,
+for the run-time cost of one (README: row 22). Every default lives in
 config.py (TrainConfig). Writes to --out-dir: last.pt (every --ckpt-every steps and every epoch),
 best.pt (lowest validation MAE), log.csv and curves.png. Checkpoints are written atomically and
 loaded with weights_only=True; --resume restores model, optimizer, schedule, scaler, RNG and the
@@ -31,7 +34,7 @@ from tqdm import tqdm
 import config
 from data_gen import CacheError, FaceCache, MixedFaces, make_loader
 from metrics import compute_metrics, label_stds
-from models import ARCHS, AgeGenderNet
+from models import ARCHS, AgeGenderNet, CheckpointError, fuse_batchnorm, load_checkpoint
 from utils import atomic_torch_save, fail, parse_config
 
 # Options that may differ between a run and its --resume: they do not change what is learned.
@@ -57,6 +60,43 @@ def age_loss(age_logits, age, cfg):
     kl = (target * (torch.log(target.clamp_min(1e-12)) - log_p)).sum(1).mean()
     expected = log_p.exp() @ ages
     return kl + cfg.l1_weight * (expected - age.float()).abs().mean()
+
+
+def distill_loss(gender_logits, age_logits, teacher_gender, teacher_age, cfg):
+    """KL divergence from the teachers' distributions to the network's: gender on every face, its gender
+    labelled or not (the teachers say something about all of them), age weighted as in the labels' loss."""
+    kl_gender = F.kl_div(F.log_softmax(gender_logits, 1), teacher_gender, reduction="batchmean")
+    kl_age = F.kl_div(F.log_softmax(age_logits, 1), teacher_age, reduction="batchmean")
+    return kl_gender + cfg.age_weight * kl_age
+
+
+class Teachers:
+    """The --teacher checkpoints, frozen, in eval mode: their weighted average of the gender and age
+    distributions of a batch, from one view of each face (the batch the network is trained on)."""
+
+    def __init__(self, paths, weights, device):
+        if weights and len(weights) != len(paths):
+            fail(f"--teacher-weights has {len(weights)} value(s) for {len(paths)} teacher(s)")
+        weights = list(weights) or [1.0] * len(paths)
+        if min(weights) < 0 or sum(weights) <= 0:
+            fail(f"--teacher-weights must be non-negative with a positive sum, got {weights}")
+        self.weights = [w / sum(weights) for w in weights]
+        self.nets = []
+        for path in paths:
+            try:
+                net, _ = load_checkpoint(path, device)
+            except CheckpointError as e:
+                fail(f"--teacher {e}")
+            self.nets.append(fuse_batchnorm(net).requires_grad_(False))
+
+    @torch.no_grad()
+    def __call__(self, x, amp_dtype):
+        gender, age = 0, 0
+        for w, net in zip(self.weights, self.nets):
+            with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                gp, ap = net.probabilities(x)
+            gender, age = gender + w * gp, age + w * ap
+        return gender, age
 
 
 class WeightAverage:
@@ -247,6 +287,9 @@ def main(argv=None):
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, warmup_steps, cfg))
     ema = WeightAverage(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    teachers = Teachers(cfg.teacher, cfg.teacher_weights, device) if cfg.teacher else None
+    if not 0 <= cfg.distill_weight <= 1:
+        fail(f"--distill-weight must be between 0 and 1, got {cfg.distill_weight}")
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     # --- resume
@@ -299,6 +342,9 @@ def main(argv=None):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 gender_logits, age_logits = model(x)
             loss = gender_loss(gender_logits.float(), gender) + cfg.age_weight * age_loss(age_logits.float(), age, cfg)
+            if teachers is not None:
+                soft = distill_loss(gender_logits.float(), age_logits.float(), *teachers(x, amp_dtype), cfg)
+                loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * soft
             # checking every step costs a GPU sync; every 10 steps (and before every save) bounds the damage
             if (device.type != "cuda" or step % 10 == 0) and not torch.isfinite(loss):
                 stop_on_bad_loss(loss.item())

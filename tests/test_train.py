@@ -212,3 +212,55 @@ def test_export_averages_the_weights_of_several_checkpoints(tmp_path, capsys):
     torch.save({"model": AgeGenderNet("mobilenet_v2").state_dict(), "config": {"arch": "mobilenet_v2"}}, tmp_path / "other.pt")
     code, out, err = run_main(export_onnx.main, ["--checkpoint", paths[0], str(tmp_path / "other.pt"), "--release", soup], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "other.pt" in err and "cannot be averaged" in err
+
+
+def test_distill_loss_is_zero_at_the_teachers_distribution():
+    cfg = config.TrainConfig(age_weight=0.5)
+    g_logits, a_logits = torch.tensor([[0.3, -1.0], [2.0, 0.0]]), torch.randn(2, config.NUM_AGES)
+    same = train.distill_loss(g_logits, a_logits, g_logits.softmax(1), a_logits.softmax(1), cfg)
+    assert abs(same.item()) < 1e-6
+    # by hand: gender KL of [0.5, 0.5] from softmax([0, log 3]) = [0.25, 0.75] is 0.5 log(0.5/0.25) + 0.5 log(0.5/0.75)
+    g = torch.tensor([[0.0, float(np.log(3))]])
+    uniform_age = torch.full((1, config.NUM_AGES), 1 / config.NUM_AGES)
+    got = train.distill_loss(g, torch.zeros(1, config.NUM_AGES), torch.tensor([[0.5, 0.5]]), uniform_age, cfg)
+    assert got.item() == pytest.approx(0.5 * np.log(2) + 0.5 * np.log(2 / 3), abs=1e-6)
+
+
+def test_distillation_learns_from_the_teachers_not_the_labels(utk_cache, tmp_path, capsys):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    assert train.main(["--cache", utk_cache, "--out-dir", str(teacher), "--epochs", "1", "--max-steps", "3"] + SMALL) == 0
+    # the same faces with every training face's age and gender given to another face
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(utk_cache, shuffled)
+    with open(shuffled / "meta.csv") as f:
+        rows = list(csv.DictReader(f))
+    train_rows = [r for r in rows if r["split"] == "train"]
+    labels = [(r["age"], r["gender"]) for r in train_rows]
+    for r, (age, gender) in zip(train_rows, labels[1:] + labels[:1]):
+        r["age"], r["gender"] = age, gender
+    with open(shuffled / "meta.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+    def student(cache, weight, name):
+        args = ["--cache", str(cache), "--out-dir", str(tmp_path / name), "--epochs", "1", "--max-steps", "3",
+                "--teacher", str(teacher / "last.pt"), str(teacher / "last.pt"), "--teacher-weights", "1", "3",
+                "--distill-weight", weight] + SMALL
+        assert train.main(args) == 0
+        return torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
+
+    a, b = student(utk_cache, "1", "a"), student(shuffled, "1", "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # all of the loss follows the teachers: the labels play no part
+    c, d = student(utk_cache, "0.5", "c"), student(shuffled, "0.5", "d")
+    assert not all(torch.equal(c[k], d[k]) for k in c)
+
+    capsys.readouterr()  # the progress bars of the runs above
+    base = ["--cache", utk_cache, "--out-dir", str(tmp_path / "o"), "--max-steps", "1"] + SMALL
+    for extra, msg in ((["--teacher", str(tmp_path / "none.pt")], "none.pt: checkpoint not found"),
+                       (["--teacher", str(teacher / "last.pt"), "--teacher-weights", "1", "2"], "--teacher-weights has 2 value(s) for 1"),
+                       (["--teacher", str(teacher / "last.pt"), "--distill-weight", "2"], "--distill-weight must be between 0 and 1")):
+        code, err = run_train(base + extra, capsys)
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
