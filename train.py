@@ -34,7 +34,7 @@ from tqdm import tqdm
 import config
 from data_gen import CacheError, FaceCache, MixedFaces, make_loader
 from metrics import compute_metrics, label_stds
-from models import ARCHS, AgeGenderNet, CheckpointError, fuse_batchnorm, load_checkpoint
+from models import ARCHS, AgeGenderNet, CheckpointError, age_mean_std, fuse_batchnorm, load_checkpoint
 from utils import atomic_torch_save, fail, parse_config
 
 # Options that may differ between a run and its --resume: they do not change what is learned.
@@ -70,11 +70,13 @@ def distill_loss(gender_logits, age_logits, teacher_gender, teacher_age, cfg):
     return kl_gender + cfg.age_weight * kl_age
 
 
-class Teachers:
+class Teachers(torch.nn.Module):
     """The --teacher checkpoints, frozen, in eval mode: their weighted average of the gender and age
-    distributions of a batch, from one view of each face (the batch the network is trained on)."""
+    distributions of a batch, from one view of each face (the batch the network is trained on).
+    predict() makes them one model to validate like the network (train.py prints their figures)."""
 
     def __init__(self, paths, weights, device):
+        super().__init__()
         if weights and len(weights) != len(paths):
             fail(f"--teacher-weights has {len(weights)} value(s) for {len(paths)} teacher(s)")
         weights = list(weights) or [1.0] * len(paths)
@@ -88,15 +90,25 @@ class Teachers:
             except CheckpointError as e:
                 fail(f"--teacher {e}")
             self.nets.append(fuse_batchnorm(net).requires_grad_(False))
+        self.nets = torch.nn.ModuleList(self.nets)
+
+    def train(self, mode=True):
+        return self  # always in eval mode
 
     @torch.no_grad()
-    def __call__(self, x, amp_dtype):
+    def forward(self, x, amp_dtype=None):
         gender, age = 0, 0
         for w, net in zip(self.weights, self.nets):
             with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 gp, ap = net.probabilities(x)
             gender, age = gender + w * gp, age + w * ap
         return gender, age
+
+    @torch.no_grad()
+    def predict(self, x, tta=False):
+        gender, age = self(x.float())  # one view: what the network learns from
+        mean, std = age_mean_std(age, self.nets[0].ages)
+        return {"gender_prob": gender, "age_prob": age, "age": mean, "age_std": std}
 
 
 class WeightAverage:
@@ -290,6 +302,10 @@ def main(argv=None):
     teachers = Teachers(cfg.teacher, cfg.teacher_weights, device) if cfg.teacher else None
     if not 0 <= cfg.distill_weight <= 1:
         fail(f"--distill-weight must be between 0 and 1, got {cfg.distill_weight}")
+    teacher_metrics = {}
+    if teachers is not None and main_proc:  # what the network is to learn, on the same validation (one view)
+        teacher_metrics = validate(teachers, val, device, amp_dtype, cfg)
+        print("teachers on validation: " + "  ".join(f"{k} {v:.4f}" for k, v in teacher_metrics.items()))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     # --- resume
@@ -314,6 +330,7 @@ def main(argv=None):
         state = {"model": net.state_dict(), "ema": ema.model.state_dict() if ema else None,
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                  "best_mae": best_mae, "history": history, "config": dataclasses.asdict(cfg), "metrics": metrics or {},
+                 "teacher_metrics": teacher_metrics,
                  # the test-time views validation used: demo.py and evaluate.py predict with them by default
                  "tta": cfg.eval_tta, "tta_zoom": config.TTA_ZOOM,
                  "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}

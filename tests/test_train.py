@@ -250,7 +250,9 @@ def test_distillation_learns_from_the_teachers_not_the_labels(utk_cache, tmp_pat
                 "--teacher", str(teacher / "last.pt"), str(teacher / "last.pt"), "--teacher-weights", "1", "3",
                 "--distill-weight", weight] + SMALL
         assert train.main(args) == 0
-        return torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
+        ckpt = torch.load(tmp_path / name / "last.pt", weights_only=True)
+        assert 0 < ckpt["teacher_metrics"]["age_mae"] < 100  # the teachers were validated too
+        return ckpt["model"]
 
     a, b = student(utk_cache, "1", "a"), student(shuffled, "1", "b")
     assert all(torch.equal(a[k], b[k]) for k in a)  # all of the loss follows the teachers: the labels play no part
