@@ -131,6 +131,9 @@ class TrainConfig:
     # run, whose average predicts better than either (README) but costs two networks at run time
     teacher: tuple[str, ...] = ()
     teacher_weights: tuple[float, ...] = ()  # share of each --teacher in their average (empty = equal shares)
+    # each teacher predicts with the test-time views it predicts with in the demo (SFace runs: one; the
+    # MobileNetV2 runs: four); --no-teacher-tta: one view each (how row 22 of the README was trained)
+    teacher_tta: bool = True
     # loss = (1 - w) * the labels' loss + w * the same loss with the teachers' distributions as targets
     distill_weight: float = 0.5
 

@@ -41,7 +41,7 @@ from tqdm import tqdm
 import config
 from data_gen import normalize
 from metrics import apply_calibration
-from models import CheckpointError, fuse_batchnorm, load_checkpoint
+from models import CheckpointError, fuse_batchnorm, load_checkpoint, views_of
 from detector import DETECTORS, align_face, make_detector
 from export_onnx import OUTPUTS, frozen_network, network_session
 from tracker import FaceTracker
@@ -102,13 +102,6 @@ def as_rgb(image):
 # full-resolution stages with PReLU took 15-19 ms a face in onnxruntime, 10-14 ms in PyTorch's eager mode
 # and 8-11 ms frozen (one face, 2 threads, BatchNorm folded; bench.py infer times them)
 TORCHSCRIPT_ON_CPU = ("sface",)
-
-
-def views_of(ckpt, tta=None, tta_zoom=None):
-    """The test-time views to predict with: those asked for, else those the checkpoint's calibration was
-    fitted for (calibrate.py stores them), else all four (config.TTA_ZOOM), as for checkpoints before."""
-    tta = ckpt.get("tta", True) if tta is None else tta
-    return tta, ckpt.get("tta_zoom", config.TTA_ZOOM) if tta_zoom is None else tta_zoom
 
 
 class AgeGenderPredictor:

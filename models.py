@@ -355,6 +355,13 @@ def load_checkpoint(path, device="cpu"):
     return network_of(ckpt, path, device), ckpt
 
 
+def views_of(ckpt, tta=None, tta_zoom=None):
+    """The test-time views to predict with: those asked for, else those the checkpoint's calibration was
+    fitted for (calibrate.py stores them), else all four (config.TTA_ZOOM), as for checkpoints before."""
+    tta = ckpt.get("tta", True) if tta is None else tta
+    return tta, ckpt.get("tta_zoom", config.TTA_ZOOM) if tta_zoom is None else tta_zoom
+
+
 def network_of(ckpt, path="checkpoint", device="cpu"):
     """The AgeGenderNet (eval mode) that a checkpoint dict describes; `path` names it in errors."""
     cfg = ckpt["config"]

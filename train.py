@@ -34,7 +34,7 @@ from tqdm import tqdm
 import config
 from data_gen import CacheError, FaceCache, MixedFaces, make_loader
 from metrics import compute_metrics, label_stds
-from models import ARCHS, AgeGenderNet, CheckpointError, age_mean_std, fuse_batchnorm, load_checkpoint
+from models import ARCHS, AgeGenderNet, CheckpointError, age_mean_std, fuse_batchnorm, load_checkpoint, views_of
 from utils import atomic_torch_save, fail, parse_config
 
 # Options that may differ between a run and its --resume: they do not change what is learned.
@@ -72,10 +72,12 @@ def distill_loss(gender_logits, age_logits, teacher_gender, teacher_age, cfg):
 
 class Teachers(torch.nn.Module):
     """The --teacher checkpoints, frozen, in eval mode: their weighted average of the gender and age
-    distributions of a batch, from one view of each face (the batch the network is trained on).
+    distributions of a batch (the batch the network is trained on), each teacher with the test-time
+    views it predicts with in the demo (models.views_of: one for SFace runs, four for the MobileNetV2
+    ones, whose average is better than one view; the network still sees one).
     predict() makes them one model to validate like the network (train.py prints their figures)."""
 
-    def __init__(self, paths, weights, device):
+    def __init__(self, paths, weights, device, own_views=True):
         super().__init__()
         if weights and len(weights) != len(paths):
             fail(f"--teacher-weights has {len(weights)} value(s) for {len(paths)} teacher(s)")
@@ -83,13 +85,15 @@ class Teachers(torch.nn.Module):
         if min(weights) < 0 or sum(weights) <= 0:
             fail(f"--teacher-weights must be non-negative with a positive sum, got {weights}")
         self.weights = [w / sum(weights) for w in weights]
-        self.nets = []
+        self.nets, self.tta = [], []
         for path in paths:
             try:
-                net, _ = load_checkpoint(path, device)
+                net, ckpt = load_checkpoint(path, device)
             except CheckpointError as e:
                 fail(f"--teacher {e}")
-            self.nets.append(fuse_batchnorm(net).requires_grad_(False))
+            tta, tta_zoom = views_of(ckpt)
+            self.nets.append(fuse_batchnorm(net).set_tta_zoom(tta_zoom).requires_grad_(False))
+            self.tta.append(tta and own_views)
         self.nets = torch.nn.ModuleList(self.nets)
 
     def train(self, mode=True):
@@ -98,15 +102,15 @@ class Teachers(torch.nn.Module):
     @torch.no_grad()
     def forward(self, x, amp_dtype=None):
         gender, age = 0, 0
-        for w, net in zip(self.weights, self.nets):
+        for w, net, tta in zip(self.weights, self.nets, self.tta):
             with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                gp, ap = net.probabilities(x)
+                gp, ap = net.probabilities(x, tta)
             gender, age = gender + w * gp, age + w * ap
         return gender, age
 
     @torch.no_grad()
     def predict(self, x, tta=False):
-        gender, age = self(x.float())  # one view: what the network learns from
+        gender, age = self(x.float())  # each teacher with its own views: what the network learns from
         mean, std = age_mean_std(age, self.nets[0].ages)
         return {"gender_prob": gender, "age_prob": age, "age": mean, "age_std": std}
 
@@ -299,11 +303,11 @@ def main(argv=None):
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, warmup_steps, cfg))
     ema = WeightAverage(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    teachers = Teachers(cfg.teacher, cfg.teacher_weights, device) if cfg.teacher else None
+    teachers = Teachers(cfg.teacher, cfg.teacher_weights, device, cfg.teacher_tta) if cfg.teacher else None
     if not 0 <= cfg.distill_weight <= 1:
         fail(f"--distill-weight must be between 0 and 1, got {cfg.distill_weight}")
     teacher_metrics = {}
-    if teachers is not None and main_proc:  # what the network is to learn, on the same validation (one view)
+    if teachers is not None and main_proc:  # what the network is to learn, on the same validation
         teacher_metrics = validate(teachers, val, device, amp_dtype, cfg)
         print("teachers on validation: " + "  ".join(f"{k} {v:.4f}" for k, v in teacher_metrics.items()))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)

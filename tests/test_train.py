@@ -259,6 +259,16 @@ def test_distillation_learns_from_the_teachers_not_the_labels(utk_cache, tmp_pat
     c, d = student(utk_cache, "0.5", "c"), student(shuffled, "0.5", "d")
     assert not all(torch.equal(c[k], d[k]) for k in c)
 
+    # each teacher predicts with its own views (this run validated with four), or one each (--no-teacher-tta)
+    net, _ = load_checkpoint(str(teacher / "last.pt"))
+    x = torch.randn(3, 3, config.IMAGE_H, config.IMAGE_W)
+    for own_views in (True, False):
+        gender, age = train.Teachers([str(teacher / "last.pt")] * 2, [1, 3], "cpu", own_views)(x)
+        with torch.no_grad():
+            want_gender, want_age = net.probabilities(x, own_views)
+        assert torch.allclose(gender, want_gender, atol=1e-5) and torch.allclose(age, want_age, atol=1e-5)
+    assert not torch.allclose(net.probabilities(x, True)[1], net.probabilities(x, False)[1], atol=1e-5)
+
     capsys.readouterr()  # the progress bars of the runs above
     base = ["--cache", utk_cache, "--out-dir", str(tmp_path / "o"), "--max-steps", "1"] + SMALL
     for extra, msg in ((["--teacher", str(tmp_path / "none.pt")], "none.pt: checkpoint not found"),
