@@ -134,7 +134,7 @@ class TrainConfig:
     # each teacher predicts with the test-time views it predicts with in the demo (SFace runs: one; the
     # MobileNetV2 runs: four); --no-teacher-tta: one view each (how row 22 of the README was trained)
     teacher_tta: bool = True
-    # loss = (1 - w) * the labels' loss + w * the same loss with the teachers' distributions as targets
+    # loss = (1 - w) * the labels' loss + w * KL(the teachers' gender and age distributions || the network's)
     distill_weight: float = 0.5
 
 

@@ -11,7 +11,7 @@ Loss = CE(gender) + age_weight * age loss (`--age-loss ce` or `dldl`: KL diverge
 label distribution around the true age plus an L1 term on the expected age). With `--teacher A.pt B.pt`
 (knowledge distillation) a share `--distill-weight` of the loss instead follows the teachers' averaged
 gender and age distributions on the same batch: one network learns what several predict together,
-for the run-time cost of one (README: row 22). Every default lives in
+for the run-time cost of one (README: rows 22-24). Every default lives in
 config.py (TrainConfig). Writes to --out-dir: last.pt (every --ckpt-every steps and every epoch),
 best.pt (lowest validation MAE), log.csv and curves.png. Checkpoints are written atomically and
 loaded with weights_only=True; --resume restores model, optimizer, schedule, scaler, RNG and the
@@ -303,9 +303,9 @@ def main(argv=None):
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, warmup_steps, cfg))
     ema = WeightAverage(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    teachers = Teachers(cfg.teacher, cfg.teacher_weights, device, cfg.teacher_tta) if cfg.teacher else None
     if not 0 <= cfg.distill_weight <= 1:
         fail(f"--distill-weight must be between 0 and 1, got {cfg.distill_weight}")
+    teachers = Teachers(cfg.teacher, cfg.teacher_weights, device, cfg.teacher_tta) if cfg.teacher else None
     teacher_metrics = {}
     if teachers is not None and main_proc:  # what the network is to learn, on the same validation
         teacher_metrics = validate(teachers, val, device, amp_dtype, cfg)
