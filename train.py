@@ -62,6 +62,14 @@ def age_loss(age_logits, age, cfg):
     return kl + cfg.l1_weight * (expected - age.float()).abs().mean()
 
 
+def check_shares(option, shares, count, of_what):
+    """One share per item (or none: the default), non-negative with a positive sum; else one line, exit 2."""
+    if shares and len(shares) != count:
+        fail(f"{option} has {len(shares)} value(s) for {count} {of_what}")
+    if shares and (min(shares) < 0 or sum(shares) <= 0):
+        fail(f"{option} must be non-negative with a positive sum, got {list(shares)}")
+
+
 def distill_loss(gender_logits, age_logits, teacher_gender, teacher_age, cfg):
     """KL divergence from the teachers' distributions to the network's: gender on every face, its gender
     labelled or not (the teachers say something about all of them), age weighted as in the labels' loss."""
@@ -79,11 +87,8 @@ class Teachers(torch.nn.Module):
 
     def __init__(self, paths, weights, device, own_views=True):
         super().__init__()
-        if weights and len(weights) != len(paths):
-            fail(f"--teacher-weights has {len(weights)} value(s) for {len(paths)} teacher(s)")
+        check_shares("--teacher-weights", weights, len(paths), "teacher(s)")
         weights = list(weights) or [1.0] * len(paths)
-        if min(weights) < 0 or sum(weights) <= 0:
-            fail(f"--teacher-weights must be non-negative with a positive sum, got {weights}")
         self.weights = [w / sum(weights) for w in weights]
         self.nets, self.tta = [], []
         for path in paths:
@@ -218,10 +223,7 @@ def setup_processes(cfg):
 
 def build_data(cfg, rank, world, main_proc):
     """The training loader over every --cache (mixed by --source-weights) and one validation set per cache."""
-    if cfg.source_weights and len(cfg.source_weights) != len(cfg.cache):
-        fail(f"--source-weights has {len(cfg.source_weights)} value(s) for {len(cfg.cache)} cache(s)")
-    if cfg.source_weights and (min(cfg.source_weights) < 0 or sum(cfg.source_weights) <= 0):
-        fail(f"--source-weights must be non-negative with a positive sum, got {list(cfg.source_weights)}")
+    check_shares("--source-weights", cfg.source_weights, len(cfg.cache), "cache(s)")
     if len(cfg.aug_scale) != 2 or not 0 < cfg.aug_scale[0] <= cfg.aug_scale[1] <= 4:
         fail(f"--aug-scale takes LO HI with 0 < LO <= HI <= 4, got {list(cfg.aug_scale)}")
     try:
