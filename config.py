@@ -44,8 +44,9 @@ AUG_SCALE = (0.9, 1.1)
 # Larger photos are scaled down to this long side before face detection (landmarks are mapped back).
 DETECT_MAX_SIDE = 1280
 # The face detector of demo.py and evaluate.py --detect (detector.py): mtcnn (an image pyramid: finds
-# faces down to 20 px) or retinaface (one pass: faster and finds more ordinary faces, but misses many
-# faces under ~30 px; see the README's Speed section)
+# faces down to 20 px), yunet (one pass, ONet's landmarks: several times faster, finds more ordinary
+# faces, misses more of those under ~25 px) or retinaface (one pass: misses many faces under ~30 px);
+# see the README's Speed section
 DETECTOR = "mtcnn"
 
 
@@ -147,7 +148,7 @@ class EvalConfig:
     split: str = ""  # keep only rows of this split (e.g. test) when the CSV has a split column
     cache: str = ""  # evaluate on a cache from pre_process.py instead of images
     detect: bool = False  # full pipeline on raw photos: detect, align, predict
-    detector: str = DETECTOR  # with --detect: retinaface or mtcnn
+    detector: str = DETECTOR  # with --detect: mtcnn, retinaface or yunet
     pad_fraction: float = 0.0  # pad photos before detection (use 0.25 for tight crops like UTKFace)
     # shrink every photo by this factor before detection: how the model copes with faces as small and
     # soft as in group photos (UTKFace's 200x200 photos at 0.25 leave faces about 30 pixels tall)

@@ -5,7 +5,7 @@
     python demo.py big_folder/ --no-draw --csv out/faces.csv --workers 8   # thousands of photos, all cores
     python demo.py clip.mp4 --out out/video          # an annotated clip.mp4 with one stable label per person
     python demo.py 0 --max-frames 100                # webcam 0
-    python demo.py photos/ --detector retinaface     # faster per photo (about 1.3-1.9x), misses more faces under ~30 px
+    python demo.py photos/ --detector yunet          # faster per photo (README: Speed), misses more faces under ~25 px
 
 On a CPU the network runs in onnxruntime, exported in memory at start, or for SFace (the released model) as a
 frozen TorchScript graph, which is faster for it (--runtime onnxruntime | torchscript | torch picks one).
@@ -413,9 +413,10 @@ def parse_args(argv):
     p.add_argument("--tta-zoom", type=float, default=None,
                    help=f"how much the enlarged view is enlarged, 1.0: the mirror pass only (default: the checkpoint's, else {config.TTA_ZOOM})")
     p.add_argument("--min-face-size", type=int, default=20, help="smallest face to find, in pixels")
-    p.add_argument("--threshold", type=float, default=None, help="detector score needed to accept a face (default: the detector's own, 0.8 retinaface, 0.9 mtcnn)")
+    p.add_argument("--threshold", type=float, default=None, help="detector score needed to accept a face (default: the detector's own, 0.9 mtcnn, 0.6 yunet, 0.8 retinaface)")
     p.add_argument("--detector", default=config.DETECTOR, choices=sorted(DETECTORS),
-                   help="face detector: mtcnn (finds faces down to 20 px) or retinaface (about 1.3-1.9x faster per photo with the released model, misses more faces under ~30 px)")
+                   help="face detector: mtcnn (finds faces down to 20 px), yunet (several times faster per photo, misses more faces under ~25 px) "
+                        "or retinaface (faster, misses many faces under ~30 px); README: Speed")
     p.add_argument("--max-frames", type=int, default=0, help="videos/webcam: stop after this many frames (0 = all)")
     p.add_argument("--every", type=int, default=1, help="videos: annotate every N-th frame")
     p.add_argument("--detect-every", type=int, default=1,
