@@ -425,7 +425,7 @@ def bench_landmarks(args):
         line = f"{name}: mean distance from MTCNN's points / inter-ocular distance {raw.mean():.4f}"
         if name != "yunet":
             line += (f"; {fitted.mean():.4f} moved by their mean offset (along the eye axis, across it), "
-                     f"TO_MTCNN = {np.array2string(offset.round(3), separator=', ')}")
+                     f"TO_MTCNN = {offset.round(3).tolist()}")
         if name == "retinaface":
             shipped_d = np.linalg.norm(to_mtcnn_convention(p, shipped) - ref, axis=2).mean(1) / iod
             res[name]["mean_distance_iod_shipped_offset"] = round(float(shipped_d.mean()), 4)

