@@ -392,4 +392,11 @@ def average_checkpoints(paths):
     averaged = {k: (sum(w[k] for w in weights) / len(weights) if v.is_floating_point() else v)
                 for k, v in weights[0].items()}
     return {**{k: first[k] for k in ("config", "history", "tta", "tta_zoom") if k in first},
-            "model": averaged, "metrics": {}, "epoch": None, "averaged_from": [os.path.abspath(p) for p in paths]}
+            "model": averaged, "metrics": {}, "epoch": None, "averaged_from": [_repo_relative(p) for p in paths]}
+
+
+def _repo_relative(path):
+    """A path as the README's commands write it (relative to the repository) when it lies inside it."""
+    path = os.path.abspath(path)
+    inside = os.path.commonpath([path, config.ROOT]) == os.path.abspath(config.ROOT)
+    return os.path.relpath(path, config.ROOT) if inside else path

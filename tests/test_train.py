@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import config
+import models
 import train
 from conftest import ROOT
 from models import AgeGenderNet, CheckpointError, load_checkpoint
@@ -207,7 +208,8 @@ def test_export_averages_the_weights_of_several_checkpoints(tmp_path, capsys):
     net, ckpt = load_checkpoint(soup)
     key = "gender_head.weight"
     assert torch.allclose(net.state_dict()[key], ((states[0][key] + states[1][key]) / 2).half().float())
-    assert ckpt["tta"] is False and ckpt["averaged_from"] == [os.path.abspath(p) for p in paths]
+    assert ckpt["tta"] is False and ckpt["averaged_from"] == [os.path.abspath(p) for p in paths]  # outside the repo
+    assert models._repo_relative(os.path.join(config.ROOT, "checkpoints", "a", "best.pt")) == os.path.join("checkpoints", "a", "best.pt")
 
     torch.save({"model": AgeGenderNet("mobilenet_v2").state_dict(), "config": {"arch": "mobilenet_v2"}}, tmp_path / "other.pt")
     code, out, err = run_main(export_onnx.main, ["--checkpoint", paths[0], str(tmp_path / "other.pt"), "--release", soup], capsys)
