@@ -385,38 +385,44 @@ def bench_small(args):
     return res
 
 
-def bench_landmarks(args):
-    """The one-pass detectors' landmarks against MTCNN's on UTKFace val photos: RetinaFace's (the mean offset
-    its TO_MTCNN constant holds, the distance left before and after it), YuNet's own points (the same
-    figures, had they been used) and ONet's points in YuNet's boxes (what YuNetDetector gives)."""
+def _landmarks_on_utk_val(detectors, n, reference):
+    """Best-face landmarks (k, 5, 2) of each detector and of the reference one on up to n UTKFace val photos
+    (padded by 0.25), on the k photos where every one of them finds a face."""
     import csv
 
-    from detector import YuNetDetector, make_detector, mtcnn_offset, to_mtcnn_convention
     from utils import read_image
 
     utk = os.path.join(config.SHARED_DATA, "utkface")
     with open(os.path.join(utk, "labels.csv"), newline="") as f:
         files = [r["file"] for r in csv.DictReader(f) if r["split"] == "val"]
     rng = np.random.default_rng(3)
-    files = [files[i] for i in rng.choice(len(files), min(args.photos, len(files)), replace=False)]
-    mtcnn, retina = make_detector("mtcnn", min_face_size=40), make_detector("retinaface")
-    shipped, retina.TO_MTCNN = retina.TO_MTCNN, np.zeros((5, 2))  # its own points, uncorrected
-    others = {"retinaface": retina, "yunet_own_points": YuNetDetector(onet_landmarks=False), "yunet": make_detector("yunet")}
-    ref, pts = [], {name: [] for name in others}
+    files = [files[i] for i in rng.choice(len(files), min(n, len(files)), replace=False)]
+    ref, pts = [], {name: [] for name in detectors}
     for file in tqdm(files, desc="landmarks", unit="photo"):
         rgb = read_image(os.path.join(utk, file))
-        found = {name: det.detect(rgb, pad_fraction=0.25) for name, det in others.items()}
-        base = mtcnn.detect(rgb, pad_fraction=0.25)
+        found = {name: det.detect(rgb, pad_fraction=0.25) for name, det in detectors.items()}
+        base = reference.detect(rgb, pad_fraction=0.25)
         if base and all(found.values()):
             ref.append(base[0].landmarks)
-            for name in others:
+            for name in detectors:
                 pts[name].append(found[name][0].landmarks)
+    return len(files), np.array(ref, np.float64), {name: np.array(p, np.float64) for name, p in pts.items()}
+
+
+def bench_landmarks(args):
+    """The one-pass detectors' landmarks against MTCNN's on UTKFace val photos: RetinaFace's (the mean offset
+    its TO_MTCNN constant holds, the distance left before and after it), YuNet's own points (the same
+    figures, had they been used) and ONet's points in YuNet's boxes (what YuNetDetector gives)."""
+    from detector import YuNetDetector, make_detector, mtcnn_offset, to_mtcnn_convention
+
+    retina = make_detector("retinaface")
+    shipped, retina.TO_MTCNN = retina.TO_MTCNN, np.zeros((5, 2))  # its own points, uncorrected
+    others = {"retinaface": retina, "yunet_own_points": YuNetDetector(onet_landmarks=False), "yunet": make_detector("yunet")}
+    photos, ref, pts = _landmarks_on_utk_val(others, args.photos, make_detector("mtcnn", min_face_size=40))
     retina.TO_MTCNN = shipped
-    ref = np.array(ref, np.float64)
     iod = np.linalg.norm(ref[:, 1] - ref[:, 0], axis=1)
-    res, lines = {"photos": len(files), "faces": len(ref)}, []
-    for name in others:
-        p = np.array(pts[name], np.float64)
+    res, lines = {"photos": photos, "faces": len(ref)}, []
+    for name, p in pts.items():
         offset = mtcnn_offset(p, ref)
         raw = np.linalg.norm(p - ref, axis=2).mean(1) / iod
         fitted = np.linalg.norm(to_mtcnn_convention(p, offset) - ref, axis=2).mean(1) / iod
@@ -431,7 +437,7 @@ def bench_landmarks(args):
             res[name]["mean_distance_iod_shipped_offset"] = round(float(shipped_d.mean()), 4)
             line += f"; {shipped_d.mean():.4f} with the shipped one"
         lines.append(line)
-    print(f"{len(ref)} of {len(files)} UTKFace val photos found by every detector (padded by 0.25)\n" + "\n".join(lines))
+    print(f"{len(ref)} of {photos} UTKFace val photos found by every detector (padded by 0.25)\n" + "\n".join(lines))
     return res
 
 
