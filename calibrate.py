@@ -1,4 +1,4 @@
-"""Fit the uncertainty the model shows to what it gets right, on validation faces, and store it in the checkpoint.
+"""Fit how the model's output is shown to what it gets right, on validation faces, and store it in the checkpoint.
 
     python calibrate.py --checkpoint checkpoints/mix/best.pt --cache data/utkface data/clap2016
     python calibrate.py --checkpoint weights/age_gender_sface_112x96.pt --cache data/utkface --dry-run
@@ -6,12 +6,14 @@
 demo.py shows each face's age as `31 ±4`, the ± being the std of the predicted age distribution, and
 a gender probability. Trained with soft age labels, that std is a property of the loss, not of the
 error: uncalibrated, it can be far too narrow or too wide. This script predicts every `val` face of
-the caches (never `test`), fits two numbers (metrics.fit_calibration: a factor on the age std so that
-about 68% of true ages fall within ±1 std, and a temperature on the gender logit by likelihood), prints
-the coverage and the gender ECE before and after, per cache (each cache weighing the same in the fit),
-and writes them into the checkpoint as
-`calibration` (atomically, in place unless --out), with the test-time views they were fitted for
-(`tta`, `tta_zoom`). demo.py and evaluate.py apply them and use those views unless told otherwise.
+the caches (never `test`), chooses how an age is read off its predicted distribution (`age_estimate`:
+its mean or its median, whichever has the lower MAE there; metrics.choose_age_estimate), fits two numbers
+(metrics.fit_calibration: a factor on the age std so that about 68% of true ages fall within ±1 std of
+that age, and a temperature on the gender logit by likelihood), prints the coverage and the gender ECE
+before and after, per cache (each cache weighing the same in the choice and the fit), and writes them
+into the checkpoint as `age_estimate` and `calibration` (atomically, in place unless --out), with the
+test-time views they were fitted for (`tta`, `tta_zoom`). demo.py and evaluate.py apply them and use
+those views unless told otherwise.
 """
 import argparse
 import sys
@@ -21,7 +23,7 @@ import torch
 
 import config
 from data_gen import CacheError, FaceCache, make_loader
-from metrics import apply_calibration, calibration_report, fit_calibration
+from metrics import AGE_ESTIMATES, apply_calibration, calibration_report, choose_age_estimate, fit_calibration
 from models import CheckpointError
 from utils import atomic_torch_save, fail
 
@@ -38,11 +40,11 @@ def predictions(predictor, cache, split, batch_size):
     return ds.name, np.concatenate(gp), np.concatenate(ap), np.concatenate(ages), np.concatenate(genders)
 
 
-def show(name, gp, ap, ages, genders, calibration):
+def show(name, gp, ap, ages, genders, calibration, estimate):
     scale = calibration.get("age_std_scale", 1.0) if calibration else 1.0
     if calibration:
         gp, _ = apply_calibration(gp, np.zeros(len(gp)), calibration)
-    r = calibration_report(gp, ap, ages, genders, std_scale=scale)
+    r = calibration_report(gp, ap, ages, genders, std_scale=scale, estimate=estimate)
     print(f"  {name:<14} {len(ages):>6}   within ±1 std {100 * r['age_within_1std']:5.1f}%   ±2 std {100 * r['age_within_2std']:5.1f}%"
           f"   gender ECE {100 * r['gender_ece']:.2f}%")
 
@@ -54,6 +56,8 @@ def main(argv=None):
     p.add_argument("--split", default="val", choices=("val",), help="the split fitted on: validation only, never test")
     p.add_argument("--out", default="", help="write the calibrated checkpoint here instead of in place")
     p.add_argument("--batch-size", type=int, default=256, help="faces per forward pass")
+    p.add_argument("--age-estimate", default="auto", choices=("auto",) + AGE_ESTIMATES,
+                   help="how ages are read off the distribution: auto = the mean or the median, whichever has the lower MAE on these val faces")
     p.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="fit for the four test-time views (--no-tta: the crop alone); stored with the fit, demo.py's default "
@@ -72,18 +76,22 @@ def main(argv=None):
     pooled = [np.concatenate([s[k] for s in sets]) for k in range(1, 5)]
     # each cache weighs the same, as in train.py's choice of epoch: the small in-the-wild set counts as much
     weights = np.concatenate([np.full(len(s[3]), 1.0 / len(s[3])) for s in sets])
-    calibration = fit_calibration(*pooled, weights=weights)
+    estimate, mae = choose_age_estimate(pooled[1], pooled[2], weights)
+    estimate = estimate if args.age_estimate == "auto" else args.age_estimate
+    print("age MAE, each cache weighing the same: " + ", ".join(f"{e} {v:.4f}" for e, v in mae.items()) + f"; ages shown as the {estimate}")
+    calibration = fit_calibration(*pooled, weights=weights, estimate=estimate)
     print("before (the model's own std and probability):")
     for s in sets:
-        show(*s, None)
+        show(*s, None, estimate)
     print(f"fitted on {len(pooled[2]):,} {args.split} faces, each cache weighing the same: {calibration}")
     print("after:")
     for s in sets:
-        show(*s, calibration)
+        show(*s, calibration, estimate)
     if args.dry_run:
         return 0
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     ckpt["calibration"] = {**calibration, "fitted_on": [f"{s[0]} {args.split} ({len(s[3])})" for s in sets]}
+    ckpt["age_estimate"] = estimate
     # the fit holds for these views only, so they become the checkpoint's default in demo.py and evaluate.py
     ckpt["tta"], ckpt["tta_zoom"] = predictor.tta, float(predictor.net.zoom_factor)
     target = args.out or args.checkpoint

@@ -162,4 +162,7 @@ class EvalConfig:
     # the enlarged view's factor; 1.0 = the mirror pass only (how rows 1-10 were measured); unset: the checkpoint's, else TTA_ZOOM
     tta_zoom: float = None
     calibrated: bool = True  # apply the checkpoint's calibration (age std scale, gender temperature) if it has one
+    # read each age off its predicted distribution as its mean or its median; unset: what calibrate.py chose
+    # on validation for the checkpoint, else the mean (README rows 1-27 were measured with the mean)
+    age_estimate: str = None
     device: str = ""  # '' = cuda when present, else cpu

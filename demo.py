@@ -10,8 +10,9 @@
 On a CPU the network runs in onnxruntime, exported in memory at start, or for SFace (the released model) as a
 frozen TorchScript graph, which is faster for it (--runtime onnxruntime | torchscript | torch picks one).
 
-Each face gets a box and a label such as `F 31 ±4` (gender, expected age, standard deviation of the
-predicted age distribution). Writes the annotated images and contact_sheet.png (photo, aligned crop,
+Each face gets a box and a label such as `F 31 ±4` (gender, age read off the predicted age distribution
+as the checkpoint's calibration chose on validation, its mean or median; the ± is that distribution's
+standard deviation, calibrated). Writes the annotated images and contact_sheet.png (photo, aligned crop,
 prediction) to --out and, with --json / --csv, one record per input / one row per face. In videos
 faces are tracked (tracker.py) and each person's label is averaged over the frames seen so far.
 A file that cannot be read, or with no face in it, gets a one-line message; the others still go
@@ -40,8 +41,8 @@ from tqdm import tqdm
 
 import config
 from data_gen import normalize
-from metrics import apply_calibration
-from models import CheckpointError, fuse_batchnorm, load_checkpoint, views_of
+from metrics import AGE_ESTIMATES, apply_calibration, predicted_age
+from models import CheckpointError, age_estimate_of, fuse_batchnorm, load_checkpoint, views_of
 from detector import DETECTORS, align_face, make_detector
 from export_onnx import OUTPUTS, frozen_network, network_session
 from tracker import FaceTracker
@@ -109,11 +110,12 @@ class AgeGenderPredictor:
 
     predictor(image) -> list of FaceRecord (best detection first); predictor.predict_many(images)
     batches the network across photos. `calibrated` applies the checkpoint's fitted calibration
-    (calibrate.py) to the age std and the gender probability.
+    (calibrate.py) to the age std and the gender probability. `age_estimate` reads each age off its
+    distribution as its mean or its median (None: as calibrate.py chose for the checkpoint, else the mean).
     """
 
     def __init__(self, checkpoint=config.RELEASED_MODEL, device=None, tta=None, min_face_size=20, threshold=None, calibrated=True,
-                 detector=config.DETECTOR, detector_threads=0, runtime="auto", tta_zoom=None):
+                 detector=config.DETECTOR, detector_threads=0, runtime="auto", tta_zoom=None, age_estimate=None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         net, self.ckpt = load_checkpoint(checkpoint, self.device)
         tta, tta_zoom = views_of(self.ckpt, tta, tta_zoom)
@@ -123,6 +125,9 @@ class AgeGenderPredictor:
         self.tta = tta
         # fitted on validation data by calibrate.py: scales the shown ±std, tempers the gender probability
         self.calibration = self.ckpt.get("calibration") if calibrated else None
+        self.age_estimate = age_estimate_of(self.ckpt, age_estimate)
+        if self.age_estimate not in AGE_ESTIMATES:
+            raise ValueError(f"unknown age estimate '{self.age_estimate}' (choose from {', '.join(AGE_ESTIMATES)})")
 
     @property
     def views(self):
@@ -162,6 +167,8 @@ class AgeGenderPredictor:
                 out = dict(zip(OUTPUTS, (t.numpy() for t in self.frozen(x.cpu()))))
         else:
             out = {k: v.cpu().numpy() for k, v in self.net.predict(x.to(self.device), tta=self.tta).items() if k in OUTPUTS}
+        if self.age_estimate != "mean":  # the network's own output is the mean
+            out["age"] = predicted_age(out["age_prob"], self.age_estimate).astype(out["age"].dtype)
         out["gender_prob"], out["age_std"] = apply_calibration(out["gender_prob"], out["age_std"], self.calibration)
         return out
 
@@ -338,7 +345,8 @@ def run_video(predictor, source, out_dir, max_frames, every, used, draw_it=True,
     total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if not source.isdigit() else 0
     writer, frames, n_faces, k = None, [], 0, 0
     # the averaged distribution's std gets the same calibration factor as a single face's
-    tracker = FaceTracker(max_lost=max(2, 15 // every), age_std_scale=(predictor.calibration or {}).get("age_std_scale", 1.0))
+    tracker = FaceTracker(max_lost=max(2, 15 // every), age_std_scale=(predictor.calibration or {}).get("age_std_scale", 1.0),
+                          age_estimate=predictor.age_estimate)
     target = out_name(out_dir, f"camera{source}" if source.isdigit() else source, used) + ".mp4"
     bar = tqdm(total=min(total, max_frames or total) or None, desc=os.path.basename(source), unit="frame")
     while not max_frames or k < max_frames:
@@ -412,6 +420,9 @@ def parse_args(argv):
                         "(default: the views the checkpoint was calibrated for; the released model: --no-tta)")
     p.add_argument("--tta-zoom", type=float, default=None,
                    help=f"how much the enlarged view is enlarged, 1.0: the mirror pass only (default: the checkpoint's, else {config.TTA_ZOOM})")
+    p.add_argument("--age-estimate", default=None, choices=AGE_ESTIMATES,
+                   help="read each age off the predicted distribution as its mean or its median (default: what calibrate.py chose on "
+                        "validation for the checkpoint, else the mean; the released model: the median)")
     p.add_argument("--min-face-size", type=int, default=20, help="smallest face to find, in pixels")
     p.add_argument("--threshold", type=float, default=None, help="detector score needed to accept a face (default: the detector's own, 0.9 mtcnn, 0.6 yunet, 0.8 retinaface)")
     p.add_argument("--detector", default=config.DETECTOR, choices=sorted(DETECTORS),
@@ -428,7 +439,7 @@ def main(argv=None, use_all_cores=False):
     """use_all_cores: let cv2 use every core in this process (a command-line run), once no worker will fork."""
     args = parse_args(argv)
     predictor_args = dict(checkpoint=args.checkpoint, device=args.device, tta=args.tta, min_face_size=args.min_face_size, threshold=args.threshold,
-                          detector=args.detector, runtime=args.runtime, tta_zoom=args.tta_zoom)
+                          detector=args.detector, runtime=args.runtime, tta_zoom=args.tta_zoom, age_estimate=args.age_estimate)
     try:
         net, ckpt = load_checkpoint(args.checkpoint)  # a bad checkpoint or factor is one line here, before any worker starts
         net.set_tta_zoom(views_of(ckpt, args.tta, args.tta_zoom)[1])

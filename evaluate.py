@@ -26,14 +26,14 @@ from tqdm import tqdm
 import config
 from data_gen import CacheError, FaceCache, make_loader
 from models import CheckpointError
-from metrics import calibration_report, compute_metrics, label_stds
+from metrics import AGE_ESTIMATES, calibration_report, compute_metrics, label_stds, predicted_age
 from detector import align_face
 from utils import InputError, fail, parse_config, read_image, read_label_rows, use_all_cores_for_cv2
 
 RACES = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}
 
 
-def breakdown(gender_prob, age_prob, ages, genders, groups):
+def breakdown(gender_prob, age_prob, ages, genders, groups, estimate="mean"):
     """Metrics per group label; groups maps a name to a list of per-face labels."""
     out = {}
     for name, labels in groups.items():
@@ -41,7 +41,7 @@ def breakdown(gender_prob, age_prob, ages, genders, groups):
         out[name] = {}
         for g in sorted(set(labels.tolist()), key=lambda v: (len(str(v)), str(v))):
             m = labels == g
-            r = compute_metrics(gender_prob[m], age_prob[m], ages[m], genders[m])
+            r = compute_metrics(gender_prob[m], age_prob[m], ages[m], genders[m], estimate=estimate)
             out[name][str(g)] = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
     return out
 
@@ -107,7 +107,7 @@ def read_labels(path, split, gender_labels=""):
 def main(argv=None):
     from detector import DETECTORS
 
-    cfg = parse_config(config.EvalConfig, argv, description="Evaluate an AgeGenderNet checkpoint", choices={"detector": sorted(DETECTORS)})
+    cfg = parse_config(config.EvalConfig, argv, description="Evaluate an AgeGenderNet checkpoint", choices={"detector": sorted(DETECTORS), "age_estimate": AGE_ESTIMATES})
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not 0 < cfg.downscale <= 1:
         fail(f"--downscale {cfg.downscale}: give a factor in (0, 1]")
@@ -117,7 +117,7 @@ def main(argv=None):
 
     try:
         predictor = AgeGenderPredictor(cfg.checkpoint, device, cfg.tta, calibrated=cfg.calibrated, detector=cfg.detector,
-                                       tta_zoom=cfg.tta_zoom)
+                                       tta_zoom=cfg.tta_zoom, age_estimate=cfg.age_estimate)
     except (CheckpointError, ValueError) as e:
         fail(str(e))
     gp, ap, ages, genders = [], [], [], []
@@ -180,25 +180,27 @@ def main(argv=None):
     gp, ap = np.concatenate(gp), np.concatenate(ap)
     ages, genders = np.concatenate(ages), np.concatenate(genders)
     races = [r.get("race", "") for r in kept]
-    pred_age = ap @ np.arange(ap.shape[1])
-    metrics = compute_metrics(gp, ap, ages, genders, label_stds(kept))
+    estimate = predictor.age_estimate
+    pred_age = predicted_age(ap, estimate)
+    metrics = compute_metrics(gp, ap, ages, genders, label_stds(kept), estimate=estimate)
     # the shown ±std is the model's std times the checkpoint's calibration factor (if any and --calibrated)
     scale = predictor.calibration.get("age_std_scale", 1.0) if predictor.calibration else 1.0
-    calib = calibration_report(gp, ap, ages, genders, std_scale=scale)
+    calib = calibration_report(gp, ap, ages, genders, std_scale=scale, estimate=estimate)
     views = predictor.views
-    report = {"checkpoint": cfg.checkpoint, "views": views, "detector": cfg.detector if cfg.detect else None, "downscale": cfg.downscale, "n": n, "faces_found": faces_found,
+    report = {"checkpoint": cfg.checkpoint, "views": views, "detector": cfg.detector if cfg.detect else None, "downscale": cfg.downscale,
+              "age_estimate": estimate, "n": n, "faces_found": faces_found,
               "calibration_applied": predictor.calibration or None,
               **{k: round(v, 4) for k, v in metrics.items() if k != "n"}, **{k: round(v, 4) for k, v in calib.items()}}
     groups = {"age_decade": [f"{min(a // 10 * 10, 90)}s" for a in ages],
               "gender": [{0: "F", 1: "M"}.get(int(g), "unknown") for g in genders]}
     if any(races):
         groups["race"] = [RACES.get(str(r), str(r) or "unknown") for r in races]
-    report["by"] = breakdown(gp, ap, ages, genders, groups)
+    report["by"] = breakdown(gp, ap, ages, genders, groups, estimate)
 
     gender_text = f"gender accuracy {100 * metrics['gender_acc']:.2f}%" if metrics["n_gender"] else "gender not labelled"
     print(f"faces {faces_found} of {n}   {gender_text}   age MAE {metrics['age_mae']:.3f}   "
           f"CS@5 {100 * metrics['age_cs5']:.1f}%   exact age top-1 {100 * metrics['age_top1']:.1f}%   top-5 {100 * metrics['age_top5']:.1f}%"
-          + (f"   epsilon {metrics['age_epsilon']:.4f}" if "age_epsilon" in metrics else "") + f"   ({views} view{'s' * (views > 1)} per face)")
+          + (f"   epsilon {metrics['age_epsilon']:.4f}" if "age_epsilon" in metrics else "") + f"   ({views} view{'s' * (views > 1)} per face, age = the distribution's {estimate})")
     print(f"calibration: true age within ±1 std {100 * calib['age_within_1std']:.1f}% (ideal ~68%), ±2 std "
           f"{100 * calib['age_within_2std']:.1f}% (~95%); gender ECE {100 * calib['gender_ece']:.2f}%"
           + (f"   (applied: {predictor.calibration})" if predictor.calibration else "   (uncalibrated)"))

@@ -6,8 +6,12 @@ the model shows (age ± std, gender probability) means what it says.
     m = compute_metrics(gender_prob, age_prob, ages, genders, age_std)   # + epsilon (ChaLearn LAP)
     c = calibration_report(gender_prob, age_prob, ages, genders)         # coverage of ±1/±2 std, ECE
 
+The age a face is given is one number read off its predicted distribution over 0..100
+(`predicted_age`): its mean (DEX's expected age, what training's L1 term fits) or its median, the
+number that minimises the expected absolute error when the distribution is right. Every function
+here takes `estimate` ("mean" or "median"); `choose_age_estimate` picks one on validation data.
 Calibration is fitted on validation data by `fit_calibration` and applied by `apply_calibration`:
-the age std is multiplied by one factor (the expected age does not move, so MAE is unchanged) and
+the age std is multiplied by one factor (the age shown does not move, so MAE is unchanged) and
 the gender logit is divided by a temperature.
 """
 import numpy as np
@@ -21,8 +25,33 @@ def label_stds(rows):
     return stds if np.isfinite(stds).any() else None
 
 
+AGE_ESTIMATES = ("mean", "median")
+
+
 def expected_age(age_prob):
     return np.asarray(age_prob, dtype=np.float64) @ np.arange(np.shape(age_prob)[1])
+
+
+def median_age(age_prob):
+    """The median of each distribution, class k covering the ages [k - 0.5, k + 0.5) with its probability
+    spread evenly, so that the median moves continuously (a mass at one age gives that age)."""
+    p = np.asarray(age_prob, dtype=np.float64)
+    p = p / p.sum(1, keepdims=True)
+    cum = np.cumsum(p, 1)
+    k = np.minimum((cum < 0.5).sum(1), p.shape[1] - 1)  # the class in which the cumulative mass reaches one half
+    rows = np.arange(len(p))
+    below = np.where(k > 0, cum[rows, np.maximum(k - 1, 0)], 0.0)
+    age = k - 0.5 + (0.5 - below) / np.maximum(p[rows, k], 1e-12)
+    return np.clip(age, 0, p.shape[1] - 1)
+
+
+def predicted_age(age_prob, estimate="mean"):
+    """The age given to each face: the mean or the median of its predicted distribution (AGE_ESTIMATES)."""
+    if estimate == "mean":
+        return expected_age(age_prob)
+    if estimate == "median":
+        return median_age(age_prob)
+    raise ValueError(f"unknown age estimate '{estimate}' (choose from {', '.join(AGE_ESTIMATES)})")
 
 
 def age_std_of(age_prob):
@@ -32,18 +61,18 @@ def age_std_of(age_prob):
     return np.sqrt(np.clip(p @ ages**2 - mean**2, 0, None))
 
 
-def compute_metrics(gender_prob, age_prob, age_true, gender_true, age_std_true=None):
-    """Gender accuracy (over faces whose gender is known, i.e. not -1), age MAE of the expected age,
-    CS@5, exact-age top-1/top-5, and with the labels' std (apparent age) the epsilon error
-    mean(1 - exp(-(pred - age)^2 / (2 std^2)))."""
+def compute_metrics(gender_prob, age_prob, age_true, gender_true, age_std_true=None, estimate="mean"):
+    """Gender accuracy (over faces whose gender is known, i.e. not -1), age MAE of the predicted age
+    (`estimate`: the mean or the median of the distribution), CS@5, exact-age top-1/top-5, and with
+    the labels' std (apparent age) the epsilon error mean(1 - exp(-(pred - age)^2 / (2 std^2)))."""
     gender_prob, age_prob = np.asarray(gender_prob, dtype=np.float64), np.asarray(age_prob, dtype=np.float64)
     age_true, gender_true = np.asarray(age_true), np.asarray(gender_true)
     n = len(age_true)
     out = {"n": int(n), "n_gender": 0, "gender_acc": NAN, "age_mae": NAN, "age_cs5": NAN, "age_top1": NAN, "age_top5": NAN}
     if n == 0:
         return out
-    expected = expected_age(age_prob)
-    err = np.abs(expected - age_true)
+    pred = predicted_age(age_prob, estimate)
+    err = np.abs(pred - age_true)
     top5 = np.argsort(-age_prob, axis=1)[:, :5]
     known = gender_true >= 0
     out.update({
@@ -58,7 +87,7 @@ def compute_metrics(gender_prob, age_prob, age_true, gender_true, age_std_true=N
         std = np.asarray(age_std_true, dtype=np.float64)
         ok = np.isfinite(std) & (std > 0)
         if ok.any():
-            out["age_epsilon"] = float(np.mean(1 - np.exp(-((expected[ok] - age_true[ok]) ** 2) / (2 * std[ok] ** 2))))
+            out["age_epsilon"] = float(np.mean(1 - np.exp(-((pred[ok] - age_true[ok]) ** 2) / (2 * std[ok] ** 2))))
     return out
 
 
@@ -78,14 +107,14 @@ def expected_calibration_error(confidence, correct, bins=10):
     return float(ece)
 
 
-def calibration_report(gender_prob, age_prob, age_true, gender_true, std_scale=1.0):
-    """Share of true ages inside ±1 and ±2 predicted std (ideal about 68% / 95% if errors were
+def calibration_report(gender_prob, age_prob, age_true, gender_true, std_scale=1.0, estimate="mean"):
+    """Share of true ages inside ±1 and ±2 predicted std around the predicted age (ideal about 68% / 95% if errors were
     Gaussian), the median |error| / std, and the gender probability's ECE (known genders only)."""
     age_true, gender_true = np.asarray(age_true, dtype=np.float64), np.asarray(gender_true)
     if len(age_true) == 0:
         return {"age_within_1std": NAN, "age_within_2std": NAN, "age_z_median": NAN, "gender_ece": NAN}
     std = np.maximum(age_std_of(age_prob) * std_scale, 1e-6)
-    z = np.abs(expected_age(age_prob) - age_true) / std
+    z = np.abs(predicted_age(age_prob, estimate) - age_true) / std
     known = gender_true >= 0
     gp = np.asarray(gender_prob, dtype=np.float64)[known]
     return {
@@ -114,8 +143,9 @@ def weighted_median(values, weights):
     return float(v[k])
 
 
-def fit_calibration(gender_prob, age_prob, age_true, gender_true, weights=None):
-    """{'age_std_scale': s, 'gender_temperature': t} fitted on validation predictions.
+def fit_calibration(gender_prob, age_prob, age_true, gender_true, weights=None, estimate="mean"):
+    """{'age_std_scale': s, 'gender_temperature': t} fitted on validation predictions, the age errors
+    measured from the `estimate` of each distribution (what the demo will show).
 
     s makes the (weighted) median of |error| / (s * std) equal 0.674, the median of |z| for a Gaussian,
     so that half the true ages fall within ±0.674 std and, if errors are near Gaussian, 68% within ±1
@@ -124,7 +154,7 @@ def fit_calibration(gender_prob, age_prob, age_true, gender_true, weights=None):
     (a grid search over 0.25..4 on a log scale, then refined)."""
     age_true, gender_true = np.asarray(age_true, dtype=np.float64), np.asarray(gender_true)
     std = np.maximum(age_std_of(age_prob), 1e-6)
-    z = np.abs(expected_age(age_prob) - age_true) / std
+    z = np.abs(predicted_age(age_prob, estimate) - age_true) / std
     weights = np.ones(len(z)) if weights is None else np.asarray(weights, dtype=np.float64)
     scale = weighted_median(z, weights) / 0.6745 if len(z) else 1.0
     known = gender_true >= 0
@@ -142,8 +172,15 @@ def fit_calibration(gender_prob, age_prob, age_true, gender_true, weights=None):
     return {"age_std_scale": round(scale, 4), "gender_temperature": round(t_best, 4)}
 
 
+def choose_age_estimate(age_prob, age_true, weights=None):
+    """The AGE_ESTIMATES entry with the lower (weighted) MAE on these validation faces, and each one's MAE."""
+    weights = np.ones(len(age_true)) if weights is None else np.asarray(weights, dtype=np.float64)
+    mae = {e: float(np.average(np.abs(predicted_age(age_prob, e) - np.asarray(age_true)), weights=weights)) for e in AGE_ESTIMATES}
+    return min(AGE_ESTIMATES, key=mae.get), mae
+
+
 def apply_calibration(gender_prob, age_std, calibration):
-    """Calibrated (gender_prob, age_std); the expected age is left as it is."""
+    """Calibrated (gender_prob, age_std); the predicted age is left as it is."""
     if not calibration:
         return gender_prob, age_std
     gp = _gender_with_temperature(gender_prob, calibration.get("gender_temperature", 1.0))

@@ -362,6 +362,12 @@ def views_of(ckpt, tta=None, tta_zoom=None):
     return tta, ckpt.get("tta_zoom", config.TTA_ZOOM) if tta_zoom is None else tta_zoom
 
 
+def age_estimate_of(ckpt, estimate=None):
+    """How a face's age is read off its distribution (metrics.AGE_ESTIMATES): the one asked for, else the
+    one calibrate.py chose on validation and stored, else the mean, as for checkpoints before."""
+    return estimate or ckpt.get("age_estimate", "mean")
+
+
 def network_of(ckpt, path="checkpoint", device="cpu"):
     """The AgeGenderNet (eval mode) that a checkpoint dict describes; `path` names it in errors."""
     cfg = ckpt["config"]

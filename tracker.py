@@ -16,16 +16,18 @@ swapping identities: each track's predicted box is ahead of it in its own direct
 
 Aggregation: a track's label averages the predicted age distributions and gender probabilities of all
 its faces so far, each weighted by detection score times face height (a larger, surer face says more),
-so the age shown is that of the averaged distribution and its ± the spread of that distribution.
+so the age shown is read off the averaged distribution as the model's ages are (its mean or median,
+`age_estimate`) and its ± is the spread of that distribution.
 """
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from detector import box_iou
+from metrics import age_std_of, predicted_age
 
 
 class Track:
-    def __init__(self, track_id, frame, face, age_std_scale=1.0):
+    def __init__(self, track_id, frame, face, age_std_scale=1.0, age_estimate="mean"):
         self.id = track_id
         self.first_frame = self.last_frame = frame
         self.boxes = {}
@@ -34,6 +36,7 @@ class Track:
         self.age_prob = None
         self.gender_prob = None
         self.age_std_scale = age_std_scale
+        self.age_estimate = age_estimate
         self._add(frame, face)
 
     def predicted_box(self, frame):
@@ -64,12 +67,11 @@ class Track:
         """The track's label so far: age and its ± from the averaged distribution, gender and its probability."""
         if self.age_prob is None:
             return {}
-        p = self.age_prob / self.weight
-        ages = np.arange(len(p))
-        mean = float(p @ ages)
-        std = float(np.sqrt(max(0.0, p @ ages**2 - mean**2))) * self.age_std_scale
+        p = (self.age_prob / self.weight)[None]
+        age = float(predicted_age(p, self.age_estimate)[0])
+        std = float(age_std_of(p)[0]) * self.age_std_scale
         p_male = self.gender_prob / self.weight
-        return {"age": round(mean, 1), "age_std": round(std, 1), "gender": "M" if p_male >= 0.5 else "F",
+        return {"age": round(age, 1), "age_std": round(std, 1), "gender": "M" if p_male >= 0.5 else "F",
                 "gender_prob": round(max(p_male, 1 - p_male), 4)}
 
     def to_dict(self):
@@ -78,9 +80,10 @@ class Track:
 
 
 class FaceTracker:
-    def __init__(self, max_lost=15, landmark_gate=1.0, age_std_scale=1.0):
+    def __init__(self, max_lost=15, landmark_gate=1.0, age_std_scale=1.0, age_estimate="mean"):
         self.max_lost = max_lost
         self.age_std_scale = age_std_scale  # the calibration factor of the model's std (calibrate.py)
+        self.age_estimate = age_estimate  # mean or median of the distribution, as the predictor reads ages
         self.landmark_gate = landmark_gate
         self.tracks = {}  # every track so far, by id
         self.active = []  # ids of tracks that may still be matched
@@ -126,7 +129,7 @@ class FaceTracker:
                     ids[j] = tid
         for j, face in enumerate(faces):
             if ids[j] is None:
-                t = Track(self._next_id, frame, face, self.age_std_scale)
+                t = Track(self._next_id, frame, face, self.age_std_scale, self.age_estimate)
                 self._next_id += 1
                 self.tracks[t.id] = t
                 self.active.append(t.id)

@@ -14,7 +14,8 @@ import pre_process
 import train
 from conftest import run_main, write_csv
 from data_gen import EpochBatchSampler, FaceCache, MixedFaces, augment, make_loader
-from metrics import apply_calibration, calibration_report, compute_metrics, expected_calibration_error, fit_calibration
+from metrics import (apply_calibration, calibration_report, choose_age_estimate, compute_metrics, expected_calibration_error, fit_calibration,
+                     median_age, predicted_age)
 
 CLAP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "clap2016")
 
@@ -236,6 +237,39 @@ def test_calibration_weights_let_a_small_source_count_as_much():
     assert fair["age_std_scale"] == pytest.approx(2 / 0.6745, abs=1e-3)  # halfway between the two sources
 
 
+def test_median_age_by_hand():
+    """Class k covers the ages [k - 0.5, k + 0.5): a mass at one age gives that age, and the median moves
+    continuously where the mean is pulled by a far tail."""
+    p = np.zeros((4, 101))
+    p[0, 1] = 1.0  # all at age 1
+    p[1, [30, 31]] = 0.5  # half at 30, half at 31: both 30.5
+    p[2, [0, 1, 10]] = [0.3, 0.3, 0.4]  # a baby with a tail: mean 4.3, median 0.5 + 0.2 / 0.3 (in class 1)
+    p[3, [20, 21, 22]] = [0.25, 0.5, 0.25]
+    assert median_age(p) == pytest.approx([1.0, 30.5, 0.5 + 0.2 / 0.3, 21.0])
+    assert predicted_age(p, "mean") == pytest.approx([1.0, 30.5, 4.3, 21.0])
+    assert predicted_age(p * 3, "median") == pytest.approx(median_age(p))  # unnormalised is normalised first
+    with pytest.raises(ValueError, match="unknown age estimate"):
+        predicted_age(p, "mode")
+    # MAE and coverage follow the estimate asked for
+    truth = np.array([1, 30, 1, 21])
+    assert compute_metrics(np.full((4, 2), 0.5), p, truth, np.full(4, -1))["age_mae"] == pytest.approx((0.5 + 3.3) / 4)
+    assert compute_metrics(np.full((4, 2), 0.5), p, truth, np.full(4, -1), estimate="median")["age_mae"] == pytest.approx((0.5 + (0.5 + 0.2 / 0.3 - 1)) / 4)
+
+
+def test_choose_age_estimate_by_hand():
+    """The estimate with the lower (weighted) validation MAE wins; weights let a small source count as much."""
+    babies = np.zeros((3, 101))
+    babies[:, [0, 1, 10]] = [0.3, 0.3, 0.4]  # mean 4.3, median 1.167
+    adults = np.zeros((3, 101))
+    adults[:, [20, 60]] = [0.6, 0.4]  # mean 36, median 19.5 + 0.5 / 0.6 (in class 20)
+    assert choose_age_estimate(babies, np.full(3, 1.0))[0] == "median"
+    best, mae = choose_age_estimate(adults, np.full(3, 36.0))
+    assert best == "mean" and mae["mean"] == pytest.approx(0) and mae["median"] == pytest.approx(36 - (19.5 + 0.5 / 0.6))
+    both, truth = np.r_[babies[:1], adults], np.r_[1.0, np.full(3, 36.0)]
+    assert choose_age_estimate(both, truth)[0] == "mean"  # three adults outweigh one baby ...
+    assert choose_age_estimate(both, truth, weights=[1.0, 0.01, 0.01, 0.01])[0] == "median"  # ... unless weighted
+
+
 def test_calibrate_stores_the_views_it_was_fitted_for(clap_cache, tmp_path, capsys):
     """calibrate.py writes the fit with its test-time views; they become the checkpoint's default views."""
     import calibrate
@@ -251,3 +285,42 @@ def test_calibrate_stores_the_views_it_was_fitted_for(clap_cache, tmp_path, caps
     stored = demo.AgeGenderPredictor(two, "cpu")
     assert stored.tta is True and not stored.net.zoom_view  # the mirror pass only, as fitted
     assert demo.AgeGenderPredictor(two, "cpu", tta=False).tta is False  # what the caller asks for comes first
+
+
+def test_calibrate_chooses_the_age_estimate_and_the_demo_follows_it(clap_cache, tmp_path, capsys):
+    """calibrate.py stores the estimate it chose (or was told); the predictor, evaluate.py and the tracker read
+    ages off the distribution with it, and an explicit choice comes first."""
+    import calibrate
+    import demo
+    from tracker import FaceTracker
+
+    median_ckpt = str(tmp_path / "median.pt")
+    code, out, _ = run_main(calibrate.main, ["--checkpoint", config.RELEASED_MODEL, "--cache", clap_cache, "--age-estimate", "median",
+                                             "--out", median_ckpt], capsys)
+    assert code == 0 and "ages shown as the median" in out and "mean " in out
+    assert torch.load(median_ckpt, map_location="cpu", weights_only=True)["age_estimate"] == "median"
+    x = next(iter(make_loader(FaceCache(clap_cache, split="val"), 16, workers=0)[0]))[0]
+    by_median = demo.AgeGenderPredictor(median_ckpt, "cpu", runtime="torch")
+    by_mean = demo.AgeGenderPredictor(median_ckpt, "cpu", runtime="torch", age_estimate="mean")
+    assert by_median.age_estimate == "median" and by_mean.age_estimate == "mean"
+    a, b = by_median.predict_tensor(x), by_mean.predict_tensor(x)
+    assert np.allclose(a["age_prob"], b["age_prob"]) and np.allclose(a["age_std"], b["age_std"])
+    assert np.allclose(a["age"], median_age(a["age_prob"]), atol=1e-3) and np.allclose(b["age"], predicted_age(b["age_prob"]), atol=1e-3)
+    assert np.abs(a["age"] - b["age"]).max() > 0.05  # really another number
+    with pytest.raises(ValueError, match="unknown age estimate"):
+        demo.AgeGenderPredictor(median_ckpt, "cpu", age_estimate="mode")
+    # evaluate.py scores the same estimate, and says which
+    report = str(tmp_path / "eval.json")
+    assert run_main(evaluate.main, ["--checkpoint", median_ckpt, "--cache", clap_cache, "--split", "val", "--json", report], capsys)[0] == 0
+    with open(report) as f:
+        r = json.load(f)
+    ds = FaceCache(clap_cache, split="val")
+    got = by_median.predict_tensor(next(iter(make_loader(ds, len(ds), workers=0)[0]))[0])
+    assert r["age_estimate"] == "median" and r["age_mae"] == pytest.approx(np.abs(got["age"] - ds.ages.numpy()).mean(), abs=1e-3)
+    # a track's averaged distribution is read the same way
+    face = {"box": [0, 0, 50, 60], "landmarks": [[10, 20]] * 5, "score": 1.0, "gender": "F", "gender_prob": 0.9,
+            "age_distribution": list(a["age_prob"][0])}
+    for estimate in ("mean", "median"):
+        tracker = FaceTracker(age_estimate=estimate)
+        track = tracker.tracks[tracker.update(0, [face])[0]]
+        assert track.summary()["age"] == pytest.approx(predicted_age(a["age_prob"][:1], estimate)[0], abs=0.06)
