@@ -79,6 +79,20 @@ def test_demo_on_good_and_bad_files(tmp_path, capsys):
     assert code == 1 and "folder has no images" in err
 
 
+def test_demo_reads_ages_as_the_released_model_was_calibrated_unless_told(tmp_path, capsys):
+    """The released model shows the median of each age distribution (calibrate.py chose it on validation);
+    --age-estimate mean shows the mean of the same distribution."""
+    photo = os.path.join(config.ROOT, "images", "grace_hopper.jpg")
+    ages = {}
+    for estimate in ("", "median", "mean"):
+        js = tmp_path / f"{estimate or 'default'}.json"
+        args = [photo, "--no-draw", "--json", str(js)] + (["--age-estimate", estimate] if estimate else [])
+        assert run(demo.main, args, capsys)[0] == 0
+        ages[estimate] = json.loads(js.read_text())[0]["faces"][0]["age"]
+    assert ages[""] == ages["median"] and ages["median"] != ages["mean"]
+    assert run(demo.main, [photo, "--no-draw", "--age-estimate", "mode"], capsys)[0] == 2  # argparse refuses it
+
+
 def test_demo_finds_all_30_faces_of_a_group(tmp_path, capsys):
     rows = utk_rows("test", 30, seed=7)
     canvas = np.full((5 * 260 + 40, 6 * 240 + 40, 3), 180, np.uint8)
