@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import config
 from data_gen import normalize
-from metrics import AGE_ESTIMATES, apply_calibration, predicted_age
+from metrics import AGE_ESTIMATES, apply_calibration, check_age_estimate, predicted_age
 from models import CheckpointError, age_estimate_of, fuse_batchnorm, load_checkpoint, views_of
 from detector import DETECTORS, align_face, make_detector
 from export_onnx import OUTPUTS, frozen_network, network_session
@@ -125,9 +125,7 @@ class AgeGenderPredictor:
         self.tta = tta
         # fitted on validation data by calibrate.py: scales the shown ±std, tempers the gender probability
         self.calibration = self.ckpt.get("calibration") if calibrated else None
-        self.age_estimate = age_estimate_of(self.ckpt, age_estimate)
-        if self.age_estimate not in AGE_ESTIMATES:
-            raise ValueError(f"unknown age estimate '{self.age_estimate}' (choose from {', '.join(AGE_ESTIMATES)})")
+        self.age_estimate = check_age_estimate(age_estimate_of(self.ckpt, age_estimate))  # a wrong name fails here, not per face
 
     @property
     def views(self):

@@ -45,13 +45,16 @@ def median_age(age_prob):
     return np.clip(age, 0, p.shape[1] - 1)
 
 
+def check_age_estimate(estimate):
+    """`estimate` if it is one of AGE_ESTIMATES, else ValueError saying which there are."""
+    if estimate not in AGE_ESTIMATES:
+        raise ValueError(f"unknown age estimate '{estimate}' (choose from {', '.join(AGE_ESTIMATES)})")
+    return estimate
+
+
 def predicted_age(age_prob, estimate="mean"):
     """The age given to each face: the mean or the median of its predicted distribution (AGE_ESTIMATES)."""
-    if estimate == "mean":
-        return expected_age(age_prob)
-    if estimate == "median":
-        return median_age(age_prob)
-    raise ValueError(f"unknown age estimate '{estimate}' (choose from {', '.join(AGE_ESTIMATES)})")
+    return expected_age(age_prob) if check_age_estimate(estimate) == "mean" else median_age(age_prob)
 
 
 def age_std_of(age_prob):
