@@ -9,9 +9,12 @@ error: uncalibrated, it can be far too narrow or too wide. This script predicts 
 the caches (never `test`), chooses how an age is read off its predicted distribution (`age_estimate`:
 its mean or its median, whichever has the lower MAE there; metrics.choose_age_estimate), fits two numbers
 (metrics.fit_calibration: a factor on the age std so that about 68% of true ages fall within ±1 std of
-that age, and a temperature on the gender logit by likelihood), prints the coverage and the gender ECE
-before and after, per cache (each cache weighing the same in the choice and the fit), and writes them
-into the checkpoint as `age_estimate` and `calibration` (atomically, in place unless --out), with the
+that age, and a temperature on the gender logit by likelihood), and chooses the gender probability under
+which a face is shown as unsure (metrics.fit_unsure_threshold: the highest at which the faces it marks
+are, together, right at most --unsure-accuracy of the time), prints the coverage, the gender ECE and the
+share marked unsure before and after, per cache (each cache weighing the same in the choice and the
+fit), and writes them into the checkpoint as `age_estimate` and `calibration` (atomically, in place
+unless --out), with the
 test-time views they were fitted for (`tta`, `tta_zoom`). demo.py and evaluate.py apply them and use
 those views unless told otherwise.
 """
@@ -23,7 +26,8 @@ import torch
 
 import config
 from data_gen import CacheError, FaceCache, make_loader
-from metrics import AGE_ESTIMATES, apply_calibration, calibration_report, choose_age_estimate, fit_calibration
+from metrics import (AGE_ESTIMATES, apply_calibration, calibration_report, choose_age_estimate, fit_calibration,
+                     fit_unsure_threshold, gender_unsure)
 from models import CheckpointError
 from utils import atomic_torch_save, fail
 
@@ -45,8 +49,15 @@ def show(name, gp, ap, ages, genders, calibration, estimate):
     if calibration:
         gp, _ = apply_calibration(gp, np.zeros(len(gp)), calibration)
     r = calibration_report(gp, ap, ages, genders, std_scale=scale, estimate=estimate)
-    print(f"  {name:<14} {len(ages):>6}   within ±1 std {100 * r['age_within_1std']:5.1f}%   ±2 std {100 * r['age_within_2std']:5.1f}%"
-          f"   gender ECE {100 * r['gender_ece']:.2f}%")
+    line = (f"  {name:<14} {len(ages):>6}   within ±1 std {100 * r['age_within_1std']:5.1f}%   ±2 std {100 * r['age_within_2std']:5.1f}%"
+            f"   gender ECE {100 * r['gender_ece']:.2f}%")
+    known = genders >= 0
+    if calibration and "gender_unsure_below" in calibration and known.any():
+        unsure = gender_unsure(gp[known], calibration["gender_unsure_below"])
+        right = gp[known].argmax(1) == genders[known]
+        line += (f"   unsure {100 * unsure.mean():.1f}% (right {100 * right[unsure].mean() if unsure.any() else float('nan'):.0f}%),"
+                 f" the rest right {100 * right[~unsure].mean():.2f}%")
+    print(line)
 
 
 def main(argv=None):
@@ -58,6 +69,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=256, help="faces per forward pass")
     p.add_argument("--age-estimate", default="auto", choices=("auto",) + AGE_ESTIMATES,
                    help="how ages are read off the distribution: auto = the mean or the median, whichever has the lower MAE on these val faces")
+    p.add_argument("--unsure-accuracy", type=float, default=config.GENDER_UNSURE_ACCURACY,
+                   help="faces are shown as gender-unsure under the highest probability at which those marked are, together, right at most this often")
     p.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="fit for the four test-time views (--no-tta: the crop alone); stored with the fit, demo.py's default "
@@ -80,6 +93,8 @@ def main(argv=None):
     estimate = estimate if args.age_estimate == "auto" else args.age_estimate
     print("age MAE, each cache weighing the same: " + ", ".join(f"{e} {v:.4f}" for e, v in mae.items()) + f"; ages shown as the {estimate}")
     calibration = fit_calibration(*pooled, weights=weights, estimate=estimate)
+    calibrated_gp, _ = apply_calibration(pooled[0], np.zeros(len(pooled[0])), calibration)
+    calibration["gender_unsure_below"] = fit_unsure_threshold(calibrated_gp, pooled[3], weights, args.unsure_accuracy)
     print("before (the model's own std and probability):")
     for s in sets:
         show(*s, None, estimate)

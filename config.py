@@ -41,6 +41,12 @@ TTA_ZOOM = 1.08
 # Training augmentation scales each face by a factor drawn uniformly from this range (> 1 enlarges it:
 # a tighter crop); train.py --aug-scale LO HI overrides it.
 AUG_SCALE = (0.9, 1.1)
+# A face's gender is shown as unsure (`? 31 +-4`; JSON "gender_unsure": true) when its probability is under a
+# threshold that calibrate.py chooses on validation: the highest at which the faces it marks are, together,
+# right at most this often (metrics.fit_unsure_threshold). demo.py --unsure-below overrides the threshold.
+GENDER_UNSURE_ACCURACY = 0.75
+# the threshold for a checkpoint that calibrate.py has not given one
+GENDER_UNSURE_BELOW = 0.75
 # Larger photos are scaled down to this long side before face detection (landmarks are mapped back).
 DETECT_MAX_SIDE = 1280
 # The face detector of demo.py and evaluate.py --detect (detector.py): mtcnn (an image pyramid: finds
@@ -112,6 +118,13 @@ class TrainConfig:
     # with real content from another face of the batch (data_gen.augment); 0 = keep the border
     fill_outside: float = 0.0
     aug_scale: tuple[float, ...] = AUG_SCALE  # LO HI: the range of the random scale of each training face
+    # real conditions (conditions.py): the share of training faces that get JPEG, blur, under- or over-exposure or noise
+    hard_aug: float = 0.3
+    # the share of training faces turned away by 10-35 degrees and aligned again as the demo aligns a turned face
+    pose_aug: float = 0.2
+    # faces turned away (nose off the eyes' midpoint by >= 0.3 eye distances) are drawn this many times as
+    # often as the others: 0.6% of UTKFace's faces and 8% of CLAP2016's, but a fifth of those in photos
+    turned_weight: int = 3
     # validate and release an exponential moving average of the weights (0 = off): smoother than the
     # last step's weights on a small, noisy dataset; per optimizer step, warmed up as min(d, (1+t)/(10+t))
     ema_decay: float = 0.998
@@ -153,6 +166,9 @@ class EvalConfig:
     # shrink every photo by this factor before detection: how the model copes with faces as small and
     # soft as in group photos (UTKFace's 200x200 photos at 0.25 leave faces about 30 pixels tall)
     downscale: float = 1.0
+    # with --cache: "hard" = the hard-conditions set made from its faces (conditions.py: turned faces as they are,
+    # the others small, compressed, blurred, grey, dark, bright or partly hidden, one condition each, seeded)
+    conditions: str = ""
     json: str = ""  # write the whole report (with breakdowns and calibration) to this file
     plots: str = ""  # folder for the plots (MAE by age, predicted vs true)
     batch_size: int = 256  # faces per forward pass

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import conditions
 import config
 
 class CacheError(Exception):
@@ -30,7 +31,7 @@ class CacheError(Exception):
 _GRAY = np.array([0.299, 0.587, 0.114])
 
 
-def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCALE):
+def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCALE, hard=0.0, pose=0.0):
     """Augment a uint8 NHWC batch and normalise it: returns a float NCHW tensor (channels_last memory).
 
     Geometry (flip, rotation +-12 deg, scale uniform in `scale_range` (> 1 enlarges the face), shift
@@ -42,6 +43,10 @@ def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCAL
     (brightness, contrast, saturation, 10% grayscale) and the ImageNet normalisation are all linear in
     the pixel, so they fold into one 3x4 matrix per face, applied by one cv2.transform. Both are a few
     microseconds per face, which is what makes this fast on a CPU.
+
+    Real conditions (conditions.py): a share `pose` of the faces are turned away by 10-35 degrees and
+    aligned again as the demo aligns a turned face (conditions.yaw_matrix, in the same warp), and a share
+    `hard` get one of conditions.TRAIN_CONDITIONS (JPEG, blur, under- or over-exposure, noise).
     """
     n, h, w, _ = raw.shape
     flip = rng.random(n) < 0.5
@@ -63,6 +68,10 @@ def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCAL
     grey = rng.integers(0, 256, n)
     fill = rng.random(n) < fill_outside if inside is not None else np.zeros(n, bool)
     donor_pick = rng.random(n)
+    turned = rng.random(n) < pose
+    yaw = rng.choice([-1.0, 1.0], n) * rng.uniform(10, 35, n)
+    damaged = rng.random(n) < hard
+    damage = rng.integers(0, len(conditions.TRAIN_CONDITIONS), n)
     if fill.any():  # in the template's frame, before the warp, where the sources' crops line up
         raw = raw.copy()
         _fill_outside(raw, inside, fill, donor_pick)
@@ -72,13 +81,19 @@ def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCAL
         m[:, 2] += shift[i]
         if flip[i]:  # mirror the source first: x -> w - 1 - x
             m[:, 0], m[:, 2] = -m[:, 0], m[:, 2] + m[:, 0] * (w - 1)
-        cv2.warpAffine(raw[i], m, (w, h), dst=warped[i], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        if turned[i]:
+            m = np.vstack([m, [0, 0, 1]]) @ conditions.yaw_matrix(yaw[i])[0]
+            cv2.warpPerspective(raw[i], m, (w, h), dst=warped[i], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        else:
+            cv2.warpAffine(raw[i], m, (w, h), dst=warped[i], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     out = np.empty((n, h, w, 3), np.float32)
     for i in range(n):
         face = warped[i]
         if lowres[i] < 1:
             small = cv2.resize(face, None, fx=lowres[i], fy=lowres[i], interpolation=cv2.INTER_AREA)
             cv2.resize(small, (w, h), dst=face, interpolation=cv2.INTER_LINEAR)
+        if damaged[i]:
+            face[:] = conditions.degrade(face, conditions.TRAIN_CONDITIONS[damage[i]], rng)
         if erase[i]:
             face[ey[i]:ey[i] + eh[i], ex[i]:ex[i] + ew[i]] = grey[i]
         # saturation: x -> s*x + (1-s)*gray(x); contrast about the mean gray level; then brightness
@@ -154,6 +169,8 @@ class FaceCache(Dataset):
                 self.meta = list(csv.DictReader(f))
             inside_path = os.path.join(cache_dir, "inside.npy")  # caches made before it existed have none
             self.inside = np.load(inside_path, mmap_mode="r") if os.path.isfile(inside_path) else None
+            marks_path = os.path.join(cache_dir, "landmarks.npy")
+            landmarks = np.load(marks_path, mmap_mode="r") if os.path.isfile(marks_path) else None
         except (OSError, ValueError) as e:
             raise CacheError(f"{cache_dir}: unreadable cache ({e})")
         if self.faces.shape[1:] != (config.IMAGE_H, config.IMAGE_W, 3) or len(self.meta) != len(self.faces):
@@ -165,6 +182,9 @@ class FaceCache(Dataset):
             raise CacheError(f"{cache_dir}: no faces in split '{split}'")
         self.name = os.path.basename(os.path.normpath(cache_dir))
         self.indices = np.array(rows, dtype=np.int64)
+        # how far each face is turned away (conditions.turn_of; 0 where the cache has no landmarks)
+        self.turn = (conditions.turn_of(landmarks[self.indices]) if landmarks is not None and len(landmarks) == len(self.faces)
+                     else np.zeros(len(rows)))
         try:
             self.ages = torch.tensor([int(self.meta[i]["age"]) for i in rows])
             self.genders = torch.tensor([int(self.meta[i]["gender"]) for i in rows])
@@ -172,6 +192,7 @@ class FaceCache(Dataset):
             raise CacheError(f"{cache_dir}: meta.csv has a bad age or gender ({e})")
         self.train, self.seed, self.fill_outside, self.calls = train, seed, fill_outside, 0
         self.aug_scale = tuple(aug_scale)
+        self.hard_aug = self.pose_aug = 0.0
 
     def __len__(self):
         return len(self.indices)
@@ -204,17 +225,25 @@ class FaceCache(Dataset):
 
 def _serve(ds, batch, raw, inside):
     if ds.train:
-        return augment(raw, np.random.default_rng(int(getattr(batch, "seed", 0))), inside, ds.fill_outside, ds.aug_scale)
+        return augment(raw, np.random.default_rng(int(getattr(batch, "seed", 0))), inside, ds.fill_outside, ds.aug_scale,
+                       ds.hard_aug, ds.pose_aug)
     return normalize(raw)
 
 
 class MixedFaces(Dataset):
     """Several caches as one dataset (indices run through them in order); a batch mixing sources is
-    augmented as one, so faces of one source can lend real background to another's (augment)."""
+    augmented as one, so faces of one source can lend real background to another's (augment).
 
-    def __init__(self, sources, fill_outside=0.0, aug_scale=config.AUG_SCALE):
+    hard_aug, pose_aug: the shares of augment's real conditions. turned_weight: faces turned away
+    (conditions.TURNED) are drawn this many times as often as the others of their source (`repeats`,
+    used by make_loader), since they are rare in the training data and common in photos."""
+
+    def __init__(self, sources, fill_outside=0.0, aug_scale=config.AUG_SCALE, hard_aug=0.0, pose_aug=0.0, turned_weight=1):
         self.sources = list(sources)
         self.aug_scale = tuple(aug_scale)
+        self.hard_aug, self.pose_aug = hard_aug, pose_aug
+        turn = np.concatenate([s.turn for s in self.sources])
+        self.repeats = np.where(turn >= conditions.TURNED, int(turned_weight), 1) if turned_weight != 1 else None
         self.sizes = [len(s) for s in self.sources]
         self.starts = np.cumsum([0] + self.sizes)
         self.train = any(s.train for s in self.sources)
@@ -248,8 +277,11 @@ class EpochBatchSampler:
     until that source is used up (a small source given a large weight is cycled through several times).
     """
 
-    def __init__(self, n, batch_size, shuffle=True, seed=0, rank=0, world_size=1, drop_last=True, sizes=None, weights=None):
+    def __init__(self, n, batch_size, shuffle=True, seed=0, rank=0, world_size=1, drop_last=True, sizes=None, weights=None,
+                 repeats=None):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        # repeats (n ints >= 1): item i is drawn repeats[i] times as often as an item with 1 in its source
+        self.repeats = None if repeats is None else torch.as_tensor(np.asarray(repeats), dtype=torch.int64)
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch, self.start_batch = 0, 0
         self.sizes, self.weights = sizes, weights
@@ -266,20 +298,25 @@ class EpochBatchSampler:
 
     def _weighted_order(self):
         gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        w = np.asarray(self.weights, dtype=np.float64) / sum(self.weights)
+        sizes = self.sizes if self.weights is not None else [self.n]
+        weights = self.weights if self.weights is not None else [1.0]
+        w = np.asarray(weights, dtype=np.float64) / sum(weights)
         counts = np.floor(w * self.n).astype(int)
         counts[np.argmax(w)] += self.n - counts.sum()  # rounding leftovers go to the largest share
         start, parts = 0, []
-        for size, count in zip(self.sizes, counts):
+        for size, count in zip(sizes, counts):
             if count and size:
-                cycles = -(-count // size)
-                parts.append(start + torch.cat([torch.randperm(size, generator=gen) for _ in range(cycles)])[:count])
+                pool = torch.arange(start, start + size)
+                if self.repeats is not None:
+                    pool = torch.repeat_interleave(pool, self.repeats[start:start + size])
+                cycles = -(-count // len(pool))
+                parts.append(pool[torch.cat([torch.randperm(len(pool), generator=gen) for _ in range(cycles)])[:count]])
             start += size
         order = torch.cat(parts)
         return order[torch.randperm(len(order), generator=gen)].numpy()
 
     def __iter__(self):
-        if self.shuffle and self.weights is not None:
+        if self.shuffle and (self.weights is not None or self.repeats is not None):
             order = self._weighted_order()
         elif self.shuffle:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch)).numpy()
@@ -307,7 +344,8 @@ def make_loader(dataset, batch_size, shuffle=None, seed=0, rank=0, world_size=1,
     drop_last = dataset.train if drop_last is None else drop_last
     sizes = getattr(dataset, "sizes", None)
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, rank, world_size, drop_last,
-                                sizes=sizes if source_weights else None, weights=source_weights or None)
+                                sizes=sizes if source_weights else None, weights=source_weights or None,
+                                repeats=getattr(dataset, "repeats", None) if shuffle else None)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_whole_batch, num_workers=workers,
                         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,

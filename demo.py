@@ -12,7 +12,9 @@ frozen TorchScript graph, which is faster for it (--runtime onnxruntime | torchs
 
 Each face gets a box and a label such as `F 31 ±4` (gender, age read off the predicted age distribution
 as the checkpoint's calibration chose on validation, its mean or median; the ± is that distribution's
-standard deviation, calibrated). Writes the annotated images and contact_sheet.png (photo, aligned crop,
+standard deviation, calibrated), or `? 1 ±1` where the gender is unsure: its probability is under the
+threshold calibrate.py chose on validation (--unsure-below overrides it); the JSON keeps the gender
+and its probability and says `"gender_unsure": true`. Writes the annotated images and contact_sheet.png (photo, aligned crop,
 prediction) to --out and, with --json / --csv, one record per input / one row per face. In videos
 faces are tracked (tracker.py) and each person's label is averaged over the frames seen so far.
 A file that cannot be read, or with no face in it, gets a one-line message; the others still go
@@ -41,7 +43,7 @@ from tqdm import tqdm
 
 import config
 from data_gen import normalize
-from metrics import AGE_ESTIMATES, apply_calibration, check_age_estimate, predicted_age
+from metrics import AGE_ESTIMATES, apply_calibration, check_age_estimate, gender_unsure, predicted_age
 from models import CheckpointError, age_estimate_of, fuse_batchnorm, load_checkpoint, views_of
 from detector import DETECTORS, align_face, make_detector
 from export_onnx import OUTPUTS, frozen_network, network_session
@@ -62,6 +64,7 @@ class FaceRecord:
     landmarks: list  # five (x, y): eyes, nose tip, mouth corners (left of the image first)
     gender: str  # "F" or "M"
     gender_prob: float  # probability of that gender (0.5..1)
+    gender_unsure: bool  # gender_prob is under the threshold for showing a gender as known: shown as "?"
     age: float  # expected age (years)
     age_std: float  # standard deviation of the predicted age distribution, calibrated when the model is
     age_distribution: list = None  # P(age = 0..100), only when asked for (distribution=True)
@@ -112,10 +115,12 @@ class AgeGenderPredictor:
     batches the network across photos. `calibrated` applies the checkpoint's fitted calibration
     (calibrate.py) to the age std and the gender probability. `age_estimate` reads each age off its
     distribution as its mean or its median (None: as calibrate.py chose for the checkpoint, else the mean).
+    A face's gender is marked unsure (FaceRecord.gender_unsure) when its probability is under
+    `unsure_below` (None: the threshold calibrate.py chose for the checkpoint, else config.GENDER_UNSURE_BELOW).
     """
 
     def __init__(self, checkpoint=config.RELEASED_MODEL, device=None, tta=None, min_face_size=20, threshold=None, calibrated=True,
-                 detector=config.DETECTOR, detector_threads=0, runtime="auto", tta_zoom=None, age_estimate=None):
+                 detector=config.DETECTOR, detector_threads=0, runtime="auto", tta_zoom=None, age_estimate=None, unsure_below=None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         net, self.ckpt = load_checkpoint(checkpoint, self.device)
         tta, tta_zoom = views_of(self.ckpt, tta, tta_zoom)
@@ -126,6 +131,11 @@ class AgeGenderPredictor:
         # fitted on validation data by calibrate.py: scales the shown ±std, tempers the gender probability
         self.calibration = self.ckpt.get("calibration") if calibrated else None
         self.age_estimate = check_age_estimate(age_estimate_of(self.ckpt, age_estimate))  # a wrong name fails here, not per face
+        if unsure_below is None:
+            unsure_below = (self.calibration or {}).get("gender_unsure_below", config.GENDER_UNSURE_BELOW)
+        if not 0 <= unsure_below <= 1:
+            raise ValueError(f"--unsure-below {unsure_below}: give a probability between 0 and 1 (0: never unsure)")
+        self.unsure_below = float(unsure_below)
 
     @property
     def views(self):
@@ -184,7 +194,7 @@ class AgeGenderPredictor:
         """Predict faces whose boxes and landmarks are already known (detector.Face objects, e.g. carried
         forward by the tracker between detections): (list of FaceRecord, aligned crops)."""
         crops = [align_face(rgb, f.landmarks) for f in faces]
-        return self._records(faces, self.predict_crops(crops), 0, distribution), crops
+        return self._records(faces, self.predict_crops(crops), 0, distribution, self.unsure_below), crops
 
     def __call__(self, image, pad_fraction=0.0, distribution=False):
         """All faces in one photo (a path, an RGB array or a PIL image), as FaceRecords."""
@@ -202,13 +212,14 @@ class AgeGenderPredictor:
         pred = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else self.predict_crops([])
         out, start = [], 0
         for faces in found:
-            out.append(self._records(faces, pred, start, distribution))
+            out.append(self._records(faces, pred, start, distribution, self.unsure_below))
             start += len(faces)
         return out
 
     @staticmethod
-    def _records(faces, pred, start, distribution):
+    def _records(faces, pred, start, distribution, unsure_below):
         records = []
+        unsure = gender_unsure(pred["gender_prob"], unsure_below)
         for i, f in enumerate(faces):
             k = start + i
             p_male = float(pred["gender_prob"][k, 1])
@@ -218,6 +229,7 @@ class AgeGenderPredictor:
                 landmarks=[[round(float(x), 1), round(float(y), 1)] for x, y in f.landmarks],
                 gender="M" if p_male >= 0.5 else "F",
                 gender_prob=round(max(p_male, 1 - p_male), 4),
+                gender_unsure=bool(unsure[k]),
                 age=round(float(pred["age"][k]), 1),
                 age_std=round(float(pred["age_std"][k]), 1),
                 age_distribution=[round(float(p), 6) for p in pred["age_prob"][k]] if distribution else None,
@@ -226,15 +238,16 @@ class AgeGenderPredictor:
 
 
 def draw(rgb, records):
-    """The photo as BGR with a box and a `F 31 ±4` label on each face."""
+    """The photo as BGR with a box and a `F 31 ±4` label on each face (`? 1 ±1`, in grey, where the gender is unsure)."""
     img = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
     scale = max(img.shape[:2]) / 800
     thick = max(1, int(round(2 * scale)))
     for r in records:
         x1, y1, x2, y2 = [int(round(v)) for v in r["box"]]
-        color = (255, 128, 0) if r["gender"] == "M" else (80, 0, 255)
+        unsure = r.get("gender_unsure", False)
+        color = (128, 128, 128) if unsure else (255, 128, 0) if r["gender"] == "M" else (80, 0, 255)
         cv2.rectangle(img, (x1, y1), (x2, y2), color, thick)
-        label = f"{r['gender']} {r['age']:.0f} +-{r['age_std']:.0f}"
+        label = f"{'?' if unsure else r['gender']} {r['age']:.0f} +-{r['age_std']:.0f}"
         fs = 0.6 * max(scale, 0.5)
         (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, fs, thick)
         ty = y1 - 4 if y1 - th - 8 > 0 else y2 + th + 8
@@ -259,7 +272,8 @@ def contact_sheet(entries, path, max_rows=12):
         row[0].imshow(cv2.cvtColor(photo_bgr, cv2.COLOR_BGR2RGB))
         row[0].set_title(os.path.basename(name)[:40], fontsize=8)
         row[1].imshow(crop)
-        row[2].text(0.05, 0.5, f"{'female' if rec['gender'] == 'F' else 'male'} ({100 * rec['gender_prob']:.0f}%)\n"
+        unsure = ", unsure" if rec.get("gender_unsure") else ""
+        row[2].text(0.05, 0.5, f"{'female' if rec['gender'] == 'F' else 'male'} ({100 * rec['gender_prob']:.0f}%{unsure})\n"
                     f"age {rec['age']:.0f} ± {rec['age_std']:.0f}", fontsize=11, va="center")
         for a in row:
             a.axis("off")
@@ -344,7 +358,7 @@ def run_video(predictor, source, out_dir, max_frames, every, used, draw_it=True,
     writer, frames, n_faces, k = None, [], 0, 0
     # the averaged distribution's std gets the same calibration factor as a single face's
     tracker = FaceTracker(max_lost=max(2, 15 // every), age_std_scale=(predictor.calibration or {}).get("age_std_scale", 1.0),
-                          age_estimate=predictor.age_estimate)
+                          age_estimate=predictor.age_estimate, unsure_below=predictor.unsure_below)
     target = out_name(out_dir, f"camera{source}" if source.isdigit() else source, used) + ".mp4"
     bar = tqdm(total=min(total, max_frames or total) or None, desc=os.path.basename(source), unit="frame")
     while not max_frames or k < max_frames:
@@ -386,7 +400,7 @@ def run_video(predictor, source, out_dir, max_frames, every, used, draw_it=True,
     return {"file": source, "frames": frames, "tracks": tracks}, None
 
 
-CSV_COLUMNS = ["file", "frame", "face", "track", "x1", "y1", "x2", "y2", "score", "gender", "gender_prob", "age", "age_std"]
+CSV_COLUMNS = ["file", "frame", "face", "track", "x1", "y1", "x2", "y2", "score", "gender", "gender_prob", "gender_unsure", "age", "age_std"]
 
 
 def csv_rows(record):
@@ -397,7 +411,7 @@ def csv_rows(record):
             x1, y1, x2, y2 = f["box"]
             yield {"file": record["file"], "frame": fr["frame"], "face": i, "track": f.get("track", ""), "x1": x1, "y1": y1,
                    "x2": x2, "y2": y2, "score": f["score"], "gender": f["gender"], "gender_prob": f["gender_prob"],
-                   "age": f["age"], "age_std": f["age_std"]}
+                   "gender_unsure": int(f.get("gender_unsure", False)), "age": f["age"], "age_std": f["age_std"]}
 
 
 def parse_args(argv):
@@ -421,6 +435,9 @@ def parse_args(argv):
     p.add_argument("--age-estimate", default=None, choices=AGE_ESTIMATES,
                    help="read each age off the predicted distribution as its mean or its median (default: what calibrate.py chose on "
                         "validation for the checkpoint, else the mean; the released model: the median)")
+    p.add_argument("--unsure-below", type=float, default=None,
+                   help="show a face's gender as unsure ('?') when its probability is under this (default: the threshold calibrate.py chose "
+                        f"on validation for the checkpoint, else {config.GENDER_UNSURE_BELOW}; 0: never)")
     p.add_argument("--min-face-size", type=int, default=20, help="smallest face to find, in pixels")
     p.add_argument("--threshold", type=float, default=None, help="detector score needed to accept a face (default: the detector's own, 0.9 mtcnn, 0.6 yunet, 0.8 retinaface)")
     p.add_argument("--detector", default=config.DETECTOR, choices=sorted(DETECTORS),
@@ -437,11 +454,14 @@ def main(argv=None, use_all_cores=False):
     """use_all_cores: let cv2 use every core in this process (a command-line run), once no worker will fork."""
     args = parse_args(argv)
     predictor_args = dict(checkpoint=args.checkpoint, device=args.device, tta=args.tta, min_face_size=args.min_face_size, threshold=args.threshold,
-                          detector=args.detector, runtime=args.runtime, tta_zoom=args.tta_zoom, age_estimate=args.age_estimate)
+                          detector=args.detector, runtime=args.runtime, tta_zoom=args.tta_zoom, age_estimate=args.age_estimate,
+                          unsure_below=args.unsure_below)
     try:
         net, ckpt = load_checkpoint(args.checkpoint)  # a bad checkpoint or factor is one line here, before any worker starts
         net.set_tta_zoom(views_of(ckpt, args.tta, args.tta_zoom)[1])
         make_detector(args.detector, args.min_face_size, args.threshold)  # so is a detector that cannot load
+        if args.unsure_below is not None and not 0 <= args.unsure_below <= 1:
+            raise ValueError(f"--unsure-below {args.unsure_below}: give a probability between 0 and 1 (0: never unsure)")
     except (CheckpointError, ValueError) as e:
         fail(str(e))
     main_predictor = []
@@ -479,7 +499,7 @@ def main(argv=None, use_all_cores=False):
         slots[job[0]] = {"file": res["file"], "faces": res.get("faces", []), **({"error": res["error"]} if "error" in res else {})}
         sheet += res.get("sheet", [])
         if args.verbose and res.get("faces"):
-            summary = ", ".join(f"{f['gender']} {f['age']:.0f}±{f['age_std']:.0f}" for f in res["faces"])
+            summary = ", ".join(f"{'?' if f['gender_unsure'] else f['gender']} {f['age']:.0f}±{f['age_std']:.0f}" for f in res["faces"])
             tqdm.write(f"{res['file']}: {len(res['faces'])} face(s): {summary}" + (f" -> {res['target']}" if res.get("target") else ""))
     for slot, item in videos:
         if slots[slot] is None:

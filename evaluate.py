@@ -8,11 +8,17 @@
     python evaluate.py --labels crops.csv --root crops/                        # aligned 112x96 crops
     python evaluate.py --labels ../shared/data/utkface/labels.csv --root ../shared/data/utkface \\
         --split test --detect --pad-fraction 0.25 --downscale 0.25                  # faces ~30 px tall
+    python evaluate.py --cache data/aaf --split val --conditions hard              # the hard-conditions validation
 
 --checkpoint defaults to the released model. With --detect every photo goes through the demo's
 pipeline (detect, align, predict) and photos where no face is found are counted in faces_found;
-metrics are over the faces found. The report breaks the errors down by age decade, gender and, where
-the CSV has a race column (UTKFace: 0 White, 1 Black, 2 Asian, 3 Indian, 4 Others), by race.
+metrics are over the faces found. The report breaks the errors down by age group, gender and, where
+the CSV has a race column (UTKFace: 0 White, 1 Black, 2 Asian, 3 Indian, 4 Others), by race, with the
+share of faces whose gender is shown as unsure (`unsure`) and the accuracy on the others (`sure_acc`).
+--conditions hard evaluates the hard-conditions set made from a cache's faces (conditions.py: faces
+turned away as they are, every other face made small, compressed, blurred, grey, dark, bright or
+partly hidden, one condition each, from a fixed seed) and breaks it down by condition too.
+--plots draws MAE by age, predicted against true age, and gender accuracy against coverage.
 """
 import json
 import os
@@ -24,29 +30,52 @@ import torch
 from tqdm import tqdm
 
 import config
-from data_gen import CacheError, FaceCache, make_loader
+from conditions import hard_conditions
+from data_gen import CacheError, FaceCache, make_loader, normalize
 from models import CheckpointError
-from metrics import AGE_ESTIMATES, calibration_report, compute_metrics, label_stds, predicted_age
+from metrics import AGE_ESTIMATES, calibration_report, compute_metrics, coverage_curve, gender_unsure, label_stds, predicted_age
 from detector import align_face
 from utils import InputError, fail, parse_config, read_image, read_label_rows, use_all_cores_for_cv2
 
 RACES = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}
+# the age groups of the breakdown: infants, children, then decades (the groups of balanced face sets)
+AGE_GROUPS = ((0, 2), (3, 9), (10, 19), (20, 29), (30, 39), (40, 49), (50, 59), (60, 69), (70, 200))
 
 
-def breakdown(gender_prob, age_prob, ages, genders, groups, estimate="mean"):
+def age_group(age):
+    lo, hi = next(g for g in AGE_GROUPS if g[0] <= age <= g[1])
+    return f"{lo}+" if hi >= 200 else f"{lo}-{hi}"
+
+
+def unsure_figures(gender_prob, genders, unsure_below):
+    """Share of the faces with a known gender marked unsure, and the gender accuracy of the others."""
+    known = np.asarray(genders) >= 0
+    if not known.any():
+        return {"unsure": float("nan"), "sure_acc": float("nan")}
+    gp = np.asarray(gender_prob)[known]
+    unsure = gender_unsure(gp, unsure_below)
+    right = gp.argmax(1) == np.asarray(genders)[known]
+    return {"unsure": float(unsure.mean()), "sure_acc": float(right[~unsure].mean()) if (~unsure).any() else float("nan")}
+
+
+def breakdown(gender_prob, age_prob, ages, genders, groups, estimate="mean", unsure_below=0.0):
     """Metrics per group label; groups maps a name to a list of per-face labels."""
     out = {}
     for name, labels in groups.items():
         labels = np.asarray(labels)
         out[name] = {}
-        for g in sorted(set(labels.tolist()), key=lambda v: (len(str(v)), str(v))):
+        order = [age_group(lo) for lo, _ in AGE_GROUPS] if name == "age_group" else sorted(set(labels.tolist()), key=lambda v: (len(str(v)), str(v)))
+        for g in order:
             m = labels == g
+            if not m.any():
+                continue
             r = compute_metrics(gender_prob[m], age_prob[m], ages[m], genders[m], estimate=estimate)
+            r.update(unsure_figures(gender_prob[m], genders[m], unsure_below))
             out[name][str(g)] = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
     return out
 
 
-def plot(pred_age, ages, folder):
+def plot(pred_age, ages, folder, gender_prob=None, genders=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,6 +107,16 @@ def plot(pred_age, ages, folder):
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "pred_vs_true.png"), dpi=90)
     plt.close(fig)
+    if gender_prob is not None and (np.asarray(genders) >= 0).any():
+        coverage, acc, threshold = coverage_curve(gender_prob, genders)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(100 * coverage, 100 * acc)
+        ax.set_xlabel("faces shown with a gender (%), the least sure left out first")
+        ax.set_ylabel("gender accuracy on them (%)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, "gender_coverage.png"), dpi=90)
+        plt.close(fig)
 
 
 def _nan_to_none(obj):
@@ -107,12 +146,15 @@ def read_labels(path, split, gender_labels=""):
 def main(argv=None):
     from detector import DETECTORS
 
-    cfg = parse_config(config.EvalConfig, argv, description="Evaluate an AgeGenderNet checkpoint", choices={"detector": sorted(DETECTORS), "age_estimate": AGE_ESTIMATES})
+    cfg = parse_config(config.EvalConfig, argv, description="Evaluate an AgeGenderNet checkpoint",
+                       choices={"detector": sorted(DETECTORS), "age_estimate": AGE_ESTIMATES, "conditions": ("", "hard")})
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not 0 < cfg.downscale <= 1:
         fail(f"--downscale {cfg.downscale}: give a factor in (0, 1]")
     if cfg.downscale != 1.0 and not cfg.detect:
         fail("--downscale applies to raw photos: add --detect")
+    if cfg.conditions and not cfg.cache:
+        fail(f"--conditions {cfg.conditions} is made from a cache's faces: add --cache")
     from demo import AgeGenderPredictor
 
     try:
@@ -126,13 +168,22 @@ def main(argv=None):
             ds = FaceCache(cfg.cache, split=cfg.split or None)
         except CacheError as e:
             fail(str(e))
-        loader, _ = make_loader(ds, cfg.batch_size, workers=0)
-        for x, age, gender in tqdm(loader, desc="evaluate", unit="batch"):
-            out = predictor.predict_tensor(x)
-            gp.append(out["gender_prob"])
-            ap.append(out["age_prob"])
-            ages.append(age.numpy())
-            genders.append(gender.numpy())
+        if cfg.conditions:
+            raw, age, gender, _ = ds.read(np.arange(len(ds)))
+            raw, condition = hard_conditions(raw, ds.turn)
+            for s in tqdm(range(0, len(raw), cfg.batch_size), desc="evaluate", unit="batch"):
+                out = predictor.predict_tensor(normalize(raw[s : s + cfg.batch_size]))
+                gp.append(out["gender_prob"])
+                ap.append(out["age_prob"])
+            ages, genders = [age.numpy()], [gender.numpy()]
+        else:
+            loader, _ = make_loader(ds, cfg.batch_size, workers=0)
+            for x, age, gender in tqdm(loader, desc="evaluate", unit="batch"):
+                out = predictor.predict_tensor(x)
+                gp.append(out["gender_prob"])
+                ap.append(out["age_prob"])
+                ages.append(age.numpy())
+                genders.append(gender.numpy())
         kept = ds.rows()
         n = faces_found = len(ds)
     elif cfg.labels:
@@ -191,11 +242,16 @@ def main(argv=None):
               "age_estimate": estimate, "n": n, "faces_found": faces_found,
               "calibration_applied": predictor.calibration or None,
               **{k: round(v, 4) for k, v in metrics.items() if k != "n"}, **{k: round(v, 4) for k, v in calib.items()}}
-    groups = {"age_decade": [f"{min(a // 10 * 10, 90)}s" for a in ages],
+    report.update({k: round(v, 4) for k, v in unsure_figures(gp, genders, predictor.unsure_below).items()})
+    report["unsure_below"] = predictor.unsure_below
+    report["conditions"] = cfg.conditions or None
+    groups = {"age_group": [age_group(a) for a in ages],
               "gender": [{0: "F", 1: "M"}.get(int(g), "unknown") for g in genders]}
     if any(races):
         groups["race"] = [RACES.get(str(r), str(r) or "unknown") for r in races]
-    report["by"] = breakdown(gp, ap, ages, genders, groups, estimate)
+    if cfg.conditions:
+        groups["condition"] = list(condition)
+    report["by"] = breakdown(gp, ap, ages, genders, groups, estimate, predictor.unsure_below)
 
     gender_text = f"gender accuracy {100 * metrics['gender_acc']:.2f}%" if metrics["n_gender"] else "gender not labelled"
     print(f"faces {faces_found} of {n}   {gender_text}   age MAE {metrics['age_mae']:.3f}   "
@@ -204,17 +260,21 @@ def main(argv=None):
     print(f"calibration: true age within ±1 std {100 * calib['age_within_1std']:.1f}% (ideal ~68%), ±2 std "
           f"{100 * calib['age_within_2std']:.1f}% (~95%); gender ECE {100 * calib['gender_ece']:.2f}%"
           + (f"   (applied: {predictor.calibration})" if predictor.calibration else "   (uncalibrated)"))
+    if metrics["n_gender"]:
+        print(f"gender unsure (probability under {predictor.unsure_below:.2f}): {100 * report['unsure']:.1f}% of the faces; "
+              f"the others right {100 * report['sure_acc']:.2f}%")
     for name, table in report["by"].items():
-        print(f"\nby {name}:  {'n':>6} {'gender%':>8} {'MAE':>6} {'CS@5%':>6}")
+        print(f"\nby {name}:  {'n':>6} {'gender%':>8} {'MAE':>6} {'CS@5%':>6} {'unsure%':>8} {'sure%':>7}")
         for g, r in table.items():
-            print(f"  {g:<12} {r['n']:>6} {100 * r['gender_acc']:>8.2f} {r['age_mae']:>6.2f} {100 * r['age_cs5']:>6.1f}")
+            print(f"  {g:<12} {r['n']:>6} {100 * r['gender_acc']:>8.2f} {r['age_mae']:>6.2f} {100 * r['age_cs5']:>6.1f}"
+                  f" {100 * r['unsure']:>8.1f} {100 * r['sure_acc']:>7.2f}")
     if cfg.json:
         report = _nan_to_none(report)  # JSON has no NaN: unknown is null
         os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
         with open(cfg.json, "w") as f:
             json.dump(report, f, indent=1)
     if cfg.plots:
-        plot(pred_age, ages, cfg.plots)
+        plot(pred_age, ages, cfg.plots, gp, genders)
     return 0
 
 

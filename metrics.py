@@ -16,6 +16,8 @@ the gender logit is divided by a temperature.
 """
 import numpy as np
 
+import config
+
 NAN = float("nan")
 
 
@@ -180,6 +182,48 @@ def choose_age_estimate(age_prob, age_true, weights=None):
     weights = np.ones(len(age_true)) if weights is None else np.asarray(weights, dtype=np.float64)
     mae = {e: float(np.average(np.abs(predicted_age(age_prob, e) - np.asarray(age_true)), weights=weights)) for e in AGE_ESTIMATES}
     return min(AGE_ESTIMATES, key=mae.get), mae
+
+
+def gender_unsure(gender_prob, below):
+    """Which faces' gender is shown as unsure: the probability of the gender shown is under `below`."""
+    return np.asarray(gender_prob, dtype=np.float64).max(1) < below
+
+
+def fit_unsure_threshold(gender_prob, gender_true, weights=None, accuracy=config.GENDER_UNSURE_ACCURACY):
+    """The gender probability under which a face is marked unsure, chosen on validation faces: the
+    highest threshold (0.50, 0.51, .., 0.99) at which the faces it marks are, all together, right no
+    more often than `accuracy` (weighted: each source counting the same), lowered to the lowest one
+    that marks the same faces. Below it a shown gender is
+    nearer a guess than a fact; above it the faces are left alone. 0.5 (nothing marked) when even the
+    least sure faces are right more often than that."""
+    gender_true = np.asarray(gender_true)
+    known = gender_true >= 0
+    gp = np.asarray(gender_prob, dtype=np.float64)[known]
+    w = (np.ones(len(gender_true)) if weights is None else np.asarray(weights, dtype=np.float64))[known]
+    conf, right = gp.max(1), gp.argmax(1) == gender_true[known]
+    grid = np.round(np.arange(0.5, 1.0, 0.01), 2)
+    best = 0.5
+    for t in grid:
+        m = conf < t
+        if m.any() and np.average(right[m], weights=w[m]) <= accuracy:
+            best = float(t)
+    # of the thresholds that mark the same validation faces, the lowest: no face marked for want of data
+    marked = (conf < best).sum()
+    return float(next(t for t in grid if (conf < t).sum() == marked))
+
+
+def coverage_curve(gender_prob, gender_true, points=50):
+    """Gender accuracy of the faces kept against the share kept (coverage), the least sure dropped first:
+    (coverage, accuracy, threshold) arrays, for a plot of what marking faces unsure buys."""
+    gender_true = np.asarray(gender_true)
+    known = gender_true >= 0
+    gp = np.asarray(gender_prob, dtype=np.float64)[known]
+    conf, right = gp.max(1), (gp.argmax(1) == gender_true[known]).astype(np.float64)
+    order = np.argsort(-conf)
+    conf, right = conf[order], right[order]
+    kept = np.unique(np.linspace(1, len(conf), points).astype(int)) if len(conf) else np.zeros(0, int)
+    acc = np.cumsum(right)[kept - 1] / kept
+    return kept / max(1, len(conf)), acc, conf[kept - 1]
 
 
 def apply_calibration(gender_prob, age_std, calibration):

@@ -27,7 +27,7 @@ from metrics import age_std_of, predicted_age
 
 
 class Track:
-    def __init__(self, track_id, frame, face, age_std_scale=1.0, age_estimate="mean"):
+    def __init__(self, track_id, frame, face, age_std_scale=1.0, age_estimate="mean", unsure_below=0.0):
         self.id = track_id
         self.first_frame = self.last_frame = frame
         self.boxes = {}
@@ -37,6 +37,7 @@ class Track:
         self.gender_prob = None
         self.age_std_scale = age_std_scale
         self.age_estimate = age_estimate
+        self.unsure_below = unsure_below
         self._add(frame, face)
 
     def predicted_box(self, frame):
@@ -72,7 +73,7 @@ class Track:
         std = float(age_std_of(p)[0]) * self.age_std_scale
         p_male = self.gender_prob / self.weight
         return {"age": round(age, 1), "age_std": round(std, 1), "gender": "M" if p_male >= 0.5 else "F",
-                "gender_prob": round(max(p_male, 1 - p_male), 4)}
+                "gender_prob": round(max(p_male, 1 - p_male), 4), "gender_unsure": bool(max(p_male, 1 - p_male) < self.unsure_below)}
 
     def to_dict(self):
         return {"id": self.id, "first_frame": self.first_frame, "last_frame": self.last_frame,
@@ -80,8 +81,9 @@ class Track:
 
 
 class FaceTracker:
-    def __init__(self, max_lost=15, landmark_gate=1.0, age_std_scale=1.0, age_estimate="mean"):
+    def __init__(self, max_lost=15, landmark_gate=1.0, age_std_scale=1.0, age_estimate="mean", unsure_below=0.0):
         self.max_lost = max_lost
+        self.unsure_below = unsure_below  # the person's averaged gender is unsure below this, as a face's is
         self.age_std_scale = age_std_scale  # the calibration factor of the model's std (calibrate.py)
         self.age_estimate = age_estimate  # mean or median of the distribution, as the predictor reads ages
         self.landmark_gate = landmark_gate
@@ -129,7 +131,7 @@ class FaceTracker:
                     ids[j] = tid
         for j, face in enumerate(faces):
             if ids[j] is None:
-                t = Track(self._next_id, frame, face, self.age_std_scale, self.age_estimate)
+                t = Track(self._next_id, frame, face, self.age_std_scale, self.age_estimate, self.unsure_below)
                 self._next_id += 1
                 self.tracks[t.id] = t
                 self.active.append(t.id)

@@ -234,7 +234,8 @@ def build_data(cfg, rank, world, main_proc):
     names = [v.name for v in val_sets]
     if len(set(names)) < len(names):
         names = [f"{n}{k}" for k, n in enumerate(names)]  # two caches in folders of the same name
-    train_set = MixedFaces(sources, fill_outside=cfg.fill_outside, aug_scale=cfg.aug_scale)
+    train_set = MixedFaces(sources, fill_outside=cfg.fill_outside, aug_scale=cfg.aug_scale, hard_aug=cfg.hard_aug,
+                           pose_aug=cfg.pose_aug, turned_weight=cfg.turned_weight)
     if len(train_set) < cfg.batch_size * world:
         fail(f"{', '.join(cfg.cache)}: only {len(train_set)} training faces, fewer than one batch of {cfg.batch_size * world}")
     train_loader, train_sampler = make_loader(train_set, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,

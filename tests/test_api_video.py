@@ -146,7 +146,7 @@ def test_video_tracks_keep_identities_and_steady_labels(tmp_path, capsys, detect
     for t in long_tracks:
         person = next(iter(who_by_track[t["id"]]))
         assert np.std(shown_age[t["id"]]) * 3 <= np.std(raw_age[person])  # the label shown flickers 3x less
-        assert set(t) >= {"id", "first_frame", "last_frame", "frames_seen", "boxes", "age", "age_std", "gender", "gender_prob"}
+        assert set(t) >= {"id", "first_frame", "last_frame", "frames_seen", "boxes", "age", "age_std", "gender", "gender_prob", "gender_unsure"}
     young, old = sorted(long_tracks, key=lambda t: t["age"])
     assert young["age"] < old["age"] - 15
     detected = [f["detected"] for fr in video["frames"] for f in fr["faces"]]
@@ -181,7 +181,7 @@ def test_folder_with_two_workers_gives_the_same_output(tmp_path, capsys):
     assert outs[1] == outs[2]
     rows = list(csv.DictReader(open(tmp_path / "w1.csv")))
     assert len(rows) == sum(len(r["faces"]) for r in outs[1][0]) >= 5
-    assert set(rows[0]) == {"file", "frame", "face", "track", "x1", "y1", "x2", "y2", "score", "gender", "gender_prob", "age", "age_std"}
+    assert set(rows[0]) == {"file", "frame", "face", "track", "x1", "y1", "x2", "y2", "score", "gender", "gender_prob", "gender_unsure", "age", "age_std"}
 
 
 def _parser_of(main, argv=("--help",)):

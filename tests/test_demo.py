@@ -36,7 +36,8 @@ def test_released_model_beats_a_constant_guess_on_utkface_test(tmp_path, capsys)
     assert r["faces_found"] >= 140
     assert r["age_mae"] < 0.5 * constant_mae
     assert r["gender_acc"] > majority + 0.2
-    assert set(r["by"]) == {"age_decade", "gender", "race"}
+    assert set(r["by"]) == {"age_group", "gender", "race"}
+    assert 0 <= r["unsure"] < 0.5 and r["sure_acc"] >= r["gender_acc"]  # the faces left sure are the better ones
 
 
 def _photos(tmp_path):
@@ -63,8 +64,9 @@ def test_demo_on_good_and_bad_files(tmp_path, capsys):
         faces = records[name]["faces"]
         assert len(faces) == 1 and "error" not in records[name]
         f = faces[0]
-        assert set(f) == {"box", "score", "landmarks", "gender", "gender_prob", "age", "age_std"}
+        assert set(f) == {"box", "score", "landmarks", "gender", "gender_prob", "gender_unsure", "age", "age_std"}
         assert f["gender"] in ("F", "M") and 0.5 <= f["gender_prob"] <= 1 and 0 <= f["age"] <= 100 and f["age_std"] > 0
+        assert f["gender_unsure"] == (f["gender_prob"] < demo.AgeGenderPredictor().unsure_below)
         assert 150 < f["box"][0] < f["box"][2] < 300  # the astronaut's face
     assert abs(records["astronaut.jpg"]["faces"][0]["age"] - records["gray.png"]["faces"][0]["age"]) < 10
     reasons = {"trunc.jpg": "truncated", "empty.jpg": "empty", "notes.png": "not an image", "wall.jpg": "no face", "missing.jpg": "not found"}
@@ -74,6 +76,13 @@ def test_demo_on_good_and_bad_files(tmp_path, capsys):
     assert os.path.isfile(out / "astronaut.jpg") and os.path.isfile(out / "contact_sheet.png")
     code, _, _ = run(demo.main, [str(folder / "astronaut.jpg"), "--out", str(out)], capsys)
     assert code == 0
+    # --unsure-below: 1 marks every gender unsure, 0 none; the JSON keeps the gender and its probability
+    for below, unsure in (("1", True), ("0", False)):
+        code, _, _ = run(demo.main, [str(folder / "astronaut.jpg"), "--no-draw", "--json", str(js), "--unsure-below", below], capsys)
+        face = json.loads(js.read_text())[0]["faces"][0]
+        assert code == 0 and face["gender_unsure"] is unsure and face["gender"] == records["astronaut.jpg"]["faces"][0]["gender"]
+    code, _, err = run(demo.main, [str(folder / "astronaut.jpg"), "--unsure-below", "1.5"], capsys)
+    assert code == 2 and "--unsure-below" in err and "Traceback" not in err
     os.makedirs(tmp_path / "void")
     code, _, err = run(demo.main, [str(tmp_path / "void"), "--out", str(out)], capsys)
     assert code == 1 and "folder has no images" in err
@@ -158,7 +167,7 @@ def test_evaluate_gives_hand_checkable_numbers(tmp_path, utk_cache, capsys):
     assert r["age_cs5"] == 0.5 and r["age_top1"] == 0.25 and r["age_top5"] == 0.25
     assert r["by"]["gender"]["F"]["n"] == 1 and r["by"]["gender"]["F"]["gender_acc"] == 0.0
     assert r["by"]["race"]["White"]["age_mae"] == pytest.approx(10, abs=1e-3)
-    assert r["by"]["age_decade"]["30s"]["n"] == 2
+    assert r["by"]["age_group"]["30-39"]["n"] == 2
     assert os.path.isfile(tmp_path / "plots" / "mae_by_age.png") and os.path.isfile(tmp_path / "plots" / "pred_vs_true.png")
 
 

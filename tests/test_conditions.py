@@ -1,0 +1,176 @@
+"""Real conditions (conditions.py): training augmentation, the hard-conditions set, turned faces, the
+unsure rule, and a third source in the AAF layout flowing through the cache and the loader."""
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import conditions
+import config
+import pre_process
+from conftest import UTK, utk_rows, write_csv
+from data_gen import EpochBatchSampler, FaceCache, MixedFaces, augment, make_loader
+from detector import FaceDetector, align_face
+from metrics import coverage_curve, fit_unsure_threshold, gender_unsure
+from utils import read_image
+
+REF = np.asarray(config.REFERENCE_LANDMARKS)
+
+
+@pytest.fixture(scope="module")
+def real_faces():
+    """Aligned crops of 6 real UTKFace test photos and the detector, for landmark checks."""
+    det = FaceDetector(min_face_size=20)
+    crops = []
+    for r in utk_rows("test", 12, seed=3):
+        rgb = read_image(os.path.join(UTK, r["file"]))
+        faces = det.detect(rgb, pad_fraction=0.25)
+        if faces and conditions.turn_of(faces[0].landmarks[None])[0] < 0.15:
+            crops.append(align_face(rgb, faces[0].landmarks))
+    assert len(crops) >= 6
+    return crops[:6], det
+
+
+def landmarks_in_crop(det, crop):
+    """The detector's landmarks on an aligned crop (found at twice its size, with a margin)."""
+    faces = det.detect(cv2.resize(crop, None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR), pad_fraction=0.3)
+    return faces[0].landmarks / 2 if faces else None
+
+
+def test_turn_measure():
+    assert conditions.turn_of(REF[None])[0] < 0.01  # the template is frontal
+    for yaw, lo, hi in ((15, 0.1, 0.25), (30, 0.3, 0.45), (-40, 0.45, 0.65)):
+        assert lo <= conditions.turn_of(conditions.yaw_matrix(yaw)[1][None])[0] <= hi
+    # the measure ignores the face's size, position and roll
+    pts = conditions.yaw_matrix(30)[1]
+    rot = cv2.getRotationMatrix2D((10, 20), 35, 2.5)
+    moved = np.c_[pts, np.ones(5)] @ rot.T + 100
+    assert conditions.turn_of(moved[None])[0] == pytest.approx(conditions.turn_of(pts[None])[0], abs=1e-9)
+
+
+@pytest.mark.parametrize("condition", conditions.HARD_CONDITIONS + conditions.TRAIN_CONDITIONS)
+def test_condition_keeps_shape_range_and_landmarks(real_faces, condition):
+    crops, det = real_faces
+    rng = np.random.default_rng(0)
+    moved = []
+    for crop in crops:
+        for harsh in (False, True):
+            out = conditions.degrade(crop, condition, rng, harsh=harsh)
+            assert out.shape == crop.shape and out.dtype == np.uint8
+            assert 0 < np.abs(out.astype(int) - crop).mean() or condition == "gray" and crop.std(2).mean() < 1
+        before, after = landmarks_in_crop(det, crop), landmarks_in_crop(det, conditions.degrade(crop, condition, rng))
+        if before is not None and after is not None:
+            moved.append(np.linalg.norm(after - before, axis=1).mean())
+    # a photometric condition leaves the face where it was: the landmarks stay within a few pixels
+    # (inter-ocular distance 35 px); a patch may hide a landmark, which the detector then guesses
+    assert len(moved) >= 4
+    assert np.mean(moved) < (4.5 if condition == "occluded" else 2.5)
+
+
+def test_turned_crop_matches_its_landmarks(real_faces):
+    """The warp of yaw_matrix moves a real face's landmarks where the matrix says they go."""
+    crops, det = real_faces
+    for yaw in (-25, 20):
+        m, _ = conditions.yaw_matrix(yaw)
+        errors = []
+        for crop in crops:
+            before = landmarks_in_crop(det, crop)
+            after = landmarks_in_crop(det, cv2.warpPerspective(crop, m, (config.IMAGE_W, config.IMAGE_H), borderMode=cv2.BORDER_REPLICATE))
+            if before is None or after is None:
+                continue
+            p = np.c_[before, np.ones(5)] @ m.T
+            errors.append(np.linalg.norm(after - p[:, :2] / p[:, 2:], axis=1).mean())
+        assert len(errors) >= 4 and np.mean(errors) < 2.0
+        # the turned face is pushed sideways in the crop, as the demo aligns a turned face
+        assert abs(m[0, 2]) > 1.0
+
+
+def test_augment_with_conditions_keeps_shapes_and_ranges(real_faces):
+    crops, _ = real_faces
+    raw = np.stack(crops * 6)
+    plain = augment(raw, np.random.default_rng(1))
+    x = augment(raw, np.random.default_rng(1), hard=1.0, pose=1.0)
+    assert x.shape == plain.shape == (len(raw), 3, config.IMAGE_H, config.IMAGE_W) and x.dtype == torch.float32
+    assert torch.isfinite(x).all()
+    lo = (0 - np.array(config.IMAGENET_MEAN)) / np.array(config.IMAGENET_STD)
+    hi = (1 - np.array(config.IMAGENET_MEAN)) / np.array(config.IMAGENET_STD)
+    for c in range(3):  # colour jitter may push a pixel past 0..255 a little, never far
+        assert x[:, c].min() >= lo[c] * 1.6 - 0.5 and x[:, c].max() <= hi[c] * 1.6 + 0.5
+    assert (x - plain).abs().mean() > 0.05  # the conditions did something
+    assert torch.equal(x, augment(raw, np.random.default_rng(1), hard=1.0, pose=1.0))  # and reproducibly
+
+
+def test_hard_conditions_set_is_reproducible():
+    rng = np.random.default_rng(0)
+    faces = rng.integers(0, 256, (70, config.IMAGE_H, config.IMAGE_W, 3), dtype=np.uint8)
+    turn = np.where(np.arange(70) % 10 == 0, 0.5, 0.1)
+    a, names = conditions.hard_conditions(faces, turn)
+    b, names_b = conditions.hard_conditions(faces.copy(), turn)
+    assert np.array_equal(a, b) and list(names) == list(names_b)
+    c, names_c = conditions.hard_conditions(faces, turn, seed=1)
+    assert not np.array_equal(a, c)
+    assert set(names[turn >= conditions.TURNED]) == {"turned"}
+    assert np.array_equal(a[turn >= conditions.TURNED], faces[turn >= conditions.TURNED])  # real turned faces, untouched
+    counts = {k: int((names == k).sum()) for k in conditions.HARD_CONDITIONS}
+    assert max(counts.values()) - min(counts.values()) <= 3 and sum(counts.values()) == 63
+
+
+def test_unsure_rule_by_hand():
+    # confidences 0.55 (2 right of 4), 0.65 (3 of 4), 0.9 (4 of 4), 0.99 (4 of 4), the gender shown being 1
+    conf = np.repeat([0.55, 0.65, 0.9, 0.99], 4)
+    gp = np.stack([1 - conf, conf], 1)
+    truth = np.array([1, 1, 0, 0, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1])
+    # below 0.56: 2 of 4 right (50%); below 0.66: 5 of 8 (62.5%); below 0.91 to 0.99: 9 of 12 (75%), and
+    # of the thresholds that mark the same faces the lowest is kept
+    assert fit_unsure_threshold(gp, truth, accuracy=0.75) == 0.91
+    assert fit_unsure_threshold(gp, truth, accuracy=0.7) == 0.66
+    assert fit_unsure_threshold(gp, truth, accuracy=0.4) == 0.5  # even the least sure are right more often
+    assert list(gender_unsure(gp, 0.66)) == [True] * 8 + [False] * 8
+    # unknown genders (-1) are left out; weights let a source count more
+    assert fit_unsure_threshold(np.vstack([gp, [[0.4, 0.6]]]), np.r_[truth, -1], accuracy=0.75) == 0.91
+    w = np.r_[np.full(4, 3.0), np.ones(12)]  # the 0.55 faces (2 of 4 right) weigh 3x: below 0.91, 13 of 20
+    assert fit_unsure_threshold(gp, truth, w, accuracy=0.7) == 0.91
+    coverage, acc, threshold = coverage_curve(gp, truth, points=16)
+    assert [coverage[k] for k in (3, 7, 11, 15)] == [0.25, 0.5, 0.75, 1.0]
+    assert [acc[k] for k in (3, 7, 11, 15)] == [1.0, 1.0, 11 / 12, 13 / 16] and threshold[15] == 0.55
+
+
+def test_turned_faces_are_drawn_more_often():
+    sampler = EpochBatchSampler(10, 5, repeats=np.r_[np.ones(9, int), 5])
+    counts = np.zeros(10)
+    for epoch in range(100):
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            np.add.at(counts, batch, 1)  # a batch may hold the same face twice
+    assert 4 < counts[9] / counts[:9].mean() < 6
+    assert counts.sum() == 100 * 10  # an epoch keeps its length
+
+
+def test_aaf_layout_flows_through_cache_and_loader(tmp_path):
+    """A third source in the layout ../shared/tools/get_aaf.py writes (images/%05dA%02d.jpg, labels.csv
+    file,age,gender,split; gender 0 female 1 male), cached by pre_process.py --dataset csv and served
+    with UTKFace-like faces of the other sources (real UTKFace photos stand in for AAF's here)."""
+    root = tmp_path / "aaf_photos"
+    os.makedirs(root / "images")
+    rows = []
+    for k, r in enumerate(utk_rows("train", 8, seed=11) + utk_rows("val", 4, seed=11)):
+        name = f"images/{k:05d}A{int(r['age']):02d}.jpg"
+        shutil.copy(os.path.join(UTK, r["file"]), root / name)
+        rows.append({"file": name, "age": r["age"], "gender": r["gender"], "split": r["split"]})
+    write_csv(rows, root / "labels.csv", cols=("file", "age", "gender", "split"))
+    out = tmp_path / "aaf"
+    assert pre_process.main(["--dataset", "csv", "--data-dir", str(root), "--out", str(out), "--pad-fraction", "0.25", "--workers", "1"]) == 0
+    train = FaceCache(str(out), split="train", train=True)
+    truth = {r["file"]: (int(r["age"]), int(r["gender"])) for r in rows}
+    assert len(train) >= 6 and len(FaceCache(str(out), split="val")) >= 2
+    for row, age, gender in zip(train.rows(), train.ages.tolist(), train.genders.tolist()):
+        assert truth[row["file"]] == (age, gender) == (int(row["age"]), int(row["gender"]))
+    assert train.turn.shape == (len(train),) and (train.turn < 1).all()
+    mixed = MixedFaces([train, train], hard_aug=0.5, pose_aug=0.5, turned_weight=3)
+    loader, _ = make_loader(mixed, 4, workers=0, source_weights=[0.5, 0.5])
+    x, ages, genders = next(iter(loader))
+    assert x.shape == (4, 3, config.IMAGE_H, config.IMAGE_W)
+    assert set(zip(ages.tolist(), genders.tolist())) <= set(truth.values())
