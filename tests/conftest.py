@@ -1,4 +1,5 @@
 """Shared fixtures: real UTKFace data from ../shared, and a small real cache built once per session."""
+import argparse
 import csv
 import os
 import sys
@@ -52,3 +53,25 @@ def utk_cache(tmp_path_factory):
     out = tmp / "cache"
     assert pre_process.main(["--dataset", "csv", "--labels", labels, "--data-dir", UTK, "--out", str(out), "--workers", "2"]) == 0
     return str(out)
+
+
+def parser_of(main, argv=("--help",)):
+    """The ArgumentParser a script's main builds (caught as it parses)."""
+    class Caught(Exception):
+        pass
+
+    seen = []
+    real = argparse.ArgumentParser.parse_args
+
+    def catch(self, *a, **k):
+        seen.append(self)
+        raise Caught
+
+    argparse.ArgumentParser.parse_args = catch
+    try:
+        main(list(argv))
+    except Caught:
+        pass
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    return seen[0]

