@@ -7,6 +7,7 @@
     python bench.py video [--frames 120] [--json out/bench_video.json]
     python bench.py small [--json out/bench_small.json]
     python bench.py landmarks [--photos 300] [--json out/bench_landmarks.json]
+    python bench.py serve [--clients 8] [--requests 2000] [--json out/bench_serve.json]
 
 data:  images/s served by data_gen from the cache with augmentation, against a seed-style loader that
        reads each original JPEG and warps it with the stored landmarks (same workers and batch size).
@@ -27,6 +28,10 @@ landmarks: RetinaFace's and YuNet's landmarks against MTCNN's on UTKFace val pho
        points against the ONet points in its boxes that detector.YuNetDetector gives.
 folder: photos/s of `demo.py FOLDER --no-draw --json` on real photos of mixed sizes (CLAP2016 and
        UTKFace photos, some enlarged or set on a bigger canvas), with 1 worker and with --workers.
+serve: `python serve.py` started as a user would, --clients concurrent clients on localhost posting
+       real photos (the folder benchmark's mix) to /api/analyze for --requests requests: requests/s,
+       p50/p95/p99 latency, errors, the server's memory before and after; and the same photos through
+       predictor.predict_many in this process, in the same run, as the baseline.
 """
 import argparse
 import json
@@ -157,7 +162,7 @@ def _ms(fn, repeat):
 
 
 def bench_infer(args):
-    from demo import AgeGenderPredictor
+    from predictor import AgeGenderPredictor
     from export_onnx import network_session
 
     use_all_cores_for_cv2()  # as demo.py does when run from the command line
@@ -301,6 +306,7 @@ def bench_folder(args):
 
 def bench_video(args):
     import demo
+    from predictor import AgeGenderPredictor
 
     photo = cv2.cvtColor(cv2.imread(os.path.join(config.ROOT, "images", "astronaut.jpg")), cv2.COLOR_BGR2RGB)
     face = cv2.resize(photo, (256, 256), interpolation=cv2.INTER_AREA)
@@ -315,7 +321,7 @@ def bench_video(args):
             writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
         writer.release()
         for name in ("mtcnn", "retinaface", "yunet"):
-            predictor = demo.AgeGenderPredictor(args.checkpoint, "cpu", detector=name)
+            predictor = AgeGenderPredictor(args.checkpoint, "cpu", detector=name)
             for k in (1, 3):
                 t = time.perf_counter()
                 rec, _ = demo.run_video(predictor, path, tmp, 0, 1, set(), draw_it=False, detect_every=k)
@@ -437,9 +443,93 @@ def bench_landmarks(args):
     return res
 
 
+def _rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def bench_serve(args):
+    """The web app under load, against predict_many on the same photos (see the module docstring)."""
+    import socket
+    import subprocess
+    import threading
+
+    import httpx
+
+    from predictor import AgeGenderPredictor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _mixed_photo_folder(tmp, 40)
+        names = sorted(os.listdir(tmp))
+        photos = [open(os.path.join(tmp, n), "rb").read() for n in names]
+        # the baseline: the pipeline in this process, batched across the photos, one thread set as the server's
+        predictor = AgeGenderPredictor(args.checkpoint, "cpu")
+        predictor.predict_many([os.path.join(tmp, n) for n in names[:4]])  # warm-up
+        t, done = time.perf_counter(), 0
+        while time.perf_counter() - t < 20:
+            predictor.predict_many([os.path.join(tmp, n) for n in names])
+            done += len(names)
+        baseline = done / (time.perf_counter() - t)
+        del predictor
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, os.path.join(config.ROOT, "serve.py"), "--port", str(port), "--checkpoint", args.checkpoint,
+                               "--max-concurrent", str(2 * args.clients)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/api/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        with httpx.Client(timeout=60) as c:  # warm-up: the first requests build the model's graph
+            for p in photos[:10]:
+                c.post(url + "/api/analyze", content=p)
+        rss_before = _rss_mb(server.pid)
+        latencies, errors, lock, counter = [], [], threading.Lock(), iter(range(args.requests))
+
+        def client(k):
+            with httpx.Client(timeout=60) as c:
+                for i in counter:
+                    t0 = time.perf_counter()
+                    try:
+                        r = c.post(url + "/api/analyze", content=photos[(i + k) % len(photos)])
+                        ok = r.status_code == 200 and "faces" in r.json()
+                    except httpx.HTTPError:
+                        ok = False
+                    with lock:
+                        latencies.append(time.perf_counter() - t0)
+                        if not ok:
+                            errors.append(i)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        elapsed = time.perf_counter() - t
+        rss_after = _rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(10)
+    lat = np.array(latencies) * 1000
+    res = {"clients": args.clients, "requests": len(latencies), "errors": len(errors), "requests_s": round(len(latencies) / elapsed, 2),
+           "p50_ms": round(float(np.percentile(lat, 50)), 1), "p95_ms": round(float(np.percentile(lat, 95)), 1),
+           "p99_ms": round(float(np.percentile(lat, 99)), 1), "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
+           "predict_many_photos_s": round(baseline, 2), "ratio_to_predict_many": round(len(latencies) / elapsed / baseline, 3)}
+    print(f"serve.py, {args.clients} clients, {res['requests']} requests of real photos: {res['requests_s']} requests/s "
+          f"(predict_many in the same run: {res['predict_many_photos_s']} photos/s; ratio {res['ratio_to_predict_many']}), "
+          f"latency p50 {res['p50_ms']} / p95 {res['p95_ms']} / p99 {res['p99_ms']} ms, {res['errors']} errors, "
+          f"server memory {res['rss_before_mb']} -> {res['rss_after_mb']} MB")
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmarks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["data", "train", "infer", "folder", "video", "small", "landmarks"], help="which benchmark to run")
+    p.add_argument("what", choices=["data", "train", "infer", "folder", "video", "small", "landmarks", "serve"], help="which benchmark to run")
     p.add_argument("--json", default="", help="also write the figures to this file")
     p.add_argument("--cache", default=config.DEFAULT_CACHES[0], help="data: the cache to serve from")
     p.add_argument("--batch-size", type=int, default=256, help="data: faces per batch")
@@ -454,8 +544,10 @@ def main(argv=None):
     p.add_argument("--min-face-size", type=int, default=20, help="infer/small: MTCNN's smallest face, as demo.py's option")
     p.add_argument("--photos", type=int, default=300, help="folder: how many photos the timed folder holds; landmarks: UTKFace val photos compared")
     p.add_argument("--frames", type=int, default=120, help="video: frames in the timed 640x480 clip")
+    p.add_argument("--clients", type=int, default=8, help="serve: concurrent clients")
+    p.add_argument("--requests", type=int, default=2000, help="serve: requests posted in all")
     args = p.parse_args(argv)
-    res = {"data": bench_data, "train": bench_train, "infer": bench_infer, "folder": bench_folder, "video": bench_video, "small": bench_small, "landmarks": bench_landmarks}[args.what](args)
+    res = {"data": bench_data, "train": bench_train, "infer": bench_infer, "folder": bench_folder, "video": bench_video, "small": bench_small, "landmarks": bench_landmarks, "serve": bench_serve}[args.what](args)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

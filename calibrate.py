@@ -78,7 +78,7 @@ def main(argv=None):
     p.add_argument("--tta-zoom", type=float, default=None,
                    help=f"the enlarged view of test-time augmentation the fit is for (1.0: the mirror pass only; unset: the checkpoint's, else {config.TTA_ZOOM})")
     args = p.parse_args(argv)
-    from demo import AgeGenderPredictor
+    from predictor import AgeGenderPredictor
 
     try:
         predictor = AgeGenderPredictor(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu", tta=args.tta, calibrated=False,

@@ -7,8 +7,9 @@
     python demo.py 0 --max-frames 100                # webcam 0
     python demo.py photos/ --detector yunet          # faster per photo (README: Speed), misses more faces under ~25 px
 
-On a CPU the network runs in onnxruntime, exported in memory at start, or for SFace (the released model) as a
-frozen TorchScript graph, which is faster for it (--runtime onnxruntime | torchscript | torch picks one).
+The pipeline itself (detect, align, predict) is predictor.AgeGenderPredictor; this file is its command
+line. On a CPU the network runs in onnxruntime, exported in memory at start, or for SFace (the released
+model) as a frozen TorchScript graph, which is faster for it (--runtime onnxruntime | torchscript | torch).
 
 Each face gets a box and a label such as `F 31 ±4` (gender, age read off the predicted age distribution
 as the checkpoint's calibration chose on validation, its mean or median; the ± is that distribution's
@@ -20,221 +21,29 @@ faces are tracked (tracker.py) and each person's label is averaged over the fram
 A file that cannot be read, or with no face in it, gets a one-line message; the others still go
 through; the exit code is 1 if any failed.
 
-From Python, the same pipeline:
-
-    from demo import AgeGenderPredictor
-    predictor = AgeGenderPredictor()                 # the released model, on CUDA when present
-    for face in predictor("photo.jpg"):              # a path, an RGB numpy array or a PIL image
-        print(face.gender, face.gender_prob, face.age, face.age_std, face.box)
-    batches = predictor.predict_many(["a.jpg", "b.jpg"], batch_size=64)   # one list of faces per photo
+From Python, the same pipeline: `from predictor import AgeGenderPredictor` (predictor.py).
 """
 import argparse
 import csv
-import dataclasses
 import json
 import multiprocessing
 import os
 import sys
 
 import cv2
-import numpy as np
 import torch
 from tqdm import tqdm
 
 import config
-from data_gen import normalize
-from metrics import AGE_ESTIMATES, apply_calibration, check_age_estimate, gender_unsure, predicted_age
-from models import CheckpointError, age_estimate_of, fuse_batchnorm, load_checkpoint, views_of
-from detector import DETECTORS, align_face, make_detector
-from export_onnx import OUTPUTS, frozen_network, network_session
+from detector import DETECTORS, make_detector
+from metrics import AGE_ESTIMATES
+from models import CheckpointError, load_checkpoint, views_of
+# the pipeline lives in predictor.py; demo.AgeGenderPredictor and demo.FaceRecord still work
+from predictor import RUNTIMES, AgeGenderPredictor, FaceRecord, as_rgb  # noqa: F401
 from tracker import FaceTracker
-from utils import InputError, fail, list_images, read_image, to_rgb8, use_all_cores_for_cv2
+from utils import InputError, fail, list_images, read_image, use_all_cores_for_cv2
 
-# what runs the network: auto = onnxruntime on a CPU, or torchscript for TORCHSCRIPT_ON_CPU, torch (eager) on a GPU
-RUNTIMES = ("auto", "onnxruntime", "torchscript", "torch")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
-
-
-@dataclasses.dataclass
-class FaceRecord:
-    """One face: where it is and what the model says about it."""
-
-    box: list  # x1, y1, x2, y2 in the photo's pixels
-    score: float  # the detector's confidence
-    landmarks: list  # five (x, y): eyes, nose tip, mouth corners (left of the image first)
-    gender: str  # "F" or "M"
-    gender_prob: float  # probability of that gender (0.5..1)
-    gender_unsure: bool  # gender_prob is under the threshold for showing a gender as known: shown as "?"
-    age: float  # expected age (years)
-    age_std: float  # standard deviation of the predicted age distribution, calibrated when the model is
-    age_distribution: list = None  # P(age = 0..100), only when asked for (distribution=True)
-
-    def to_dict(self):
-        d = dataclasses.asdict(self)
-        if d["age_distribution"] is None:
-            del d["age_distribution"]
-        return d
-
-
-def as_rgb(image):
-    """A path, an RGB (or grayscale / RGBA) numpy array or a PIL image -> upright RGB uint8 array."""
-    if isinstance(image, (str, os.PathLike)):
-        return read_image(os.fspath(image))
-    if isinstance(image, np.ndarray):
-        from PIL import Image
-
-        a = image
-        if a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (1, 3, 4)):
-            if a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3:
-                return np.ascontiguousarray(a)
-            if a.ndim == 3 and a.shape[2] == 1:
-                a = a[:, :, 0]
-            if a.dtype == np.uint16 or (a.dtype.kind == "f" and a.ndim == 2):
-                return to_rgb8(Image.fromarray(a.astype(np.float32 if a.dtype.kind == "f" else np.uint16)))
-            if a.dtype.kind == "f":  # float RGB(A) in 0..1
-                a = np.clip(a * 255 + 0.5, 0, 255).astype(np.uint8)
-            return to_rgb8(Image.fromarray(a.astype(np.uint8)))
-        raise InputError(f"array of shape {a.shape} is not an image (expected H x W, H x W x 3 or H x W x 4)")
-    if hasattr(image, "mode") and hasattr(image, "size"):  # a PIL image
-        from PIL import ImageOps
-
-        return to_rgb8(ImageOps.exif_transpose(image))
-    raise InputError(f"cannot read an image from a {type(image).__name__}")
-
-
-# trunks that runtime "auto" runs as a frozen TorchScript graph on a CPU rather than in onnxruntime: SFace's
-# full-resolution stages with PReLU took 15-19 ms a face in onnxruntime, 10-14 ms in PyTorch's eager mode
-# and 8-11 ms frozen (one face, 2 threads, BatchNorm folded; bench.py infer times them)
-TORCHSCRIPT_ON_CPU = ("sface",)
-
-
-class AgeGenderPredictor:
-    """Detect, align and predict: the whole pipeline, shared by demo.py, evaluate.py and bench.py.
-
-    predictor(image) -> list of FaceRecord (best detection first); predictor.predict_many(images)
-    batches the network across photos. `calibrated` applies the checkpoint's fitted calibration
-    (calibrate.py) to the age std and the gender probability. `age_estimate` reads each age off its
-    distribution as its mean or its median (None: as calibrate.py chose for the checkpoint, else the mean).
-    A face's gender is marked unsure (FaceRecord.gender_unsure) when its probability is under
-    `unsure_below` (None: the threshold calibrate.py chose for the checkpoint, else config.GENDER_UNSURE_BELOW).
-    """
-
-    def __init__(self, checkpoint=config.RELEASED_MODEL, device=None, tta=None, min_face_size=20, threshold=None, calibrated=True,
-                 detector=config.DETECTOR, detector_threads=0, runtime="auto", tta_zoom=None, age_estimate=None, unsure_below=None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        net, self.ckpt = load_checkpoint(checkpoint, self.device)
-        tta, tta_zoom = views_of(self.ckpt, tta, tta_zoom)
-        self.net = fuse_batchnorm(net).set_tta_zoom(tta_zoom)
-        self.runtime = self._start_runtime(runtime, tta)
-        self.detector = make_detector(detector, min_face_size=min_face_size, threshold=threshold, threads=detector_threads)
-        self.tta = tta
-        # fitted on validation data by calibrate.py: scales the shown ±std, tempers the gender probability
-        self.calibration = self.ckpt.get("calibration") if calibrated else None
-        self.age_estimate = check_age_estimate(age_estimate_of(self.ckpt, age_estimate))  # a wrong name fails here, not per face
-        if unsure_below is None:
-            unsure_below = (self.calibration or {}).get("gender_unsure_below", config.GENDER_UNSURE_BELOW)
-        if not 0 <= unsure_below <= 1:
-            raise ValueError(f"--unsure-below {unsure_below}: give a probability between 0 and 1 (0: never unsure)")
-        self.unsure_below = float(unsure_below)
-
-    @property
-    def views(self):
-        """How many views of each face are averaged: 1 (the crop), 2 (and its mirror) or 4 (and the enlarged crop)."""
-        return (4 if self.net.zoom_view else 2) if self.tta else 1
-
-    def _start_runtime(self, runtime, tta):
-        """What runs the network (RUNTIMES): sets the onnxruntime session or the frozen TorchScript graph, and
-        returns the runtime's name. auto on a CPU: onnxruntime (MobileNetV2 runs 3-6x faster there than in
-        eager mode), or TorchScript for the trunks in TORCHSCRIPT_ON_CPU; eager PyTorch on a GPU."""
-        if runtime not in RUNTIMES:
-            raise ValueError(f"unknown runtime '{runtime}' (choose from {', '.join(RUNTIMES)})")
-        self.session, self.frozen, requested = None, None, runtime
-        if runtime == "auto":
-            runtime = "torch" if self.device.type != "cpu" else "torchscript" if self.net.arch in TORCHSCRIPT_ON_CPU else "onnxruntime"
-        elif runtime != "torch" and self.device.type != "cpu":
-            raise ValueError(f"--runtime {runtime} runs on the CPU: use --device cpu")
-        if runtime == "onnxruntime":
-            try:
-                self.session = network_session(self.net, tta=tta)
-            except ImportError:
-                if requested == "onnxruntime":
-                    raise ValueError("--runtime onnxruntime needs `pip install onnx onnxruntime`")
-                runtime = "torch"
-        elif runtime == "torchscript":
-            self.frozen = frozen_network(self.net, tta=tta)
-            runtime = "torchscript" if self.frozen is not None else "torch"  # eager mode computes the same
-        return runtime
-
-    @torch.no_grad()
-    def predict_tensor(self, x):
-        """Normalised faces (N x 3 x 112 x 96 tensor) -> dict of numpy arrays, calibrated."""
-        if self.session is not None:
-            out = dict(zip(OUTPUTS, self.session.run(OUTPUTS, {"input": x.cpu().numpy()})))
-        elif self.frozen is not None:
-            with torch.inference_mode():
-                out = dict(zip(OUTPUTS, (t.numpy() for t in self.frozen(x.cpu()))))
-        else:
-            out = {k: v.cpu().numpy() for k, v in self.net.predict(x.to(self.device), tta=self.tta).items() if k in OUTPUTS}
-        if self.age_estimate != "mean":  # the network's own output is the mean
-            out["age"] = predicted_age(out["age_prob"], self.age_estimate).astype(out["age"].dtype)
-        out["gender_prob"], out["age_std"] = apply_calibration(out["gender_prob"], out["age_std"], self.calibration)
-        return out
-
-    def predict_crops(self, crops):
-        """Aligned uint8 crops (N x 112 x 96 x 3, RGB) -> dict of numpy arrays."""
-        if len(crops) == 0:
-            return {"gender_prob": np.zeros((0, 2)), "age_prob": np.zeros((0, config.NUM_AGES)), "age": np.zeros(0), "age_std": np.zeros(0)}
-        return self.predict_tensor(normalize(np.stack(crops)))
-
-    def analyse(self, rgb, pad_fraction=0.0, distribution=False):
-        """All faces in one RGB photo: (list of FaceRecord, their aligned crops)."""
-        return self.analyse_known(rgb, self.detector.detect(rgb, pad_fraction=pad_fraction), distribution)
-
-    def analyse_known(self, rgb, faces, distribution=False):
-        """Predict faces whose boxes and landmarks are already known (detector.Face objects, e.g. carried
-        forward by the tracker between detections): (list of FaceRecord, aligned crops)."""
-        crops = [align_face(rgb, f.landmarks) for f in faces]
-        return self._records(faces, self.predict_crops(crops), 0, distribution, self.unsure_below), crops
-
-    def __call__(self, image, pad_fraction=0.0, distribution=False):
-        """All faces in one photo (a path, an RGB array or a PIL image), as FaceRecords."""
-        return self.analyse(as_rgb(image), pad_fraction, distribution)[0]
-
-    def predict_many(self, images, batch_size=64, pad_fraction=0.0, distribution=False):
-        """One list of FaceRecords per image; the network runs on batches of faces from several photos."""
-        found, crops = [], []
-        for image in images:
-            rgb = as_rgb(image)
-            faces = self.detector.detect(rgb, pad_fraction=pad_fraction)
-            found.append(faces)
-            crops += [align_face(rgb, f.landmarks) for f in faces]
-        parts = [self.predict_crops(crops[s : s + batch_size]) for s in range(0, len(crops), batch_size)]
-        pred = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else self.predict_crops([])
-        out, start = [], 0
-        for faces in found:
-            out.append(self._records(faces, pred, start, distribution, self.unsure_below))
-            start += len(faces)
-        return out
-
-    @staticmethod
-    def _records(faces, pred, start, distribution, unsure_below):
-        records = []
-        unsure = gender_unsure(pred["gender_prob"], unsure_below)
-        for i, f in enumerate(faces):
-            k = start + i
-            p_male = float(pred["gender_prob"][k, 1])
-            records.append(FaceRecord(
-                box=[round(float(v), 1) for v in f.box],
-                score=round(f.score, 4),
-                landmarks=[[round(float(x), 1), round(float(y), 1)] for x, y in f.landmarks],
-                gender="M" if p_male >= 0.5 else "F",
-                gender_prob=round(max(p_male, 1 - p_male), 4),
-                gender_unsure=bool(unsure[k]),
-                age=round(float(pred["age"][k]), 1),
-                age_std=round(float(pred["age_std"][k]), 1),
-                age_distribution=[round(float(p), 6) for p in pred["age_prob"][k]] if distribution else None,
-            ))
-        return records
 
 
 def draw(rgb, records):

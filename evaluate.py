@@ -155,7 +155,7 @@ def main(argv=None):
         fail("--downscale applies to raw photos: add --detect")
     if cfg.conditions and not cfg.cache:
         fail(f"--conditions {cfg.conditions} is made from a cache's faces: add --cache")
-    from demo import AgeGenderPredictor
+    from predictor import AgeGenderPredictor
 
     try:
         predictor = AgeGenderPredictor(cfg.checkpoint, device, cfg.tta, calibrated=cfg.calibrated, detector=cfg.detector,

@@ -12,7 +12,7 @@ weight first (models.average_checkpoints: for runs fine-tuned from one another; 
 Inputs: `input` N x 3 x 112 x 96, ImageNet-normalised RGB (data_gen.normalize). Outputs:
 `gender_prob` N x 2 (female, male), `age_prob` N x 101, `age` N (expected age), `age_std` N: the
 network's own outputs. What calibrate.py stores in a checkpoint is applied after the graph, as
-demo.AgeGenderPredictor does: the age read off `age_prob` as its median where `age_estimate` says so
+predictor.AgeGenderPredictor does: the age read off `age_prob` as its median where `age_estimate` says so
 (metrics.median_age; the released model), the std times `calibration["age_std_scale"]`, the gender logit
 divided by `calibration["gender_temperature"]`.
 """

@@ -3,7 +3,7 @@
     from tracker import FaceTracker
     tracker = FaceTracker()
     for k, frame in enumerate(frames):
-        faces = predictor(frame, distribution=True)          # demo.AgeGenderPredictor
+        faces = predictor(frame, distribution=True)          # predictor.AgeGenderPredictor
         ids = tracker.update(k, faces)                       # one track id per face
         label = tracker.tracks[ids[0]].summary()             # age, age_std, gender, gender_prob so far
 

@@ -100,19 +100,33 @@ def read_image(path, max_pixels=config.MAX_IMAGE_PIXELS):
     EXIF orientation tag. Huge JPEGs are decoded at a reduced scale; other huge images are refused,
     so a decompression bomb never reaches memory. Truncated files are refused, not half-decoded.
     """
-    from PIL import Image, ImageOps
-
     if not os.path.exists(path):
         raise InputError("file not found")
     if os.path.isdir(path):
         raise InputError("is a directory")
     if os.path.getsize(path) == 0:
         raise InputError("empty file (0 bytes)")
+    return _decode(path, max_pixels)
+
+
+def read_image_bytes(data, max_pixels=config.MAX_IMAGE_PIXELS):
+    """read_image for a photo held in memory (an upload): the same checks and messages, no file written."""
+    import io
+
+    if not data:
+        raise InputError("empty upload (0 bytes)")
+    return _decode(io.BytesIO(data), max_pixels)
+
+
+def _decode(source, max_pixels):
+    """A path or a binary file object -> upright RGB uint8 array (read_image's rules)."""
+    from PIL import Image, ImageOps
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             Image.MAX_IMAGE_PIXELS = None  # our own, format-aware limit below
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     if im.format == "JPEG":

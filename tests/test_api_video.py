@@ -14,6 +14,7 @@ from PIL import Image
 
 import config
 import demo
+from predictor import AgeGenderPredictor, FaceRecord, TORCHSCRIPT_ON_CPU
 import train
 from conftest import UTK, parser_of, utk_rows
 from data_gen import normalize
@@ -26,7 +27,7 @@ ASTRONAUT = os.path.join(config.ROOT, "images", "astronaut.jpg")
 
 @pytest.fixture(scope="module")
 def predictor():
-    return demo.AgeGenderPredictor(device="cpu")
+    return AgeGenderPredictor(device="cpu")
 
 
 def test_api_gives_the_same_records_for_path_array_and_pil(predictor):
@@ -35,7 +36,7 @@ def test_api_gives_the_same_records_for_path_array_and_pil(predictor):
     by_pil = predictor(Image.open(ASTRONAUT))
     assert len(by_path) == 1 and by_path == by_array == by_pil
     face = by_path[0]
-    assert isinstance(face, demo.FaceRecord) and face.gender in ("F", "M") and 0.5 <= face.gender_prob <= 1
+    assert isinstance(face, FaceRecord) and face.gender in ("F", "M") and 0.5 <= face.gender_prob <= 1
     assert len(face.box) == 4 and np.asarray(face.landmarks).shape == (5, 2) and face.age_distribution is None
     with_dist = predictor(ASTRONAUT, distribution=True)[0]
     assert len(with_dist.age_distribution) == 101 and sum(with_dist.age_distribution) == pytest.approx(1, abs=1e-3)
@@ -59,13 +60,13 @@ def test_predict_many_equals_one_by_one(predictor):
 def test_onnxruntime_and_pytorch_give_the_same_predictions(predictor):
     """--runtime onnxruntime exports the network in memory (test-time views inside the graph); auto runs
     SFace as a frozen TorchScript graph on a CPU, which is faster for it; torch is eager mode."""
-    assert predictor.runtime == ("torchscript" if predictor.net.arch in demo.TORCHSCRIPT_ON_CPU else "onnxruntime")
+    assert predictor.runtime == ("torchscript" if predictor.net.arch in TORCHSCRIPT_ON_CPU else "onnxruntime")
     assert (predictor.frozen is not None) == (predictor.runtime == "torchscript")
-    ort_run = demo.AgeGenderPredictor(device="cpu", runtime="onnxruntime")
+    ort_run = AgeGenderPredictor(device="cpu", runtime="onnxruntime")
     assert ort_run.session is not None and not ort_run.net.training  # exporting it must leave the network in eval mode
-    torch_run = demo.AgeGenderPredictor(device="cpu", runtime="torch")
+    torch_run = AgeGenderPredictor(device="cpu", runtime="torch")
     assert torch_run.session is None and torch_run.frozen is None
-    script_run = demo.AgeGenderPredictor(device="cpu", runtime="torchscript")
+    script_run = AgeGenderPredictor(device="cpu", runtime="torchscript")
     assert script_run.frozen is not None
     rows = utk_rows("test", 16, seed=11)
     crops = np.stack([cv2.resize(read_image(os.path.join(UTK, r["file"]))[40:152, 52:148], (96, 112)) for r in rows])
@@ -75,18 +76,18 @@ def test_onnxruntime_and_pytorch_give_the_same_predictions(predictor):
     e = script_run.predict_crops(crops)
     assert np.abs(e["age_prob"] - b["age_prob"]).max() < 1e-4 and np.abs(e["gender_prob"] - b["gender_prob"]).max() < 1e-4
     assert np.abs(e["age"] - b["age"]).max() < 0.01 and np.abs(e["age_std"] - b["age_std"]).max() < 0.01
-    four = demo.AgeGenderPredictor(device="cpu", tta=True)  # the four views, inside the ONNX graph
-    four_torch = demo.AgeGenderPredictor(device="cpu", tta=True, runtime="torch")
+    four = AgeGenderPredictor(device="cpu", tta=True)  # the four views, inside the ONNX graph
+    four_torch = AgeGenderPredictor(device="cpu", tta=True, runtime="torch")
     c, d = four.predict_crops(crops), four_torch.predict_crops(crops)
     assert np.abs(c["age_prob"] - d["age_prob"]).max() < 1e-4 and np.abs(c["gender_prob"] - d["gender_prob"]).max() < 1e-4
-    one = demo.AgeGenderPredictor(device="cpu", tta=False).predict_crops(crops)
+    one = AgeGenderPredictor(device="cpu", tta=False).predict_crops(crops)
     assert np.abs(c["age"] - one["age"]).max() > 0.01  # the other views are really averaged in
     x = normalize(crops)
     with torch.no_grad():  # the face and its mirror image alone (two views of four)
         mirror_only = (torch_run.net.probabilities(x)[1] + torch_run.net.probabilities(torch.flip(x, dims=[3]))[1]) / 2
     assert (mirror_only - torch.from_numpy(d["age_prob"])).abs().max() > 1e-3  # ... and so is the enlarged view
     with pytest.raises(ValueError, match="unknown runtime"):
-        demo.AgeGenderPredictor(device="cpu", runtime="tensorrt")
+        AgeGenderPredictor(device="cpu", runtime="tensorrt")
 
 
 def test_zoom_matrix_is_grid_samples_zoom():
@@ -245,7 +246,7 @@ def test_torchscript_falls_back_to_eager_mode_when_tracing_fails(monkeypatch):
         raise RuntimeError("TorchScript is gone")
 
     monkeypatch.setattr(torch.jit, "trace", refuse)
-    run = demo.AgeGenderPredictor(device="cpu", runtime="torchscript")
+    run = AgeGenderPredictor(device="cpu", runtime="torchscript")
     assert run.runtime == "torch" and run.frozen is None and run.session is None
     faces = run(ASTRONAUT)
     assert len(faces) == 1 and faces[0].gender in ("F", "M")

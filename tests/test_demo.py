@@ -11,6 +11,7 @@ from PIL import Image
 
 import config
 import demo
+from predictor import AgeGenderPredictor
 import evaluate
 from conftest import UTK, run_main as run, utk_rows, write_csv
 from export_onnx import export, max_difference
@@ -66,7 +67,7 @@ def test_demo_on_good_and_bad_files(tmp_path, capsys):
         f = faces[0]
         assert set(f) == {"box", "score", "landmarks", "gender", "gender_prob", "gender_unsure", "age", "age_std"}
         assert f["gender"] in ("F", "M") and 0.5 <= f["gender_prob"] <= 1 and 0 <= f["age"] <= 100 and f["age_std"] > 0
-        assert f["gender_unsure"] == (f["gender_prob"] < demo.AgeGenderPredictor().unsure_below)
+        assert f["gender_unsure"] == (f["gender_prob"] < AgeGenderPredictor().unsure_below)
         assert 150 < f["box"][0] < f["box"][2] < 300  # the astronaut's face
     assert abs(records["astronaut.jpg"]["faces"][0]["age"] - records["gray.png"]["faces"][0]["age"]) < 10
     reasons = {"trunc.jpg": "truncated", "empty.jpg": "empty", "notes.png": "not an image", "wall.jpg": "no face", "missing.jpg": "not found"}

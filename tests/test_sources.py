@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import config
+from predictor import AgeGenderPredictor
 import evaluate
 import pre_process
 import train
@@ -273,25 +274,23 @@ def test_choose_age_estimate_by_hand():
 def test_calibrate_stores_the_views_it_was_fitted_for(clap_cache, tmp_path, capsys):
     """calibrate.py writes the fit with its test-time views; they become the checkpoint's default views."""
     import calibrate
-    import demo
 
     one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
     code, out, _ = run_main(calibrate.main, ["--checkpoint", config.RELEASED_MODEL, "--cache", clap_cache, "--no-tta", "--out", one], capsys)
     assert code == 0 and "wrote the calibration" in out
     ckpt = torch.load(one, map_location="cpu", weights_only=True)
     assert ckpt["tta"] is False and ckpt["calibration"]["age_std_scale"] > 0
-    assert demo.AgeGenderPredictor(one, "cpu").tta is False
+    assert AgeGenderPredictor(one, "cpu").tta is False
     assert run_main(calibrate.main, ["--checkpoint", one, "--cache", clap_cache, "--tta", "--tta-zoom", "1.0", "--out", two], capsys)[0] == 0
-    stored = demo.AgeGenderPredictor(two, "cpu")
+    stored = AgeGenderPredictor(two, "cpu")
     assert stored.tta is True and not stored.net.zoom_view  # the mirror pass only, as fitted
-    assert demo.AgeGenderPredictor(two, "cpu", tta=False).tta is False  # what the caller asks for comes first
+    assert AgeGenderPredictor(two, "cpu", tta=False).tta is False  # what the caller asks for comes first
 
 
 def test_calibrate_chooses_the_age_estimate_and_the_demo_follows_it(clap_cache, tmp_path, capsys):
     """calibrate.py stores the estimate it chose (or was told); the predictor, evaluate.py and the tracker read
     ages off the distribution with it, and an explicit choice comes first."""
     import calibrate
-    import demo
     from tracker import FaceTracker
 
     median_ckpt = str(tmp_path / "median.pt")
@@ -300,15 +299,15 @@ def test_calibrate_chooses_the_age_estimate_and_the_demo_follows_it(clap_cache, 
     assert code == 0 and "ages shown as the median" in out and "mean " in out
     assert torch.load(median_ckpt, map_location="cpu", weights_only=True)["age_estimate"] == "median"
     x = next(iter(make_loader(FaceCache(clap_cache, split="val"), 16, workers=0)[0]))[0]
-    by_median = demo.AgeGenderPredictor(median_ckpt, "cpu", runtime="torch")
-    by_mean = demo.AgeGenderPredictor(median_ckpt, "cpu", runtime="torch", age_estimate="mean")
+    by_median = AgeGenderPredictor(median_ckpt, "cpu", runtime="torch")
+    by_mean = AgeGenderPredictor(median_ckpt, "cpu", runtime="torch", age_estimate="mean")
     assert by_median.age_estimate == "median" and by_mean.age_estimate == "mean"
     a, b = by_median.predict_tensor(x), by_mean.predict_tensor(x)
     assert np.allclose(a["age_prob"], b["age_prob"]) and np.allclose(a["age_std"], b["age_std"])
     assert np.allclose(a["age"], median_age(a["age_prob"]), atol=1e-3) and np.allclose(b["age"], predicted_age(b["age_prob"]), atol=1e-3)
     assert np.abs(a["age"] - b["age"]).max() > 0.05  # really another number
     with pytest.raises(ValueError, match="unknown age estimate"):
-        demo.AgeGenderPredictor(median_ckpt, "cpu", age_estimate="mode")
+        AgeGenderPredictor(median_ckpt, "cpu", age_estimate="mode")
     # evaluate.py scores the same estimate, and says which
     report = str(tmp_path / "eval.json")
     assert run_main(evaluate.main, ["--checkpoint", median_ckpt, "--cache", clap_cache, "--split", "val", "--json", report], capsys)[0] == 0

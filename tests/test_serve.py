@@ -1,0 +1,219 @@
+"""serve.py: the REST API gives the predictor's records, refuses bad input with a 4xx JSON error and keeps
+serving, enforces its limits (413, 503), and the page works in a real browser (headless Chromium)."""
+import io
+import os
+import shutil
+import socket
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+import config
+import serve
+from predictor import AgeGenderPredictor
+
+IMAGES = os.path.join(config.ROOT, "images")
+PHOTOS = ["astronaut.jpg", "grace_hopper.jpg", "collage.jpg"]
+
+
+@pytest.fixture(scope="module")
+def client():
+    from fastapi.testclient import TestClient
+
+    with TestClient(serve.create_app()) as c:
+        yield c
+
+
+def _bytes(name):
+    with open(os.path.join(IMAGES, name), "rb") as f:
+        return f.read()
+
+
+def test_api_gives_the_predictors_records(client):
+    predictor = AgeGenderPredictor(device="cpu")
+    for name in PHOTOS:
+        want = [f.to_dict() for f in predictor(os.path.join(IMAGES, name))]
+        assert want
+        multipart = client.post("/api/analyze", files={"file": (name, _bytes(name), "image/jpeg")})
+        raw = client.post("/api/analyze", content=_bytes(name), headers={"Content-Type": "image/jpeg"})
+        for r in (multipart, raw):
+            assert r.status_code == 200
+            assert r.json()["faces"] == want
+        assert multipart.json()["file"] == name and raw.json()["file"] == "upload"
+    r = client.post("/api/analyze?distribution=true&crops=true", content=_bytes("astronaut.jpg"))
+    face = r.json()["faces"][0]
+    assert len(face["age_distribution"]) == config.NUM_AGES and abs(sum(face["age_distribution"]) - 1) < 1e-3
+    crop = cv2.imdecode(np.frombuffer(__import__("base64").b64decode(face["crop"].split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
+    assert crop.shape == (config.IMAGE_H, config.IMAGE_W, 3)
+    assert client.get("/api/health").json()["status"] == "ok"
+    assert client.get("/openapi.json").json()["paths"].keys() >= {"/api/analyze", "/api/track", "/api/health"}
+
+
+def test_webcam_frames_keep_one_track(client):
+    tracks = []
+    for _ in range(3):
+        r = client.post("/api/track?session=t1", content=_bytes("astronaut.jpg"))
+        assert r.status_code == 200
+        (face,) = r.json()["faces"]
+        tracks.append(face["track"])
+        assert face["track_label"]["gender"] == face["gender"] and "age_distribution" not in face
+    assert tracks == [0, 0, 0]
+    assert client.post("/api/track?session=t2", content=_bytes("astronaut.jpg")).json()["faces"][0]["track"] == 0
+
+
+def _png(array):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_input_gets_a_4xx_json_error_and_the_server_goes_on(client):
+    photo = _bytes("astronaut.jpg")
+    corpus = {
+        "empty": (b"", 400, "empty"),
+        "text": (b"hello, not a picture", 400, "not an image"),
+        "truncated": (photo[: len(photo) // 3], 400, "truncated"),
+        "html": (b"<html><body>hi</body></html>", 400, "not an image"),
+    }
+    for name, (body, status, words) in corpus.items():
+        for r in (client.post("/api/analyze", content=body),
+                  client.post("/api/analyze", files={"file": (name, body, "application/octet-stream")})):
+            assert r.status_code == status and words in r.json()["error"], (name, r.status_code, r.text)
+    r = client.post("/api/analyze", content=b"--x\r\nbroken", headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert 400 <= r.status_code < 500 and "error" in r.json()
+    r = client.post("/api/analyze", files={"other": ("a.jpg", photo, "image/jpeg")})
+    assert r.status_code == 400 and "'file'" in r.json()["error"]
+    r = client.post("/api/analyze?detector=../../etc/passwd", content=photo)
+    assert r.status_code == 400 and "unknown detector" in r.json()["error"]
+    r = client.post("/api/track", content=photo)  # no session
+    assert r.status_code == 422
+    # no face: a 200 with an empty list; grayscale, alpha and 16-bit photos are read
+    wall = client.post("/api/analyze", content=_png(np.full((300, 300, 3), 90, np.uint8)))
+    assert wall.status_code == 200 and wall.json()["faces"] == []
+    rgb = np.asarray(Image.open(os.path.join(IMAGES, "astronaut.jpg")).convert("RGB"))
+    for variant in (rgb.mean(2).astype(np.uint8), np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]),
+                    (rgb.mean(2) * 257).astype(np.uint16)):
+        r = client.post("/api/analyze", content=_png(variant))
+        assert r.status_code == 200 and len(r.json()["faces"]) == 1
+    assert client.get("/api/health").status_code == 200
+    assert client.post("/api/analyze", content=photo).json()["faces"][0]["gender"] in ("F", "M")
+
+
+def test_size_and_pixel_limits_answer_413():
+    from fastapi.testclient import TestClient
+
+    with TestClient(serve.create_app(max_upload_mb=0.01, max_pixels=100_000)) as c:
+        big = c.post("/api/analyze", content=_bytes("collage.jpg"))  # 40 KB > 10 KB
+        assert big.status_code == 413 and "too large" in big.json()["error"]
+        ok, small_jpg = cv2.imencode(".jpg", np.full((400, 400, 3), 128, np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 30])
+        assert len(small_jpg) < 10_000
+        r = c.post("/api/analyze", content=small_jpg.tobytes())  # 160,000 pixels > 100,000
+        assert r.status_code == 413 and "pixels" in r.json()["error"]
+        assert c.get("/api/health").status_code == 200
+
+
+class Server:
+    """serve's app under a real uvicorn on a free port of 127.0.0.1, in a thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+
+def test_beyond_max_concurrent_a_503_at_once(monkeypatch):
+    import httpx
+
+    app = serve.create_app(max_concurrent=1)
+    real = serve.analyse
+
+    def slow(*a, **k):
+        time.sleep(1.5)
+        return real(*a, **k)
+
+    monkeypatch.setattr(serve, "analyse", slow)
+    with Server(app) as server:
+        photo = _bytes("astronaut.jpg")
+        first = {}
+        t = threading.Thread(target=lambda: first.update(r=httpx.post(server.url + "/api/analyze", content=photo, timeout=30)))
+        t.start()
+        time.sleep(0.6)
+        t0 = time.perf_counter()
+        busy = httpx.post(server.url + "/api/analyze", content=photo, timeout=30)
+        assert busy.status_code == 503 and "busy" in busy.json()["error"] and time.perf_counter() - t0 < 1.0
+        t.join()
+        assert first["r"].status_code == 200 and len(first["r"].json()["faces"]) == 1
+        assert httpx.post(server.url + "/api/analyze", content=photo, timeout=30).status_code == 200  # serving again
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name), shutil.which("chromedriver")
+    return None, None
+
+
+def test_the_page_in_a_real_browser(tmp_path):
+    browser, driver_path = _chromium()
+    if not browser or not driver_path:
+        if os.environ.get("CI"):
+            pytest.fail("CI installs chromium and chromium-driver (.ci/run); they are missing")
+        pytest.skip("no chromium / chromedriver here (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    with Server(serve.create_app()) as server:
+        driver = webdriver.Chrome(service=Service(driver_path), options=options)
+        try:
+            driver.get(server.url + "/")
+            assert "Age and gender" in driver.title
+            driver.find_element(By.ID, "files").send_keys(os.path.join(IMAGES, "collage.jpg"))
+            WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".faces li")) >= 3)
+            items = [li.text for li in driver.find_elements(By.CSS_SELECTOR, ".faces li")]
+            assert len(items) == 3 and all(any(g + " " in t for g in ("F", "M", "?")) and "+-" in t for t in items), items
+            canvas = driver.find_element(By.CSS_SELECTOR, ".photo canvas")
+            assert canvas.get_property("width") == 1100  # drawn at the photo's size, scaled by CSS
+            driver.find_elements(By.CSS_SELECTOR, ".faces li")[0].click()
+            WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "detail").is_displayed())
+            assert driver.find_element(By.ID, "detail-crop").get_attribute("src").startswith("data:image/png")
+            assert not driver.find_element(By.ID, "download-json").get_property("disabled")
+            # what the page drew: the boxes' colours are on the canvas
+            png = driver.get_screenshot_as_png()
+            shot = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+            drawn = ((shot[..., 2] > 200) & (shot[..., 1] < 60) & (shot[..., 0] > 40)).sum()  # the women's #ff0050
+            assert drawn > 500
+            path = os.environ.get("WEB_SCREENSHOT") or str(tmp_path / "page.png")
+            with open(path, "wb") as f:
+                f.write(png)
+        finally:
+            driver.quit()
