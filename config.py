@@ -47,13 +47,16 @@ AUG_SCALE = (0.9, 1.1)
 GENDER_UNSURE_ACCURACY = 0.75
 # the threshold for a checkpoint that calibrate.py has not given one
 GENDER_UNSURE_BELOW = 0.75
-# Larger photos are scaled down to this long side before face detection (landmarks are mapped back).
+# Larger photos are searched for faces first scaled down to this long side (landmarks are mapped back) ...
 DETECT_MAX_SIDE = 1280
-# The face detector of demo.py and evaluate.py --detect (detector.py): mtcnn (an image pyramid: finds
-# faces down to 20 px), yunet (one pass, ONet's landmarks: several times faster, finds more ordinary
-# faces, misses more of those under ~25 px) or retinaface (one pass: misses many faces under ~30 px);
-# see the README's Speed section
-DETECTOR = "mtcnn"
+# ... and where that pass finds no face or faces near the detector's smallest, again at up to this many
+# pixels: a 4032x3024 phone photo at its own resolution (detector._Detector)
+DETECT_MAX_PIXELS = 12_500_000
+# The face detector of demo.py, serve.py and evaluate.py --detect (detector.py): yunet (one pass of a tiny
+# network, MTCNN's ONet placing the landmarks: several times faster, as accurate, finds more ordinary faces;
+# large photos get a second pass where their faces are small), mtcnn (an image pyramid: the tiniest faces,
+# down to 20 px) or retinaface (one pass: misses many faces under ~30 px); docs/DETECTORS.md, docs/SPEED.md
+DETECTOR = "yunet"
 
 
 # The caches `python train.py` trains on when no --cache is given: those of them that exist.

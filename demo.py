@@ -5,7 +5,7 @@
     python demo.py big_folder/ --no-draw --csv out/faces.csv --workers 8   # thousands of photos, all cores
     python demo.py clip.mp4 --out out/video          # an annotated clip.mp4 with one stable label per person
     python demo.py 0 --max-frames 100                # webcam 0
-    python demo.py photos/ --detector yunet          # faster per photo (README: Speed), misses more faces under ~25 px
+    python demo.py photos/ --detector mtcnn          # the tiniest faces (down to 20 px), several times slower
 
 The pipeline itself (detect, align, predict) is predictor.AgeGenderPredictor; this file is its command
 line. On a CPU the network runs in onnxruntime, exported in memory at start, or for SFace (the released
@@ -41,7 +41,7 @@ from models import CheckpointError, load_checkpoint, views_of
 # the pipeline lives in predictor.py; demo.AgeGenderPredictor and demo.FaceRecord still work
 from predictor import RUNTIMES, AgeGenderPredictor, FaceRecord, as_rgb  # noqa: F401
 from tracker import FaceTracker
-from utils import InputError, fail, list_images, read_image, use_all_cores_for_cv2
+from utils import InputError, cores, fail, list_images, read_image, use_all_cores_for_cv2
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
@@ -231,7 +231,8 @@ def parse_args(argv):
     p.add_argument("--json", default="", help="write one record per input to this file")
     p.add_argument("--csv", default="", help="write one row per face to this file (file, frame, face, track, box, gender, age)")
     p.add_argument("--no-draw", action="store_true", help="write only --json/--csv: no annotated images, videos or contact sheet")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for photos (videos run in the main one)")
+    p.add_argument("--workers", type=int, default=cores(),
+                   help="processes for photos, each on one thread (processes x threads <= the cores; videos run in the main one)")
     p.add_argument("--verbose", action="store_true", help="one line per photo instead of a progress bar")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--runtime", default="auto", choices=RUNTIMES,
@@ -250,12 +251,14 @@ def parse_args(argv):
     p.add_argument("--min-face-size", type=int, default=20, help="smallest face to find, in pixels")
     p.add_argument("--threshold", type=float, default=None, help="detector score needed to accept a face (default: the detector's own, 0.9 mtcnn, 0.6 yunet, 0.8 retinaface)")
     p.add_argument("--detector", default=config.DETECTOR, choices=sorted(DETECTORS),
-                   help="face detector: mtcnn (finds faces down to 20 px), yunet (several times faster per photo, misses more faces under ~25 px) "
-                        "or retinaface (faster, misses many faces under ~30 px); README: Speed")
+                   help="face detector: yunet (one fast pass; a large photo whose faces are small gets a second pass at the "
+                        "resolution they need), mtcnn (an image pyramid: the tiniest faces, down to 20 px, several times slower) "
+                        "or retinaface (misses many faces under ~30 px); docs/DETECTORS.md")
     p.add_argument("--max-frames", type=int, default=0, help="videos/webcam: stop after this many frames (0 = all)")
     p.add_argument("--every", type=int, default=1, help="videos: annotate every N-th frame")
-    p.add_argument("--detect-every", type=int, default=1,
-                   help="videos: run the detector on every K-th annotated frame and carry tracked faces forward in between")
+    p.add_argument("--detect-every", type=int, default=2,
+                   help="videos: run the detector on every K-th annotated frame and carry tracked faces forward in between "
+                        "(1: detect on every frame; 2 and 3 keep the test clip's two crossing people apart)")
     return p.parse_args(argv)
 
 

@@ -37,30 +37,70 @@ class Face:
 
 
 class _Detector:
-    """What every detector shares: padding of tight crops, the size limit, mapping back to the photo."""
+    """What every detector shares: padding of tight crops, the detection resolution, mapping back to the photo.
+
+    A photo is first searched at most `max_side` pixels on its long side (config.DETECT_MAX_SIDE). A large
+    photo shrunk for that loses its small faces: a 4032x3024 group photo's 70 px faces become 22 px,
+    under what a one-pass detector finds reliably (`RELIABLE_FACE_PX`). So where the first pass shrank the
+    photo and found a face under twice that size (a sign of smaller ones it missed), the photo is
+    searched again, enlarged until that face is 1.75 times the reliable size; where it found no face at
+    all, at up to `max_pixels` (config.DETECT_MAX_PIXELS: a phone photo at its own resolution); never
+    above the photo's own resolution. The two passes' faces are merged. Ordinary photos, and large ones
+    with large faces, take one pass."""
+
+    RELIABLE_FACE_PX = 20  # the face height (pixels, in the searched image) from which nearly all are found
+    max_pixels = config.DETECT_MAX_PIXELS
+
+    def scales(self, h, w, smallest=None):
+        """The scale of the first pass for an h x w photo (after padding), and of the second given the height
+        of the smallest face the first found (None: none found), or None where no second pass is needed."""
+        first = min(1.0, self.max_side / max(h, w))
+        cap = min(1.0, (self.max_pixels / (h * w)) ** 0.5)
+        if smallest is None:
+            second = cap
+        elif smallest < 2 * self.RELIABLE_FACE_PX:
+            second = min(cap, first * 1.75 * self.RELIABLE_FACE_PX / max(smallest, 1.0))
+        else:
+            return first, None
+        return first, (second if second > first * 1.25 else None)
+
+    def _search(self, img, scale):
+        """Faces (boxes and landmarks in the searched image) at one scale of the padded photo."""
+        if scale < 1.0:
+            img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        boxes, points = self._run_stages(np.ascontiguousarray(img))
+        return [Face(b[:4], float(b[4]), np.stack([p[:5], p[5:]], axis=1)) for b, p in zip(boxes, points) if b[4] >= self.threshold]
 
     def detect(self, rgb, pad_fraction=0.0):
         """All faces in an RGB uint8 image, best score first."""
-        img, offset, scale = rgb, 0.0, 1.0
+        img, offset = rgb, 0.0
         if pad_fraction > 0:
             # A face that fills the frame (a tight crop) is missed by detectors: give it a border.
             p = int(round(pad_fraction * max(img.shape[:2])))
             img = cv2.copyMakeBorder(img, p, p, p, p, cv2.BORDER_CONSTANT, value=(0, 0, 0))
             offset = float(p)
-        long_side = max(img.shape[:2])
-        if long_side > self.max_side:
-            scale = self.max_side / long_side
-            img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        boxes, points = self._run_stages(np.ascontiguousarray(img))
-        faces = []
-        for b, pts in zip(boxes, points):
-            if b[4] < self.threshold:
-                continue
-            box = np.array(b[:4]) / scale - offset
-            lm = np.stack([pts[:5], pts[5:]], axis=1) / scale - offset
-            faces.append(Face(box, float(b[4]), lm))
+        first, _ = self.scales(*img.shape[:2])
+        found = [(f, first) for f in self._search(img, first)]
+        smallest = min((f.box[3] - f.box[1] for f, _ in found), default=None)
+        _, second = self.scales(*img.shape[:2], smallest)
+        if second is not None:
+            found = _merge(found, [(f, second) for f in self._search(img, second)])
+        faces = [Face(f.box / s - offset, f.score, f.landmarks / s - offset) for f, s in found]
         faces.sort(key=lambda f: -f.score)
         return faces
+
+
+def _merge(first, second, iou=0.4):
+    """The faces of two passes (each (face, scale)), a face found twice kept once: the second pass's, whose
+    finer image placed it more exactly."""
+    def box(f, s):
+        return f.box / s
+
+    kept = list(second)
+    for f, s in first:
+        if all(box_iou(box(f, s), box(g, t)) < iou for g, t in second):
+            kept.append((f, s))
+    return kept
 
 
 class FaceDetector(_Detector):
@@ -75,6 +115,9 @@ class FaceDetector(_Detector):
     """
 
     name = "mtcnn"
+    # its pyramid finds faces down to min_face_size at the first pass already: a second pass only where
+    # a large photo shrunk for the first showed no face at all
+    RELIABLE_FACE_PX = 0.0
     PYRAMID_FACTOR = 0.709
     STAGE_THRESHOLDS = (0.6, 0.7, 0.7)
 
@@ -186,6 +229,7 @@ class RetinaFaceDetector(_Detector):
     """
 
     name = "retinaface"
+    RELIABLE_FACE_PX = 33  # bench.py small: most 28 px faces missed, nearly all of 33 px found
     STEPS = (8, 16, 32)
     ANCHORS = ((16, 32), (64, 128), (256, 512))
     MEAN_BGR = (104.0, 117.0, 123.0)
@@ -248,6 +292,7 @@ class YuNetDetector(_Detector):
     """
 
     name = "yunet"
+    RELIABLE_FACE_PX = 28  # bench.py small: 45 of 48 faces of 28 px found, 29 of 22 px
     MODEL = "face_detection_yunet_2023mar_int8bq.onnx"
 
     def __init__(self, min_face_size=20, threshold=0.6, max_side=config.DETECT_MAX_SIDE, onet_landmarks=True):

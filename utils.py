@@ -21,8 +21,16 @@ except AttributeError:
     pass
 
 
+def cores():
+    """The CPU cores this process may run on (its affinity: a container's share, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def use_all_cores_for_cv2():
-    cv2.setNumThreads(os.cpu_count() or 1)
+    cv2.setNumThreads(cores())
 
 
 class InputError(Exception):

@@ -162,13 +162,62 @@ def _sheet(rows, size, cell, canvas_shape, pad=0):
     return canvas
 
 
-def test_small_faces_in_a_large_photo_are_found():
-    """A 2560x1920 photo is detected at 1280x960 (config.DETECT_MAX_SIDE): its faces there are ~22 px tall."""
+@pytest.mark.parametrize("name", ["mtcnn", "yunet"])
+def test_small_faces_in_a_large_photo_are_found(name):
+    """A 2560x1920 photo is searched first at 1280x960 (config.DETECT_MAX_SIDE), where its faces are ~22 px:
+    MTCNN's pyramid finds them there, YuNet in the second pass its small faces call for."""
     rows = utk_rows("test", 24, seed=9)
     canvas = _sheet(rows, 64, 400, (1920, 2560), pad=60)
-    faces = make_detector("mtcnn", min_face_size=20).detect(canvas)
+    faces = make_detector(name, min_face_size=20).detect(canvas)
     heights = [(f.box[3] - f.box[1]) * 1280 / 2560 for f in faces]
-    assert len(faces) >= 21 and np.median(heights) < 26
+    assert len(faces) >= (21 if name == "mtcnn" else 22) and np.median(heights) < 26  # YuNet: 22 of 24
+
+
+def _group_photo(n=48, face_px=70, gray=False):
+    """A 4032x3024 phone-sized photo of n real UTKFace faces about face_px tall (the detector's box) on a
+    graded background, at jittered places; returns it and the faces' centres."""
+    rng = np.random.default_rng(0)
+    canvas = np.empty((3024, 4032, 3), np.uint8)
+    canvas[:] = np.linspace(60, 200, 4032).astype(np.uint8)[None, :, None]
+    side = int(round(face_px * 280 / 223))  # a 200 px UTKFace crop padded by 40: its face box is ~223/280 of it
+    centres = []
+    for k, r in enumerate(utk_rows("test", n, seed=21)):
+        img = cv2.copyMakeBorder(read_image(os.path.join(UTK, r["file"])), 40, 40, 40, 40, cv2.BORDER_REFLECT)
+        y, x = 200 + (k // 8) * 450 + int(rng.integers(-60, 60)), 200 + (k % 8) * 480 + int(rng.integers(-60, 60))
+        canvas[y:y + side, x:x + side] = cv2.resize(img, (side, side), interpolation=cv2.INTER_AREA)
+        centres.append((x + side / 2, y + side / 2))
+    if gray:
+        canvas = np.repeat(cv2.cvtColor(canvas, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
+    return canvas, np.array(centres)
+
+
+@pytest.mark.parametrize("gray", [False, True])
+def test_default_detector_finds_a_phone_group_photo(gray):
+    """48 faces of ~70 px in a 4032x3024 photo are ~22 px once shrunk to 1280 px for the first pass; the
+    default detector's second pass, at the resolution those faces need, finds them (>= 47)."""
+    photo, centres = _group_photo(gray=gray)
+    faces = make_detector(config.DETECTOR).detect(photo)
+    found = set()
+    for f in faces:
+        d = np.abs(centres - (f.box[:2] + f.box[2:]) / 2).max(1)
+        if d.min() < 40:
+            found.add(int(d.argmin()))
+    assert len(found) >= 47 and len(faces) <= 50  # and hardly anything else
+    assert 55 < np.median([f.box[3] - f.box[1] for f in faces]) < 90  # boxes in the photo's own pixels
+
+
+def test_detection_resolution_for_photo_sizes():
+    yunet, mtcnn = make_detector("yunet"), make_detector("mtcnn")
+    assert yunet.scales(480, 640) == (1.0, None)  # an ordinary photo: one pass at its own size
+    assert yunet.scales(480, 640, None) == (1.0, None)  # nothing found: nothing larger to look at
+    first, second = yunet.scales(3024, 4032, smallest=20.0)  # a phone photo whose first pass saw 20 px faces
+    assert first == pytest.approx(1280 / 4032) and second == pytest.approx(first * 1.75 * 28 / 20)
+    assert yunet.scales(3024, 4032, smallest=60.0) == (first, None)  # large faces: one pass is enough
+    assert yunet.scales(3024, 4032, smallest=None)[1] == 1.0  # no face at all: the photo at its own size
+    assert yunet.scales(6000, 8000, smallest=None)[1] == pytest.approx((config.DETECT_MAX_PIXELS / 48e6) ** 0.5)  # a pixel budget
+    assert yunet.scales(3024, 4032, smallest=5.0)[1] == 1.0  # never above the photo's own resolution
+    assert mtcnn.scales(3024, 4032, smallest=20.0)[1] is None  # MTCNN's pyramid already found those
+    assert mtcnn.scales(3024, 4032, smallest=None)[1] == 1.0
 
 
 # measured (mean landmark distance in px for an inter-ocular distance of ~79 px, UTKFace's 200x200 photos;
