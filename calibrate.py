@@ -60,6 +60,34 @@ def show(name, gp, ap, ages, genders, calibration, estimate):
     print(line)
 
 
+def fit_unsure_only(args):
+    """--unsure-only: the checkpoint's own calibration and views stay; only gender_unsure_below is fitted."""
+    from predictor import AgeGenderPredictor
+
+    try:
+        predictor = AgeGenderPredictor(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
+        sets = [predictions(predictor, c, args.split, args.batch_size) for c in args.cache]
+    except (CheckpointError, CacheError, ValueError) as e:
+        fail(str(e))
+    if not predictor.calibration:
+        fail(f"{args.checkpoint} has no calibration to keep: run calibrate.py without --unsure-only")
+    gp, genders = np.concatenate([s[1] for s in sets]), np.concatenate([s[4] for s in sets])
+    weights = np.concatenate([np.full(len(s[3]), 1.0 / len(s[3])) for s in sets])
+    calibration = {**predictor.calibration, "gender_unsure_below": fit_unsure_threshold(gp, genders, weights, args.unsure_accuracy)}
+    print(f"kept: {predictor.calibration}; fitted on {len(genders):,} {args.split} faces: gender_unsure_below {calibration['gender_unsure_below']}")
+    shown = {"age_std_scale": calibration.get("age_std_scale", 1.0), "gender_unsure_below": calibration["gender_unsure_below"]}
+    for name, g, a, ages, gt in sets:  # the gender probabilities come calibrated already: no temperature again
+        show(name, g, a, ages, gt, shown, predictor.age_estimate)
+    if args.dry_run:
+        return 0
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    ckpt["calibration"] = {**calibration, "unsure_fitted_on": [f"{s[0]} {args.split} ({len(s[3])})" for s in sets]}
+    target = args.out or args.checkpoint
+    atomic_torch_save(ckpt, target)
+    print(f"wrote the unsure threshold into {target}")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint to calibrate (written in place unless --out)")
@@ -71,6 +99,8 @@ def main(argv=None):
                    help="how ages are read off the distribution: auto = the mean or the median, whichever has the lower MAE on these val faces")
     p.add_argument("--unsure-accuracy", type=float, default=config.GENDER_UNSURE_ACCURACY,
                    help="faces are shown as gender-unsure under the highest probability at which those marked are, together, right at most this often")
+    p.add_argument("--unsure-only", action="store_true",
+                   help="keep the checkpoint's calibration, age estimate and views; fit only the gender-unsure threshold (on its own calibrated probabilities)")
     p.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="fit for the four test-time views (--no-tta: the crop alone); stored with the fit, demo.py's default "
@@ -80,6 +110,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     from predictor import AgeGenderPredictor
 
+    if args.unsure_only:
+        return fit_unsure_only(args)
     try:
         predictor = AgeGenderPredictor(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu", tta=args.tta, calibrated=False,
                                        tta_zoom=args.tta_zoom)

@@ -323,3 +323,20 @@ def test_calibrate_chooses_the_age_estimate_and_the_demo_follows_it(clap_cache, 
         tracker = FaceTracker(age_estimate=estimate)
         track = tracker.tracks[tracker.update(0, [face])[0]]
         assert track.summary()["age"] == pytest.approx(predicted_age(a["age_prob"][:1], estimate)[0], abs=0.06)
+
+
+def test_calibrate_unsure_only_keeps_the_calibration(clap_cache, tmp_path, capsys):
+    """--unsure-only adds the fitted gender-unsure threshold and changes nothing else of the checkpoint."""
+    import calibrate
+
+    out = str(tmp_path / "u.pt")
+    code, stdout, _ = run_main(calibrate.main, ["--checkpoint", config.RELEASED_MODEL, "--cache", clap_cache, "--unsure-only",
+                                                "--unsure-accuracy", "0.99", "--out", out], capsys)
+    assert code == 0 and "gender_unsure_below" in stdout
+    before = torch.load(config.RELEASED_MODEL, map_location="cpu", weights_only=True)
+    after = torch.load(out, map_location="cpu", weights_only=True)
+    for k in ("age_std_scale", "gender_temperature"):
+        assert after["calibration"][k] == before["calibration"][k]
+    assert 0.5 <= after["calibration"]["gender_unsure_below"] <= 0.99 and after["age_estimate"] == before["age_estimate"]
+    assert all(torch.equal(after["model"][k], before["model"][k]) for k in before["model"])
+    assert AgeGenderPredictor(out, "cpu").unsure_below == after["calibration"]["gender_unsure_below"]
