@@ -74,7 +74,9 @@ def test_release_chain_runs_end_to_end(tmp_path):
     assert len(stages) == 12 and stages[0] == "mnv2_utk" and stages[-1] == "three"
     ckpt = torch.load(out / "release.pt", map_location="cpu", weights_only=True)
     assert {"age_std_scale", "gender_temperature", "gender_unsure_below"} <= set(ckpt["calibration"])
-    assert list(ckpt["config"]["cache"]) == caches and ckpt["config"]["hard_aug"] > 0  # the last stage: three sources
+    assert len(ckpt["calibration"]["unsure_fitted_on"]) == 3 and ckpt["age_estimate"] in ("mean", "median")
+    last = torch.load(out / "three" / "best.pt", map_location="cpu", weights_only=True)["config"]
+    assert list(last["cache"]) == caches and last["hard_aug"] > 0  # the last stage: three sources, real conditions
     # a second run resumes: every stage is found finished, nothing is trained again
     again = subprocess.run(["bash", os.path.join(config.ROOT, "recipes", "release.sh")], env=env, capture_output=True, text=True,
                            timeout=900)
