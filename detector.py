@@ -1,5 +1,6 @@
-"""Find faces and align them: MTCNN's three stages (the default), YuNet + ONet's landmarks or RetinaFace
-(faster options), the similarity transform onto the 112x96 template.
+"""Find faces and align them: YuNet + ONet's landmarks (the default: one fast pass, a second one at a
+higher resolution where a large photo's faces are small), MTCNN's three stages (the tiniest faces) or
+RetinaFace, and the similarity transform onto the 112x96 template.
 
     from detector import FaceDetector, align_face
     faces = FaceDetector(min_face_size=20).detect(rgb)      # best score first: box, score, 5 landmarks
