@@ -27,7 +27,7 @@ import torch
 import config
 from data_gen import CacheError, FaceCache, make_loader
 from metrics import (AGE_ESTIMATES, apply_calibration, calibration_report, choose_age_estimate, fit_calibration,
-                     fit_unsure_threshold, gender_unsure)
+                     fit_unsure_threshold, unsure_figures)
 from models import CheckpointError
 from utils import atomic_torch_save, fail
 
@@ -51,13 +51,16 @@ def show(name, gp, ap, ages, genders, calibration, estimate):
     r = calibration_report(gp, ap, ages, genders, std_scale=scale, estimate=estimate)
     line = (f"  {name:<14} {len(ages):>6}   within ±1 std {100 * r['age_within_1std']:5.1f}%   ±2 std {100 * r['age_within_2std']:5.1f}%"
             f"   gender ECE {100 * r['gender_ece']:.2f}%")
-    known = genders >= 0
-    if calibration and "gender_unsure_below" in calibration and known.any():
-        unsure = gender_unsure(gp[known], calibration["gender_unsure_below"])
-        right = gp[known].argmax(1) == genders[known]
-        line += (f"   unsure {100 * unsure.mean():.1f}% (right {100 * right[unsure].mean() if unsure.any() else float('nan'):.0f}%),"
-                 f" the rest right {100 * right[~unsure].mean():.2f}%")
+    if calibration and "gender_unsure_below" in calibration and (genders >= 0).any():
+        u = unsure_figures(gp, genders, calibration["gender_unsure_below"])
+        line += (f"   unsure {100 * u['unsure']:.1f}% (right {100 * u['unsure_acc']:.0f}%),"
+                 f" the rest right {100 * u['sure_acc']:.2f}%")
     print(line)
+
+
+def per_cache_weights(sets):
+    """A weight per face so that each cache weighs the same, however many faces it has (as train.py chooses)."""
+    return np.concatenate([np.full(len(s[3]), 1.0 / len(s[3])) for s in sets])
 
 
 def fit_unsure_only(args):
@@ -72,7 +75,7 @@ def fit_unsure_only(args):
     if not predictor.calibration:
         fail(f"{args.checkpoint} has no calibration to keep: run calibrate.py without --unsure-only")
     gp, genders = np.concatenate([s[1] for s in sets]), np.concatenate([s[4] for s in sets])
-    weights = np.concatenate([np.full(len(s[3]), 1.0 / len(s[3])) for s in sets])
+    weights = per_cache_weights(sets)
     calibration = {**predictor.calibration, "gender_unsure_below": fit_unsure_threshold(gp, genders, weights, args.unsure_accuracy)}
     print(f"kept: {predictor.calibration}; fitted on {len(genders):,} {args.split} faces: gender_unsure_below {calibration['gender_unsure_below']}")
     shown = {"age_std_scale": calibration.get("age_std_scale", 1.0), "gender_unsure_below": calibration["gender_unsure_below"]}
@@ -120,7 +123,7 @@ def main(argv=None):
         fail(str(e))
     pooled = [np.concatenate([s[k] for s in sets]) for k in range(1, 5)]
     # each cache weighs the same, as in train.py's choice of epoch: the small in-the-wild set counts as much
-    weights = np.concatenate([np.full(len(s[3]), 1.0 / len(s[3])) for s in sets])
+    weights = per_cache_weights(sets)
     estimate, mae = choose_age_estimate(pooled[1], pooled[2], weights)
     estimate = estimate if args.age_estimate == "auto" else args.age_estimate
     print("age MAE, each cache weighing the same: " + ", ".join(f"{e} {v:.4f}" for e, v in mae.items()) + f"; ages shown as the {estimate}")

@@ -33,7 +33,7 @@ import config
 from conditions import hard_conditions
 from data_gen import CacheError, FaceCache, make_loader, normalize
 from models import CheckpointError
-from metrics import AGE_ESTIMATES, calibration_report, compute_metrics, coverage_curve, gender_unsure, label_stds, predicted_age
+from metrics import AGE_ESTIMATES, calibration_report, compute_metrics, coverage_curve, label_stds, predicted_age, unsure_figures
 from detector import align_face
 from utils import InputError, fail, parse_config, read_image, read_label_rows, use_all_cores_for_cv2
 
@@ -45,17 +45,6 @@ AGE_GROUPS = ((0, 2), (3, 9), (10, 19), (20, 29), (30, 39), (40, 49), (50, 59), 
 def age_group(age):
     lo, hi = next(g for g in AGE_GROUPS if g[0] <= age <= g[1])
     return f"{lo}+" if hi >= 200 else f"{lo}-{hi}"
-
-
-def unsure_figures(gender_prob, genders, unsure_below):
-    """Share of the faces with a known gender marked unsure, and the gender accuracy of the others."""
-    known = np.asarray(genders) >= 0
-    if not known.any():
-        return {"unsure": float("nan"), "sure_acc": float("nan")}
-    gp = np.asarray(gender_prob)[known]
-    unsure = gender_unsure(gp, unsure_below)
-    right = gp.argmax(1) == np.asarray(genders)[known]
-    return {"unsure": float(unsure.mean()), "sure_acc": float(right[~unsure].mean()) if (~unsure).any() else float("nan")}
 
 
 def breakdown(gender_prob, age_prob, ages, genders, groups, estimate="mean", unsure_below=0.0):

@@ -189,6 +189,18 @@ def gender_unsure(gender_prob, below):
     return np.asarray(gender_prob, dtype=np.float64).max(1) < below
 
 
+def unsure_figures(gender_prob, genders, unsure_below):
+    """Share of the faces with a known gender marked unsure, the gender accuracy of those (unsure_acc) and
+    of the others (sure_acc); NaN where there is no face to count."""
+    known = np.asarray(genders) >= 0
+    gp = np.asarray(gender_prob)[known]
+    unsure = gender_unsure(gp, unsure_below) if known.any() else np.zeros(0, bool)
+    right = gp.argmax(1) == np.asarray(genders)[known] if known.any() else np.zeros(0, bool)
+    return {"unsure": float(unsure.mean()) if known.any() else NAN,
+            "unsure_acc": float(right[unsure].mean()) if unsure.any() else NAN,
+            "sure_acc": float(right[~unsure].mean()) if (~unsure).any() else NAN}
+
+
 def fit_unsure_threshold(gender_prob, gender_true, weights=None, accuracy=config.GENDER_UNSURE_ACCURACY):
     """The gender probability under which a face is marked unsure, chosen on validation faces: the
     highest threshold (0.50, 0.51, .., 0.99) at which the faces it marks are, all together, right no
