@@ -162,6 +162,9 @@ class TrainConfig:
     teacher_tta: bool = True
     # loss = (1 - w) * the labels' loss + w * KL(the teachers' gender and age distributions || the network's)
     distill_weight: float = 0.5
+    # the --cache entries whose faces the teachers' term covers (empty: all); the faces of the others learn
+    # from their labels alone, e.g. a new source the teachers never saw, whose labels they would only blur
+    teacher_sources: tuple[str, ...] = ()
 
 
 @dataclass

@@ -236,7 +236,9 @@ class MixedFaces(Dataset):
 
     hard_aug, pose_aug: the shares of augment's real conditions. turned_weight: faces turned away
     (conditions.TURNED) are drawn this many times as often as the others of their source (`repeats`,
-    used by make_loader), since they are rare in the training data and common in photos."""
+    used by make_loader), since they are rare in the training data and common in photos.
+    A batch is (x, age, gender, source): source is each face's index in `sources` (train.py's
+    --teacher-sources distils on some sources only)."""
 
     def __init__(self, sources, fill_outside=0.0, aug_scale=config.AUG_SCALE, hard_aug=0.0, pose_aug=0.0, turned_weight=1):
         self.sources = list(sources)
@@ -266,7 +268,7 @@ class MixedFaces(Dataset):
             raw[m], ages[torch.from_numpy(m)], genders[torch.from_numpy(m)] = r, a, g
             if ins is not None:
                 inside[m] = ins
-        return _serve(self, batch, raw, inside if self.fill_outside else None), ages, genders
+        return _serve(self, batch, raw, inside if self.fill_outside else None), ages, genders, torch.from_numpy(which)
 
 
 class EpochBatchSampler:

@@ -11,7 +11,8 @@ Loss = CE(gender) + age_weight * age loss (`--age-loss ce` or `dldl`: KL diverge
 label distribution around the true age plus an L1 term on the expected age). With `--teacher A.pt B.pt`
 (knowledge distillation) a share `--distill-weight` of the loss instead follows the teachers' averaged
 gender and age distributions on the same batch: one network learns what several predict together,
-for the run-time cost of one (README: rows 22-24). Every default lives in
+for the run-time cost of one (docs/EXPERIMENTS.md: rows 22-24); `--teacher-sources data/utkface ...` keeps
+that term to some sources' faces, so a source the teachers never saw learns from its labels. Every default lives in
 config.py (TrainConfig). Writes to --out-dir: last.pt (every --ckpt-every steps and every epoch),
 best.pt (lowest validation MAE), log.csv and curves.png. Checkpoints are written atomically and
 loaded with weights_only=True; --resume restores model, optimizer, schedule, scaler, RNG and the
@@ -42,24 +43,33 @@ RESUME_MAY_CHANGE = {"resume", "workers", "max_steps", "ckpt_every", "device", "
 CHOICES = {"arch": ARCHS, "age_loss": ("ce", "dldl"), "optimizer": ("adamw", "sgd"), "amp": ("bf16", "fp16", "none")}
 
 
-def gender_loss(gender_logits, gender):
+def gender_loss(gender_logits, gender, weight=None):
     """Cross-entropy over the faces whose gender is known; faces with gender -1 (a source without gender
-    labels) add nothing, and a batch with none known gives 0, not NaN."""
+    labels) add nothing, and a batch with none known gives 0, not NaN. weight (per face, optional) scales
+    each face's term; the sum is still divided by the count of known faces, so a weight of w everywhere
+    gives w times the unweighted loss."""
     known = (gender >= 0).sum()
-    return F.cross_entropy(gender_logits, gender, ignore_index=-1, reduction="sum") / known.clamp_min(1)
+    ce = F.cross_entropy(gender_logits, gender, ignore_index=-1, reduction="none")
+    return (ce if weight is None else ce * weight).sum() / known.clamp_min(1)
 
 
-def age_loss(age_logits, age, cfg):
+def age_loss(age_logits, age, cfg, weight=None):
+    """The age loss averaged over the batch, each face's term scaled by weight (per face) when given."""
+    per_face = _age_loss_per_face(age_logits, age, cfg)
+    return (per_face if weight is None else per_face * weight).mean()
+
+
+def _age_loss_per_face(age_logits, age, cfg):
     if cfg.age_loss == "ce":
-        return F.cross_entropy(age_logits, age)
+        return F.cross_entropy(age_logits, age, reduction="none")
     # dldl: soft targets, a Gaussian of std label_sigma around the true age (DLDL-v2)
     ages = torch.arange(age_logits.shape[1], device=age_logits.device, dtype=torch.float32)
     target = torch.exp(-0.5 * ((ages[None, :] - age[:, None].float()) / cfg.label_sigma) ** 2)
     target = target / target.sum(1, keepdim=True)
     log_p = F.log_softmax(age_logits.float(), 1)
-    kl = (target * (torch.log(target.clamp_min(1e-12)) - log_p)).sum(1).mean()
+    kl = (target * (torch.log(target.clamp_min(1e-12)) - log_p)).sum(1)
     expected = log_p.exp() @ ages
-    return kl + cfg.l1_weight * (expected - age.float()).abs().mean()
+    return kl + cfg.l1_weight * (expected - age.float()).abs()
 
 
 def check_shares(option, shares, count, of_what):
@@ -70,12 +80,37 @@ def check_shares(option, shares, count, of_what):
         fail(f"{option} must be non-negative with a positive sum, got {list(shares)}")
 
 
-def distill_loss(gender_logits, age_logits, teacher_gender, teacher_age, cfg):
+def distill_loss(gender_logits, age_logits, teacher_gender, teacher_age, cfg, weight=None):
     """KL divergence from the teachers' distributions to the network's: gender on every face, its gender
-    labelled or not (the teachers say something about all of them), age weighted as in the labels' loss."""
-    kl_gender = F.kl_div(F.log_softmax(gender_logits, 1), teacher_gender, reduction="batchmean")
-    kl_age = F.kl_div(F.log_softmax(age_logits, 1), teacher_age, reduction="batchmean")
-    return kl_gender + cfg.age_weight * kl_age
+    labelled or not (the teachers say something about all of them), age weighted as in the labels' loss;
+    averaged over the batch, each face's term scaled by weight (per face) when given."""
+    kl_gender = F.kl_div(F.log_softmax(gender_logits, 1), teacher_gender, reduction="none").sum(1)
+    kl_age = F.kl_div(F.log_softmax(age_logits, 1), teacher_age, reduction="none").sum(1)
+    per_face = kl_gender + cfg.age_weight * kl_age
+    return (per_face if weight is None else per_face * weight).mean()
+
+
+def joint_loss(gender_logits, age_logits, age, gender, cfg, soft=None, share=None):
+    """The weighted joint loss of a batch: the labels' loss alone, or with the teachers' distributions
+    (soft) each face's share (per face: --distill-weight on the sources the teachers cover, else 0) of
+    its loss replaced by the distillation term."""
+    gender_logits, age_logits = gender_logits.float(), age_logits.float()
+    if soft is None:
+        return gender_loss(gender_logits, gender) + cfg.age_weight * age_loss(age_logits, age, cfg)
+    labels = gender_loss(gender_logits, gender, 1 - share) + cfg.age_weight * age_loss(age_logits, age, cfg, 1 - share)
+    return labels + distill_loss(gender_logits, age_logits, *soft, cfg, share)
+
+
+def distill_flags(cfg):
+    """One flag per --cache: 1 where --teacher-sources (default: all of them) covers its faces."""
+    caches = [os.path.normpath(c) for c in cfg.cache]
+    for c in cfg.teacher_sources:
+        if os.path.normpath(c) not in caches:
+            fail(f"--teacher-sources {c} is not one of --cache {' '.join(cfg.cache)}")
+    if cfg.teacher_sources and not cfg.teacher:
+        fail("--teacher-sources needs --teacher")
+    covered = {os.path.normpath(c) for c in cfg.teacher_sources} or set(caches)
+    return torch.tensor([float(c in covered) for c in caches])
 
 
 class Teachers(torch.nn.Module):
@@ -218,7 +253,20 @@ def setup_processes(cfg):
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[cfg.amp]
     if amp_dtype == torch.float16 and not want_cuda:
         amp_dtype = torch.bfloat16  # the CPU autocasts to bf16 only
+    if amp_dtype is not None and not want_cuda and not cpu_has_bf16():
+        # without AVX-512 bf16 / AMX, oneDNN emulates bf16: a training step took 2 minutes instead of 2 s (AVX2 CPU)
+        if rank == 0:
+            print(f"--amp {cfg.amp}: this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}), so training runs in fp32")
+        amp_dtype = None
     return distributed, rank, world, device, amp_dtype
+
+
+def cpu_has_bf16():
+    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 bf16 or AMX) rather than emulating it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def build_data(cfg, rank, world, main_proc):
@@ -318,6 +366,7 @@ def main(argv=None):
     ema = WeightAverage(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if not 0 <= cfg.distill_weight <= 1:
         fail(f"--distill-weight must be between 0 and 1, got {cfg.distill_weight}")
+    distill_share = (cfg.distill_weight * distill_flags(cfg)).to(device)  # per --cache
     teachers = Teachers(cfg.teacher, cfg.teacher_weights, device, cfg.teacher_tta) if cfg.teacher else None
     teacher_metrics = {}
     if teachers is not None and main_proc:  # what the network is to learn, on the same validation
@@ -368,17 +417,15 @@ def main(argv=None):
         loss_sum, seen, t0 = torch.zeros((), device=device), 0, time.time()
         bar = tqdm(train_loader, total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    unit="batch", disable=not main_proc, dynamic_ncols=True)
-        for x, age, gender in bar:
+        for x, age, gender, source in bar:
             x = x.to(device, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             age, gender = age.to(device, non_blocking=True), gender.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 gender_logits, age_logits = model(x)
-            loss = gender_loss(gender_logits.float(), gender) + cfg.age_weight * age_loss(age_logits.float(), age, cfg)
-            if teachers is not None:
-                soft = distill_loss(gender_logits.float(), age_logits.float(), *teachers(x, amp_dtype), cfg)
-                loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * soft
+            soft = teachers(x, amp_dtype) if teachers is not None else None
+            loss = joint_loss(gender_logits, age_logits, age, gender, cfg, soft, distill_share[source.to(device)])
             # checking every step costs a GPU sync; every 10 steps (and before every save) bounds the damage
             if (device.type != "cuda" or step % 10 == 0) and not torch.isfinite(loss):
                 stop_on_bad_loss(loss.item())

@@ -171,6 +171,7 @@ def test_aaf_layout_flows_through_cache_and_loader(tmp_path):
     assert train.turn.shape == (len(train),) and (train.turn < 1).all()
     mixed = MixedFaces([train, train], hard_aug=0.5, pose_aug=0.5, turned_weight=3)
     loader, _ = make_loader(mixed, 4, workers=0, source_weights=[0.5, 0.5])
-    x, ages, genders = next(iter(loader))
+    x, ages, genders, source = next(iter(loader))
+    assert set(source.tolist()) <= {0, 1}
     assert x.shape == (4, 3, config.IMAGE_H, config.IMAGE_W)
     assert set(zip(ages.tolist(), genders.tolist())) <= set(truth.values())

@@ -228,6 +228,26 @@ def test_distill_loss_is_zero_at_the_teachers_distribution():
     assert got.item() == pytest.approx(0.5 * np.log(2) + 0.5 * np.log(2 / 3), abs=1e-6)
 
 
+def test_joint_loss_distils_only_the_faces_given_a_share():
+    cfg = config.TrainConfig(age_weight=0.5, age_loss="dldl")
+    torch.manual_seed(0)
+    g, a = torch.randn(4, 2), torch.randn(4, config.NUM_AGES)
+    age, gender = torch.tensor([3, 30, 60, 90]), torch.tensor([0, 1, -1, 1])
+    soft = torch.randn(4, 2).softmax(1), torch.randn(4, config.NUM_AGES).softmax(1)
+    labels = train.joint_loss(g, a, age, gender, cfg)
+    kd = train.distill_loss(g, a, *soft, cfg)
+    # the same share everywhere: (1 - w) * the labels' loss + w * the distillation term, as before shares
+    uniform = train.joint_loss(g, a, age, gender, cfg, soft, torch.full((4,), 0.3))
+    assert uniform.item() == pytest.approx((0.7 * labels + 0.3 * kd).item(), rel=1e-5)
+    # share 0 on the last two faces: what the teachers say of them does not count
+    share = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    other = soft[0].clone(), soft[1].clone()
+    other[0][2:], other[1][2:] = other[0][2:].flip(1), other[1][2:].roll(40, 1)
+    got = train.joint_loss(g, a, age, gender, cfg, soft, share)
+    assert got.item() == pytest.approx(train.joint_loss(g, a, age, gender, cfg, other, share).item(), rel=1e-6)
+    assert got.item() != pytest.approx(train.joint_loss(g, a, age, gender, cfg, other, torch.full((4,), 0.5)).item(), rel=1e-3)
+
+
 def test_distillation_learns_from_the_teachers_not_the_labels(utk_cache, tmp_path, capsys):
     import shutil
 
@@ -275,6 +295,18 @@ def test_distillation_learns_from_the_teachers_not_the_labels(utk_cache, tmp_pat
     base = ["--cache", utk_cache, "--out-dir", str(tmp_path / "o"), "--max-steps", "1"] + SMALL
     for extra, msg in ((["--teacher", str(tmp_path / "none.pt")], "none.pt: checkpoint not found"),
                        (["--teacher", str(teacher / "last.pt"), "--teacher-weights", "1", "2"], "--teacher-weights has 2 value(s) for 1"),
-                       (["--teacher", str(teacher / "last.pt"), "--distill-weight", "2"], "--distill-weight must be between 0 and 1")):
+                       (["--teacher", str(teacher / "last.pt"), "--distill-weight", "2"], "--distill-weight must be between 0 and 1"),
+                       (["--teacher", str(teacher / "last.pt"), "--teacher-sources", "data/nowhere"], "data/nowhere is not one of --cache"),
+                       (["--teacher-sources", utk_cache], "--teacher-sources needs --teacher")):
         code, err = run_train(base + extra, capsys)
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cpu_without_native_bf16_trains_in_fp32(monkeypatch, capsys):
+    cfg = config.TrainConfig(device="cpu", amp="bf16")
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
+    assert train.setup_processes(cfg)[4] is None  # emulated bf16 made a step 60x slower on an AVX2 CPU
+    assert "no native bf16" in capsys.readouterr().out
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    assert train.setup_processes(cfg)[4] is torch.bfloat16
+    assert train.setup_processes(config.TrainConfig(device="cpu", amp="none"))[4] is None
