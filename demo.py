@@ -9,7 +9,7 @@
 
 The pipeline itself (detect, align, predict) is predictor.AgeGenderPredictor; this file is its command
 line. On a CPU the network runs in onnxruntime, exported in memory at start, or for SFace (the released
-model) as a frozen TorchScript graph, which is faster for it (--runtime onnxruntime | torchscript | torch).
+model) in OpenCV's dnn module, which is faster for it (--runtime onnxruntime | opencv | torchscript | torch).
 
 Each face gets a box and a label such as `F 31 ±4` (gender, age read off the predicted age distribution
 as the checkpoint's calibration chose on validation, its mean or median; the ± is that distribution's
@@ -236,7 +236,7 @@ def parse_args(argv):
     p.add_argument("--verbose", action="store_true", help="one line per photo instead of a progress bar")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--runtime", default="auto", choices=RUNTIMES,
-                   help="what runs the network: auto = on a CPU onnxruntime (MobileNetV2 several times faster than eager PyTorch) or a frozen TorchScript graph (SFace, faster than eager: bench.py infer), on a GPU PyTorch; torch = eager PyTorch")
+                   help="what runs the network: auto = on a CPU onnxruntime (MobileNetV2 several times faster than eager PyTorch) or OpenCV's dnn module (SFace, faster than a frozen TorchScript graph: bench.py infer), on a GPU PyTorch; torch = eager PyTorch")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average four views of each face: the crop, the crop enlarged by --tta-zoom, and their mirror images "
                         "(default: the views the checkpoint was calibrated for; the released model: --no-tta)")

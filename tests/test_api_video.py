@@ -14,7 +14,7 @@ from PIL import Image
 
 import config
 import demo
-from predictor import AgeGenderPredictor, FaceRecord, TORCHSCRIPT_ON_CPU
+from predictor import AgeGenderPredictor, FaceRecord, OPENCV_ON_CPU
 import train
 from conftest import UTK, parser_of, utk_rows
 from data_gen import normalize
@@ -59,9 +59,9 @@ def test_predict_many_equals_one_by_one(predictor):
 
 def test_onnxruntime_and_pytorch_give_the_same_predictions(predictor):
     """--runtime onnxruntime exports the network in memory (test-time views inside the graph); auto runs
-    SFace as a frozen TorchScript graph on a CPU, which is faster for it; torch is eager mode."""
-    assert predictor.runtime == ("torchscript" if predictor.net.arch in TORCHSCRIPT_ON_CPU else "onnxruntime")
-    assert (predictor.frozen is not None) == (predictor.runtime == "torchscript")
+    SFace in OpenCV's dnn module on a CPU, which is faster for it; torchscript is a frozen graph, torch eager mode."""
+    assert predictor.runtime == ("opencv" if predictor.net.arch in OPENCV_ON_CPU else "onnxruntime")
+    assert (predictor.dnn is not None) == (predictor.runtime == "opencv") and predictor.frozen is None
     ort_run = AgeGenderPredictor(device="cpu", runtime="onnxruntime")
     assert ort_run.session is not None and not ort_run.net.training  # exporting it must leave the network in eval mode
     torch_run = AgeGenderPredictor(device="cpu", runtime="torch")
@@ -73,9 +73,12 @@ def test_onnxruntime_and_pytorch_give_the_same_predictions(predictor):
     a, b = ort_run.predict_crops(crops), torch_run.predict_crops(crops)
     assert np.abs(a["age_prob"] - b["age_prob"]).max() < 1e-4 and np.abs(a["gender_prob"] - b["gender_prob"]).max() < 1e-4
     assert np.abs(a["age"] - b["age"]).max() < 0.01 and np.abs(a["age_std"] - b["age_std"]).max() < 0.01
-    e = script_run.predict_crops(crops)
-    assert np.abs(e["age_prob"] - b["age_prob"]).max() < 1e-4 and np.abs(e["gender_prob"] - b["gender_prob"]).max() < 1e-4
-    assert np.abs(e["age"] - b["age"]).max() < 0.01 and np.abs(e["age_std"] - b["age_std"]).max() < 0.01
+    cv_run = AgeGenderPredictor(device="cpu", runtime="opencv")
+    assert cv_run.dnn is not None and cv_run.runtime == "opencv"
+    for e in (script_run.predict_crops(crops), cv_run.predict_crops(crops), cv_run.predict_crops(crops[:1])):
+        n = len(e["age"])
+        assert np.abs(e["age_prob"] - b["age_prob"][:n]).max() < 1e-4 and np.abs(e["gender_prob"] - b["gender_prob"][:n]).max() < 1e-4
+        assert np.abs(e["age"] - b["age"][:n]).max() < 0.01 and np.abs(e["age_std"] - b["age_std"][:n]).max() < 0.01
     four = AgeGenderPredictor(device="cpu", tta=True)  # the four views, inside the ONNX graph
     four_torch = AgeGenderPredictor(device="cpu", tta=True, runtime="torch")
     c, d = four.predict_crops(crops), four_torch.predict_crops(crops)
@@ -238,6 +241,23 @@ def test_command_line_folder_run_with_workers_does_not_hang(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-1000:]
     assert [len(r["faces"]) for r in json.loads((tmp_path / "r.json").read_text())] == [1, 3, 1]
+
+
+def test_opencv_runtime_falls_back_to_torchscript_when_cv2_cannot_read_the_graph(monkeypatch):
+    import export_onnx
+
+    read = cv2.dnn.readNetFromONNX
+
+    def refuse(model, *args):  # the detectors' files still load; the network's graph (bytes) does not
+        if isinstance(model, str):
+            return read(model, *args)
+        raise cv2.error("this OpenCV cannot read the graph")
+
+    monkeypatch.setattr(cv2.dnn, "readNetFromONNX", refuse)
+    assert export_onnx.opencv_network(AgeGenderPredictor(device="cpu", runtime="torch").net) is None
+    run = AgeGenderPredictor(device="cpu", runtime="opencv")
+    assert run.runtime == "torchscript" and run.dnn is None and run.frozen is not None
+    assert len(run(ASTRONAUT)) == 1
 
 
 def test_torchscript_falls_back_to_eager_mode_when_tracing_fails(monkeypatch):
