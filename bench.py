@@ -140,10 +140,10 @@ def bench_train(args):
 
     archs = args.archs.split(",")
     res = {}
+    bf16 = cpu_has_bf16()  # as train.py runs: fp32 where bf16 would be emulated
     for arch in archs:
         if arch not in ARCHS:
             fail(f"unknown arch '{arch}'")
-        bf16 = cpu_has_bf16()  # as train.py runs: fp32 where bf16 would be emulated
         r = _train_rate(arch, torch.device("cpu"), 64, args.cpu_steps, torch.bfloat16 if bf16 else None, True)
         res[arch] = round(r, 1)
         print(f"{arch:<14s} CPU ({torch.get_num_threads()} threads, {'bf16' if bf16 else 'fp32'}, channels_last): {r:8.1f} img/s")

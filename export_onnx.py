@@ -46,15 +46,20 @@ def export(net, path, opset=17, tta=False):
     return path
 
 
+def onnx_bytes(net, tta=False):
+    """The network's ONNX export, in memory (about a second)."""
+    buf = io.BytesIO()
+    export(net, buf, tta=tta)
+    return buf.getvalue()
+
+
 def network_session(net, tta=False, threads=0):
     """An onnxruntime session of the network, exported in memory (about a second): on a CPU it runs
     MobileNetV2 several times faster than PyTorch's eager mode at the batch sizes of a photo
     (bench.py infer), because it fuses the small depthwise layers that PyTorch calls one by one."""
     from detector import onnx_session
 
-    buf = io.BytesIO()
-    export(net, buf, tta=tta)
-    return onnx_session(buf.getvalue(), threads or torch.get_num_threads())
+    return onnx_session(onnx_bytes(net, tta), threads or torch.get_num_threads())
 
 
 def opencv_network(net, tta=False):
@@ -64,10 +69,9 @@ def opencv_network(net, tta=False):
     this OpenCV cannot read the graph. Not thread-safe: one forward pass at a time (the predictor locks it)."""
     import cv2
 
-    buf = io.BytesIO()
-    export(net, buf, tta=tta)
+    model = onnx_bytes(net, tta)
     try:
-        return cv2.dnn.readNetFromONNX(np.frombuffer(buf.getvalue(), np.uint8))
+        return cv2.dnn.readNetFromONNX(np.frombuffer(model, np.uint8))
     except cv2.error:
         return None
 

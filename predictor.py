@@ -138,12 +138,11 @@ class AgeGenderPredictor:
                 if requested == "onnxruntime":
                     raise ValueError("--runtime onnxruntime needs `pip install onnx onnxruntime`")
                 runtime = "torch"
-        elif runtime == "opencv":
+        if runtime == "opencv":
             self.dnn = opencv_network(self.net, tta=tta)
             if self.dnn is None:  # an OpenCV that cannot read the graph: the next fastest for SFace
-                self.frozen = frozen_network(self.net, tta=tta)
-                runtime = "torchscript" if self.frozen is not None else "torch"
-        elif runtime == "torchscript":
+                runtime = "torchscript"
+        if runtime == "torchscript":
             self.frozen = frozen_network(self.net, tta=tta)
             runtime = "torchscript" if self.frozen is not None else "torch"  # eager mode computes the same
         return runtime
