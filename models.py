@@ -14,7 +14,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 import config
 
@@ -148,6 +147,10 @@ def build_trunk(arch, pretrained=""):
         raise ValueError(f"unknown arch '{arch}' (choose from {', '.join(ARCHS)})")
     if arch == "sface":
         return build_sface_trunk(pretrained)
+    # imported here, not at the top: torchvision costs every script ~2 s of start-up (it loads torch._dynamo),
+    # and the released SFace network does not need it
+    import torchvision
+
     net = getattr(torchvision.models, arch)(weights=None)
     source = "random init"
     path = local_imagenet_weights(arch) if pretrained == "auto" else pretrained

@@ -20,7 +20,6 @@ so the age shown is read off the averaged distribution as the model's ages are (
 `age_estimate`) and its ± is the spread of that distribution.
 """
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from detector import box_iou
 from metrics import age_std_of, predicted_age
@@ -117,6 +116,9 @@ class FaceTracker:
         self.active = [t for t in self.active if frame - self.tracks[t].last_frame <= self.max_lost]
         ids = [None] * len(faces)
         if self.active and faces:
+            # imported on first use: scipy.optimize adds ~2 s to the start-up of every demo, video or not
+            from scipy.optimize import linear_sum_assignment
+
             big = 1e6
             cost = np.full((len(self.active), len(faces)), big)
             for i, tid in enumerate(self.active):

@@ -327,6 +327,15 @@ def main(argv=None):
     resuming = cfg.resume and os.path.isfile(last_path)
     if cfg.resume and not resuming and main_proc:
         print(f"--resume: no checkpoint at {last_path} yet, so this starts a fresh run")
+    if cfg.freeze_stages < 0:
+        cfg.freeze_stages = config.FREEZE_STAGES.get(cfg.arch, 0)
+    resume_ckpt = read_resume_checkpoint(last_path, cfg) if resuming else None
+    if resume_ckpt is not None and (resume_ckpt["epoch"] >= cfg.epochs or (cfg.max_steps and resume_ckpt["step"] >= cfg.max_steps)):
+        # before the data and the teachers are loaded: a finished stage of a recipe costs only this
+        if main_proc:
+            print(f"resumed from {last_path}: epoch {resume_ckpt['epoch']}, step {resume_ckpt['step']}; "
+                  "the run is already complete, nothing to do")
+        return finish(distributed, None, main_proc)
 
     # --- data
     train_set, train_loader, train_sampler, val, n_val = build_data(cfg, rank, world, main_proc)
@@ -339,8 +348,6 @@ def main(argv=None):
         net = AgeGenderNet(cfg.arch, pretrained=cfg.pretrained if not resuming else "", dropout=cfg.dropout).to(device)
     except (ValueError, OSError, RuntimeError) as e:
         fail(f"--pretrained {cfg.pretrained}: {str(e).splitlines()[0]}")
-    if cfg.freeze_stages < 0:
-        cfg.freeze_stages = config.FREEZE_STAGES.get(cfg.arch, 0)
     if main_proc:  # what this run trains, in one line
         shares = (" in shares " + " / ".join(f"{w:g}" for w in cfg.source_weights)) if cfg.source_weights else " (shares by size)"
         mix = ", ".join(f"{s.name} {len(s):,}" for s in train_set.sources)
@@ -377,13 +384,10 @@ def main(argv=None):
     # --- resume
     step, epoch, batch_in_epoch, best_mae, history = 0, 0, 0, float("inf"), []
     if resuming:
-        step, epoch, batch_in_epoch, best_mae, history = load_resume_state(last_path, cfg, net, opt, sched, scaler, ema, device)
-        done = epoch >= cfg.epochs or (cfg.max_steps and step >= cfg.max_steps)
+        step, epoch, batch_in_epoch, best_mae, history = restore_resume_state(resume_ckpt, last_path, net, opt, sched, scaler,
+                                                                              ema, device)
         if main_proc:
-            print(f"resumed from {last_path}: epoch {epoch}, step {step}" +
-                  ("; the run is already complete, nothing to do" if done else ""))
-        if done:
-            return finish(distributed, net, main_proc)
+            print(f"resumed from {last_path}: epoch {epoch}, step {step}")
 
     model = net
     if cfg.compile:
@@ -490,15 +494,25 @@ def main(argv=None):
     return finish(distributed, net, main_proc)
 
 
-def load_resume_state(last_path, cfg, net, opt, sched, scaler, ema, device):
-    """Restore everything from last.pt; refuse a checkpoint of another config or one that is unusable."""
+def read_resume_checkpoint(last_path, cfg):
+    """last.pt, once its config is known to be this run's; a checkpoint of another config, or one that is
+    unusable, is refused in one line."""
     try:
         ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
         saved = ckpt["config"]
         now = dataclasses.asdict(cfg)
         diff = sorted(k for k, v in now.items() if k not in RESUME_MAY_CHANGE and _comparable(saved.get(k, _DEFAULTS.get(k))) != _comparable(v))
-        if diff:
-            fail(f"--resume: {last_path} was trained with another config ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)})")
+        int(ckpt["epoch"]), int(ckpt["step"])
+    except Exception as e:  # unpickling errors come in many types; any of them means "not usable"
+        fail(f"--resume: {last_path} is not a usable checkpoint ({str(e).splitlines()[0][:160]})")
+    if diff:
+        fail(f"--resume: {last_path} was trained with another config ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)})")
+    return ckpt
+
+
+def restore_resume_state(ckpt, last_path, net, opt, sched, scaler, ema, device):
+    """Everything a run needs to go on where it stopped, from last.pt as read_resume_checkpoint read it."""
+    try:
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -509,9 +523,7 @@ def load_resume_state(last_path, cfg, net, opt, sched, scaler, ema, device):
         if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"])
         return ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best_mae"], ckpt["history"]
-    except SystemExit:
-        raise
-    except Exception as e:  # unpickling errors come in many types; any of them means "not usable"
+    except Exception as e:
         fail(f"--resume: {last_path} is not a usable checkpoint ({str(e).splitlines()[0][:160]})")
 
 
@@ -532,8 +544,9 @@ def write_log(history, path):
 
 
 def finish(distributed, net, main_proc):
-    """With DDP, check that every rank ended with the same weights (they must), then shut down."""
-    if distributed:
+    """With DDP, check that every rank ended with the same weights (they must; net None: nothing was trained),
+    then shut down."""
+    if distributed and net is not None:
         flat = torch.cat([p.detach().float().reshape(-1) for p in net.parameters()])
         spread = flat.clone()
         dist.all_reduce(spread, op=dist.ReduceOp.MAX)
@@ -542,6 +555,7 @@ def finish(distributed, net, main_proc):
         dist.all_reduce(gap, op=dist.ReduceOp.MAX)
         if main_proc:
             print(f"DDP: {dist.get_world_size()} ranks, largest weight difference between ranks {gap.item():.3g}")
+    if distributed:
         dist.destroy_process_group()
     return 0
 

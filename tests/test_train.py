@@ -120,6 +120,21 @@ def test_resume_with_another_config_is_refused(utk_cache, tmp_path, capsys):
     assert code == 2 and "lr=0.001" in err
 
 
+def test_resuming_a_finished_run_reads_no_data(utk_cache, tmp_path, capsys, monkeypatch):
+    # a recipe's finished stage costs a start-up, not a pass over the caches and teachers
+    base = ["--cache", utk_cache, "--out-dir", str(tmp_path), "--epochs", "1", "--max-steps", "2"] + SMALL
+    assert run_train(base, capsys)[0] == 0
+
+    def no_data(*a, **k):
+        raise AssertionError("build_data called for a finished run")
+
+    monkeypatch.setattr(train, "build_data", no_data)
+    assert train.main(base + ["--resume"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="build_data"):  # a run with steps left does read its data
+        train.main(base[:-len(SMALL)] + ["--max-steps", "3"] + SMALL + ["--resume"])
+
+
 def test_nan_loss_stops_training_without_saving(utk_cache, tmp_path, capsys):
     code, err = run_train(["--cache", utk_cache, "--out-dir", str(tmp_path), "--age-weight", "nan", "--max-steps", "3"] + SMALL, capsys)
     assert code == 3 and "loss became nan" in err
