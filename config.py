@@ -94,6 +94,13 @@ class PreprocessConfig:
     limit: int = 0  # process only the first N kept entries (0 = all); handy for a quick trial
 
 
+# the age groups of evaluate.py's breakdown and of train.py's --balance: infants, children, then decades
+# (the groups of balanced face sets)
+AGE_GROUPS = ((0, 2), (3, 9), (10, 19), (20, 29), (30, 39), (40, 49), (50, 59), (60, 69), (70, 200))
+# --balance: no face is drawn more than this many times as often as a face of its source's largest group
+BALANCE_MAX_REPEATS = 6
+
+
 @dataclass
 class TrainConfig:
     # one or more caches from pre_process.py; each one's val split is reported on its own every epoch; none
@@ -137,6 +144,10 @@ class TrainConfig:
     # faces turned away (nose off the eyes' midpoint by >= 0.3 eye distances) are drawn this many times as
     # often as the others: 1.6% of UTKFace's training faces, 7.8% of CLAP2016's and 1.5% of AAF's, far more in photos
     turned_weight: int = 3
+    # sampling balanced within each source over age group x gender x race (where the cache knows them): a face
+    # is drawn (largest group's size / its group's size) ** balance times as often (rounded, at most
+    # BALANCE_MAX_REPEATS); 0 = as the cache holds them, 1 = fully balanced, 0.5 = in between
+    balance: float = 0.0
     # validate and release an exponential moving average of the weights (0 = off): smoother than the
     # last step's weights on a small, noisy dataset; per optimizer step, warmed up as min(d, (1+t)/(10+t))
     ema_decay: float = 0.998

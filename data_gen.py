@@ -190,6 +190,7 @@ class FaceCache(Dataset):
             self.genders = torch.tensor([int(self.meta[i]["gender"]) for i in rows])
         except (KeyError, ValueError) as e:
             raise CacheError(f"{cache_dir}: meta.csv has a bad age or gender ({e})")
+        self.races = [self.meta[i].get("race") or "" for i in rows]  # '' where the source has none
         self.train, self.seed, self.fill_outside, self.calls = train, seed, fill_outside, 0
         self.aug_scale = tuple(aug_scale)
         self.hard_aug = self.pose_aug = 0.0
@@ -236,16 +237,22 @@ class MixedFaces(Dataset):
 
     hard_aug, pose_aug: the shares of augment's real conditions. turned_weight: faces turned away
     (conditions.TURNED) are drawn this many times as often as the others of their source (`repeats`,
-    used by make_loader), since they are rare in the training data and common in photos.
+    used by make_loader), since they are rare in the training data and common in photos. balance: the
+    same for rare age groups, genders and races (balance_repeats); the two multiply.
     A batch is (x, age, gender, source): source is each face's index in `sources` (train.py's
     --teacher-sources distils on some sources only)."""
 
-    def __init__(self, sources, fill_outside=0.0, aug_scale=config.AUG_SCALE, hard_aug=0.0, pose_aug=0.0, turned_weight=1):
+    def __init__(self, sources, fill_outside=0.0, aug_scale=config.AUG_SCALE, hard_aug=0.0, pose_aug=0.0, turned_weight=1,
+                 balance=0.0):
         self.sources = list(sources)
         self.aug_scale = tuple(aug_scale)
         self.hard_aug, self.pose_aug = hard_aug, pose_aug
         turn = np.concatenate([s.turn for s in self.sources])
-        self.repeats = np.where(turn >= conditions.TURNED, int(turned_weight), 1) if turned_weight != 1 else None
+        repeats = np.where(turn >= conditions.TURNED, int(turned_weight), 1)
+        if balance > 0:
+            repeats = repeats * np.concatenate([balance_repeats(s.ages.numpy(), s.genders.numpy(), s.races, balance)
+                                                for s in self.sources])
+        self.repeats = repeats if (repeats != 1).any() else None
         self.sizes = [len(s) for s in self.sources]
         self.starts = np.cumsum([0] + self.sizes)
         self.train = any(s.train for s in self.sources)
@@ -269,6 +276,20 @@ class MixedFaces(Dataset):
             if ins is not None:
                 inside[m] = ins
         return _serve(self, batch, raw, inside if self.fill_outside else None), ages, genders, torch.from_numpy(which)
+
+
+def balance_repeats(ages, genders, races, power, max_repeats=config.BALANCE_MAX_REPEATS):
+    """How many times as often each face of one source is drawn so that its age groups x genders x races
+    (config.AGE_GROUPS; a gender of -1 or a race of '' is one group of its own) come closer to equal:
+    round((largest group / own group) ** power), between 1 and max_repeats. The cap keeps a group of a
+    few faces from being seen so often that it is learned by heart."""
+    group_of_age = np.searchsorted([lo for lo, _ in config.AGE_GROUPS], np.asarray(ages), side="right") - 1
+    keys = [(int(a), int(g), r) for a, g, r in zip(group_of_age, genders, races)]
+    counts = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    largest = max(counts.values())
+    return np.array([min(max_repeats, max(1, round((largest / counts[k]) ** power))) for k in keys], dtype=np.int64)
 
 
 class EpochBatchSampler:

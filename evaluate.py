@@ -38,8 +38,7 @@ from detector import align_face
 from utils import InputError, fail, parse_config, read_image, read_label_rows, use_all_cores_for_cv2
 
 RACES = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}
-# the age groups of the breakdown: infants, children, then decades (the groups of balanced face sets)
-AGE_GROUPS = ((0, 2), (3, 9), (10, 19), (20, 29), (30, 39), (40, 49), (50, 59), (60, 69), (70, 200))
+AGE_GROUPS = config.AGE_GROUPS
 
 
 def age_group(age):

@@ -277,6 +277,8 @@ def build_data(cfg, rank, world, main_proc):
             fail("no --cache given and none of " + ", ".join(os.path.relpath(c) for c in config.DEFAULT_CACHES)
                  + " exists: make one with pre_process.py (README: Train on your own data)")
     check_shares("--source-weights", cfg.source_weights, len(cfg.cache), "cache(s)")
+    if not 0 <= cfg.balance <= 1:
+        fail(f"--balance must be between 0 and 1, got {cfg.balance}")
     if len(cfg.aug_scale) != 2 or not 0 < cfg.aug_scale[0] <= cfg.aug_scale[1] <= 4:
         fail(f"--aug-scale takes LO HI with 0 < LO <= HI <= 4, got {list(cfg.aug_scale)}")
     try:
@@ -288,7 +290,7 @@ def build_data(cfg, rank, world, main_proc):
     if len(set(names)) < len(names):
         names = [f"{n}{k}" for k, n in enumerate(names)]  # two caches in folders of the same name
     train_set = MixedFaces(sources, fill_outside=cfg.fill_outside, aug_scale=cfg.aug_scale, hard_aug=cfg.hard_aug,
-                           pose_aug=cfg.pose_aug, turned_weight=cfg.turned_weight)
+                           pose_aug=cfg.pose_aug, turned_weight=cfg.turned_weight, balance=cfg.balance)
     if len(train_set) < cfg.batch_size * world:
         fail(f"{', '.join(cfg.cache)}: only {len(train_set)} training faces, fewer than one batch of {cfg.batch_size * world}")
     train_loader, train_sampler = make_loader(train_set, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,

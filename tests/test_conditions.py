@@ -12,7 +12,7 @@ import conditions
 import config
 import pre_process
 from conftest import UTK, utk_rows, write_csv
-from data_gen import EpochBatchSampler, FaceCache, MixedFaces, augment, make_loader
+from data_gen import EpochBatchSampler, FaceCache, MixedFaces, augment, balance_repeats, make_loader
 from detector import FaceDetector, align_face
 from metrics import coverage_curve, fit_unsure_threshold, gender_unsure
 from utils import read_image
@@ -149,6 +149,18 @@ def test_turned_faces_are_drawn_more_often():
     assert counts.sum() == 100 * 10  # an epoch keeps its length
 
 
+def test_balance_draws_rare_groups_more_often():
+    # 8 men in their twenties, 2 girls of 3-9, 1 woman of 70+ with a race, 1 infant of unknown gender
+    ages = [25] * 8 + [5, 7, 80, 1]
+    genders = [1] * 8 + [0, 0, 0, -1]
+    races = [""] * 10 + ["2", ""]
+    assert balance_repeats(ages, genders, races, 1.0).tolist() == [1] * 8 + [4, 4, 6, 6]  # 8/1 capped at 6
+    assert balance_repeats(ages, genders, races, 0.5).tolist() == [1] * 8 + [2, 2, 3, 3]  # sqrt(8) = 2.83
+    assert balance_repeats(ages, genders, ["0"] * 6 + ["1"] * 2 + [""] * 4, 1.0)[:8].tolist() == [1] * 6 + [3, 3]
+    assert balance_repeats(ages, genders, races, 0.0).tolist() == [1] * 12
+    assert balance_repeats(ages, genders, races, 1.0, max_repeats=10).tolist()[-2:] == [8, 8]
+
+
 def test_aaf_layout_flows_through_cache_and_loader(tmp_path):
     """A third source in the layout ../shared/tools/get_aaf.py writes (images/%05dA%02d.jpg, labels.csv
     file,age,gender,split; gender 0 female 1 male), cached by pre_process.py --dataset csv and served
@@ -170,6 +182,9 @@ def test_aaf_layout_flows_through_cache_and_loader(tmp_path):
         assert truth[row["file"]] == (age, gender) == (int(row["age"]), int(row["gender"]))
     assert train.turn.shape == (len(train),) and (train.turn < 1).all()
     mixed = MixedFaces([train, train], hard_aug=0.5, pose_aug=0.5, turned_weight=3)
+    balanced = MixedFaces([train, train], turned_weight=3, balance=1.0)  # the two weights multiply
+    assert (balanced.repeats == np.tile(balance_repeats(train.ages, train.genders, train.races, 1.0), 2)
+            * np.where(np.tile(train.turn, 2) >= conditions.TURNED, 3, 1)).all()
     loader, _ = make_loader(mixed, 4, workers=0, source_weights=[0.5, 0.5])
     x, ages, genders, source = next(iter(loader))
     assert set(source.tolist()) <= {0, 1}

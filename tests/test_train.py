@@ -94,6 +94,8 @@ def test_bad_input_exits_2_with_one_line(utk_cache, tmp_path, capsys):
     assert code == 2 and "invalid choice: 'vgg99'" in err
     code, err = run_train(["--cache", utk_cache, "--aug-scale", "1.2", "0.9", "--out-dir", str(tmp_path / "o")], capsys)
     assert code == 2 and "--aug-scale takes LO HI" in err and len(err.strip().splitlines()) == 1
+    code, err = run_train(["--cache", utk_cache, "--balance", "1.5", "--out-dir", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--balance must be between 0 and 1" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "bad.onnx").write_bytes(b"not a model")
     for arch in ("sface", "mobilenet_v2"):
         code, err = run_train(["--cache", utk_cache, "--arch", arch, "--pretrained", str(tmp_path / "bad.onnx"), "--out-dir", str(tmp_path / "o")], capsys)
