@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import os
+from collections import Counter
 
 import cv2
 import numpy as np
@@ -23,6 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import conditions
 import config
+from metrics import age_group
+
 
 class CacheError(Exception):
     pass
@@ -283,11 +286,8 @@ def balance_repeats(ages, genders, races, power, max_repeats=config.BALANCE_MAX_
     (config.AGE_GROUPS; a gender of -1 or a race of '' is one group of its own) come closer to equal:
     round((largest group / own group) ** power), between 1 and max_repeats. The cap keeps a group of a
     few faces from being seen so often that it is learned by heart."""
-    group_of_age = np.searchsorted([lo for lo, _ in config.AGE_GROUPS], np.asarray(ages), side="right") - 1
-    keys = [(int(a), int(g), r) for a, g, r in zip(group_of_age, genders, races)]
-    counts = {}
-    for k in keys:
-        counts[k] = counts.get(k, 0) + 1
+    keys = [(age_group(int(a)), int(g), r) for a, g, r in zip(ages, genders, races)]
+    counts = Counter(keys)
     largest = max(counts.values())
     return np.array([min(max_repeats, max(1, round((largest / counts[k]) ** power))) for k in keys], dtype=np.int64)
 

@@ -33,17 +33,11 @@ import config
 from conditions import hard_conditions
 from data_gen import CacheError, FaceCache, make_loader, normalize
 from models import CheckpointError
-from metrics import AGE_ESTIMATES, calibration_report, compute_metrics, coverage_curve, label_stds, predicted_age, unsure_figures
+from metrics import AGE_ESTIMATES, age_group, calibration_report, compute_metrics, coverage_curve, label_stds, predicted_age, unsure_figures
 from detector import align_face
 from utils import InputError, fail, parse_config, read_image, read_label_rows, use_all_cores_for_cv2
 
 RACES = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}
-AGE_GROUPS = config.AGE_GROUPS
-
-
-def age_group(age):
-    lo, hi = next(g for g in AGE_GROUPS if g[0] <= age <= g[1])
-    return f"{lo}+" if hi >= 200 else f"{lo}-{hi}"
 
 
 def breakdown(gender_prob, age_prob, ages, genders, groups, estimate="mean", unsure_below=0.0):
@@ -52,7 +46,7 @@ def breakdown(gender_prob, age_prob, ages, genders, groups, estimate="mean", uns
     for name, labels in groups.items():
         labels = np.asarray(labels)
         out[name] = {}
-        order = [age_group(lo) for lo, _ in AGE_GROUPS] if name == "age_group" else sorted(set(labels.tolist()), key=lambda v: (len(str(v)), str(v)))
+        order = [age_group(lo) for lo, _ in config.AGE_GROUPS] if name == "age_group" else sorted(set(labels.tolist()), key=lambda v: (len(str(v)), str(v)))
         for g in order:
             m = labels == g
             if not m.any():

@@ -27,6 +27,12 @@ def label_stds(rows):
     return stds if np.isfinite(stds).any() else None
 
 
+def age_group(age):
+    """The config.AGE_GROUPS group an age falls in, as its label ("20-29", "70+")."""
+    lo, hi = next(g for g in config.AGE_GROUPS if g[0] <= age <= g[1])
+    return f"{lo}+" if hi >= 200 else f"{lo}-{hi}"
+
+
 AGE_ESTIMATES = ("mean", "median")
 
 

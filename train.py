@@ -504,7 +504,7 @@ def read_resume_checkpoint(last_path, cfg):
         saved = ckpt["config"]
         now = dataclasses.asdict(cfg)
         diff = sorted(k for k, v in now.items() if k not in RESUME_MAY_CHANGE and _comparable(saved.get(k, _DEFAULTS.get(k))) != _comparable(v))
-        int(ckpt["epoch"]), int(ckpt["step"])
+        int(ckpt["epoch"]), int(ckpt["step"])  # main() reads them before anything else is restored
     except Exception as e:  # unpickling errors come in many types; any of them means "not usable"
         fail(f"--resume: {last_path} is not a usable checkpoint ({str(e).splitlines()[0][:160]})")
     if diff:

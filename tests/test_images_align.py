@@ -6,7 +6,6 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import config
