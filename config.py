@@ -171,8 +171,10 @@ class TrainConfig:
     # each teacher predicts with the test-time views it predicts with in the demo (SFace runs: one; the
     # MobileNetV2 runs: four); --no-teacher-tta: one view each (how row 22 of the README was trained)
     teacher_tta: bool = True
-    # loss = (1 - w) * the labels' loss + w * KL(the teachers' gender and age distributions || the network's)
-    distill_weight: float = 0.5
+    # loss = (1 - w) * the labels' loss + w * KL(the teachers' gender and age distributions || the network's);
+    # one w for every source, or one per --cache (e.g. 0.8 1.0 0.3: hold the release's answers on the sources
+    # it was trained on, hardly on a new one)
+    distill_weight: tuple[float, ...] = (0.5,)
     # the --cache entries whose faces the teachers' term covers (empty: all); the faces of the others learn
     # from their labels alone, e.g. a new source the teachers never saw, whose labels they would only blur
     teacher_sources: tuple[str, ...] = ()

@@ -12,7 +12,8 @@ label distribution around the true age plus an L1 term on the expected age). Wit
 (knowledge distillation) a share `--distill-weight` of the loss instead follows the teachers' averaged
 gender and age distributions on the same batch: one network learns what several predict together,
 for the run-time cost of one (docs/EXPERIMENTS.md: rows 22-24); `--teacher-sources data/utkface ...` keeps
-that term to some sources' faces, so a source the teachers never saw learns from its labels. Every default lives in
+that term to some sources' faces, so a source the teachers never saw learns from its labels, and
+`--distill-weight 0.8 1.0 0.3` sets it per --cache. Every default lives in
 config.py (TrainConfig). Writes to --out-dir: last.pt (every --ckpt-every steps and every epoch),
 best.pt (lowest validation MAE), log.csv and curves.png. Checkpoints are written atomically and
 loaded with weights_only=True; --resume restores model, optimizer, schedule, scaler, RNG and the
@@ -111,6 +112,17 @@ def distill_flags(cfg):
         fail("--teacher-sources needs --teacher")
     covered = {os.path.normpath(c) for c in cfg.teacher_sources}
     return torch.tensor([float(not covered or c in covered) for c in caches])
+
+
+def distill_shares(cfg):
+    """Each --cache's share of the loss taken by the distillation term: its --distill-weight (one for all,
+    or one per cache) where --teacher-sources covers it, else 0."""
+    weights = cfg.distill_weight
+    if len(weights) not in (1, len(cfg.cache)):
+        fail(f"--distill-weight has {len(weights)} values for {len(cfg.cache)} --cache entries (give 1 or {len(cfg.cache)})")
+    if not all(0 <= w <= 1 for w in weights):
+        fail(f"--distill-weight must be between 0 and 1, got {' '.join(map(str, weights))}")
+    return torch.tensor(weights, dtype=torch.float32).expand(len(cfg.cache)) * distill_flags(cfg)
 
 
 class Teachers(torch.nn.Module):
@@ -373,9 +385,7 @@ def main(argv=None):
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, warmup_steps, cfg))
     ema = WeightAverage(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if not 0 <= cfg.distill_weight <= 1:
-        fail(f"--distill-weight must be between 0 and 1, got {cfg.distill_weight}")
-    distill_share = (cfg.distill_weight * distill_flags(cfg)).to(device)  # per --cache
+    distill_share = distill_shares(cfg).to(device)
     teachers = Teachers(cfg.teacher, cfg.teacher_weights, device, cfg.teacher_tta) if cfg.teacher else None
     teacher_metrics = {}
     if teachers is not None and main_proc:  # what the network is to learn, on the same validation
@@ -502,6 +512,8 @@ def read_resume_checkpoint(last_path, cfg):
     try:
         ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
         saved = ckpt["config"]
+        if isinstance(saved.get("distill_weight"), (int, float)):  # written when it was one number for all sources
+            saved["distill_weight"] = (saved["distill_weight"],)
         now = dataclasses.asdict(cfg)
         diff = sorted(k for k, v in now.items() if k not in RESUME_MAY_CHANGE and _comparable(saved.get(k, _DEFAULTS.get(k))) != _comparable(v))
         int(ckpt["epoch"]), int(ckpt["step"])  # main() reads them before anything else is restored

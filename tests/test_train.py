@@ -1,5 +1,6 @@
 """train.py on real UTKFace crops: learning, exact resume, DDP on 2 CPU processes, metrics, bad input."""
 import csv
+import dataclasses
 import os
 import subprocess
 import sys
@@ -265,6 +266,17 @@ def test_joint_loss_distils_only_the_faces_given_a_share():
     assert got.item() != pytest.approx(train.joint_loss(g, a, age, gender, cfg, other, torch.full((4,), 0.5)).item(), rel=1e-3)
 
 
+def test_distill_shares_per_source():
+    caches = ("data/utkface", "data/clap2016", "data/aaf")
+    one = config.TrainConfig(cache=caches, teacher=("t.pt",), distill_weight=(0.5,))
+    assert train.distill_shares(one).tolist() == [0.5, 0.5, 0.5]
+    each = dataclasses.replace(one, distill_weight=(0.8, 1.0, 0.25))
+    assert train.distill_shares(each).tolist() == pytest.approx([0.8, 1.0, 0.25])
+    # a source --teacher-sources leaves out gets no share, whatever its weight
+    some = dataclasses.replace(each, teacher_sources=("data/clap2016", "data/aaf"))
+    assert train.distill_shares(some).tolist() == pytest.approx([0.0, 1.0, 0.25])
+
+
 def test_distillation_learns_from_the_teachers_not_the_labels(utk_cache, tmp_path, capsys):
     import shutil
 
@@ -313,6 +325,7 @@ def test_distillation_learns_from_the_teachers_not_the_labels(utk_cache, tmp_pat
     for extra, msg in ((["--teacher", str(tmp_path / "none.pt")], "none.pt: checkpoint not found"),
                        (["--teacher", str(teacher / "last.pt"), "--teacher-weights", "1", "2"], "--teacher-weights has 2 value(s) for 1"),
                        (["--teacher", str(teacher / "last.pt"), "--distill-weight", "2"], "--distill-weight must be between 0 and 1"),
+                       (["--teacher", str(teacher / "last.pt"), "--distill-weight", "0.5", "0.5"], "--distill-weight has 2 values for 1 --cache"),
                        (["--teacher", str(teacher / "last.pt"), "--teacher-sources", "data/nowhere"], "data/nowhere is not one of --cache"),
                        (["--teacher-sources", utk_cache], "--teacher-sources needs --teacher")):
         code, err = run_train(base + extra, capsys)
