@@ -197,6 +197,10 @@ class EvalConfig:
     # with --cache: "hard" = the hard-conditions set made from its faces (conditions.py: turned faces as they are,
     # the others small, compressed, blurred, grey, dark, bright or partly hidden, one condition each, seeded)
     conditions: str = ""
+    # with --cache: a second checkpoint predicting the same faces (with its own views, calibration and
+    # age estimate); prints this one's MAE and gender accuracy minus its, with a paired bootstrap's standard
+    # error and 95% interval: whether a validation split can tell the two apart at all
+    versus: str = ""
     json: str = ""  # write the whole report (with breakdowns and calibration) to this file
     plots: str = ""  # folder for the plots (MAE by age, predicted vs true)
     batch_size: int = 256  # faces per forward pass

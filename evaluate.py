@@ -9,6 +9,7 @@
     python evaluate.py --labels ../shared/data/utkface/labels.csv --root ../shared/data/utkface \\
         --split test --detect --pad-fraction 0.25 --downscale 0.25                  # faces ~30 px tall
     python evaluate.py --cache data/aaf --split val --conditions hard              # the hard-conditions validation
+    python evaluate.py --checkpoint new.pt --versus weights/age_gender_sface_112x96.pt --cache data/clap2016 --split val
 
 --checkpoint defaults to the released model. With --detect every photo goes through the demo's
 pipeline (detect, align, predict) and photos where no face is found are counted in faces_found;
@@ -18,7 +19,9 @@ share of faces whose gender is shown as unsure (`unsure`) and the accuracy on th
 --conditions hard evaluates the hard-conditions set made from a cache's faces (conditions.py: faces
 turned away as they are, every other face made small, compressed, blurred, grey, dark, bright or
 partly hidden, one condition each, from a fixed seed) and breaks it down by condition too.
---plots draws MAE by age, predicted against true age, and gender accuracy against coverage.
+--plots draws MAE by age, predicted against true age, and gender accuracy against coverage. --versus B
+predicts the same cached faces with checkpoint B too and reports the paired differences (this one minus B)
+with a bootstrap's standard error and 95% interval.
 """
 import json
 import os
@@ -33,7 +36,8 @@ import config
 from conditions import hard_conditions
 from data_gen import CacheError, FaceCache, make_loader, normalize
 from models import CheckpointError
-from metrics import AGE_ESTIMATES, age_group, calibration_report, compute_metrics, coverage_curve, label_stds, predicted_age, unsure_figures
+from metrics import (AGE_ESTIMATES, age_group, calibration_report, compute_metrics, coverage_curve, label_stds, paired_difference,
+                     predicted_age, unsure_figures)
 from detector import align_face
 from utils import InputError, fail, parse_config, read_image, read_label_rows, use_all_cores_for_cv2
 
@@ -101,6 +105,32 @@ def plot(pred_age, ages, folder, gender_prob=None, genders=None):
         plt.close(fig)
 
 
+def _append_prediction(predictor, x, gender_probs, age_probs):
+    out = predictor.predict_tensor(x)
+    gender_probs.append(out["gender_prob"])
+    age_probs.append(out["age_prob"])
+
+
+def versus_report(other_path, this, other, ages, genders):
+    """This checkpoint's (gender_prob, age) against another's on the same faces: the paired differences of
+    the age error (all faces) and of gender right or wrong (faces of known gender), this minus other."""
+    known = genders >= 0
+    right = [(g.argmax(1) == genders)[known].astype(float) for g, _ in (this, other)]
+    return {"checkpoint": other_path,
+            "age_mae": paired_difference(np.abs(this[1] - ages), np.abs(other[1] - ages)),
+            "gender_acc": paired_difference(*right)}
+
+
+def versus_text(v):
+    age, gender = v["age_mae"], v["gender_acc"]
+    text = (f"versus {v['checkpoint']}: age MAE {age['diff']:+.3f} (bootstrap SE {age['se']:.3f}, 95% "
+            f"{age['lo']:+.3f} to {age['hi']:+.3f})")
+    if gender["n"]:
+        text += (f", gender accuracy {100 * gender['diff']:+.2f} points (SE {100 * gender['se']:.2f}, 95% "
+                 f"{100 * gender['lo']:+.2f} to {100 * gender['hi']:+.2f})")
+    return text + "; this checkpoint minus that one, on the same faces"
+
+
 def _nan_to_none(obj):
     if isinstance(obj, dict):
         return {k: _nan_to_none(v) for k, v in obj.items()}
@@ -142,9 +172,14 @@ def main(argv=None):
     try:
         predictor = AgeGenderPredictor(cfg.checkpoint, device, cfg.tta, calibrated=cfg.calibrated, detector=cfg.detector,
                                        tta_zoom=cfg.tta_zoom, age_estimate=cfg.age_estimate)
+        other = AgeGenderPredictor(cfg.versus, device, cfg.tta, calibrated=cfg.calibrated, tta_zoom=cfg.tta_zoom,
+                                   age_estimate=cfg.age_estimate, detector=cfg.detector) if cfg.versus else None
     except (CheckpointError, ValueError) as e:
         fail(str(e))
+    if other is not None and not cfg.cache:
+        fail("--versus compares two checkpoints on a cache's faces: add --cache")
     gp, ap, ages, genders = [], [], [], []
+    other_ap, other_gp = [], []
     if cfg.cache:
         try:
             ds = FaceCache(cfg.cache, split=cfg.split or None)
@@ -154,9 +189,12 @@ def main(argv=None):
             raw, age, gender, _ = ds.read(np.arange(len(ds)))
             raw, condition = hard_conditions(raw, ds.turn)
             for s in tqdm(range(0, len(raw), cfg.batch_size), desc="evaluate", unit="batch"):
-                out = predictor.predict_tensor(normalize(raw[s : s + cfg.batch_size]))
+                x = normalize(raw[s : s + cfg.batch_size])
+                out = predictor.predict_tensor(x)
                 gp.append(out["gender_prob"])
                 ap.append(out["age_prob"])
+                if other is not None:
+                    _append_prediction(other, x, other_gp, other_ap)
             ages, genders = [age.numpy()], [gender.numpy()]
         else:
             loader, _ = make_loader(ds, cfg.batch_size, workers=0)
@@ -164,6 +202,8 @@ def main(argv=None):
                 out = predictor.predict_tensor(x)
                 gp.append(out["gender_prob"])
                 ap.append(out["age_prob"])
+                if other is not None:
+                    _append_prediction(other, x, other_gp, other_ap)
                 ages.append(age.numpy())
                 genders.append(gender.numpy())
         kept = ds.rows()
@@ -234,6 +274,9 @@ def main(argv=None):
     if cfg.conditions:
         groups["condition"] = list(condition)
     report["by"] = breakdown(gp, ap, ages, genders, groups, estimate, predictor.unsure_below)
+    if other is not None:
+        report["versus"] = versus_report(cfg.versus, (gp, pred_age), (np.concatenate(other_gp),
+                                         predicted_age(np.concatenate(other_ap), other.age_estimate)), ages, genders)
 
     gender_text = f"gender accuracy {100 * metrics['gender_acc']:.2f}%" if metrics["n_gender"] else "gender not labelled"
     print(f"faces {faces_found} of {n}   {gender_text}   age MAE {metrics['age_mae']:.3f}   "
@@ -245,6 +288,8 @@ def main(argv=None):
     if metrics["n_gender"]:
         print(f"gender unsure (probability under {predictor.unsure_below:.2f}): {100 * report['unsure']:.1f}% of the faces; "
               f"the others right {100 * report['sure_acc']:.2f}%")
+    if other is not None:
+        print(versus_text(report["versus"]))
     for name, table in report["by"].items():
         print(f"\nby {name}:  {'n':>6} {'gender%':>8} {'MAE':>6} {'CS@5%':>6} {'unsure%':>8} {'sure%':>7}")
         for g, r in table.items():

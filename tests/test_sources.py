@@ -192,6 +192,41 @@ def test_tta_zoom_is_a_command_line_choice(clap_cache, tmp_path, capsys):
     assert code == 2 and "--tta-zoom 9.0" in err
 
 
+def test_paired_difference_by_hand():
+    from metrics import paired_difference
+
+    # every face 1 year worse: the difference is exactly 1, whatever faces a resample draws
+    same = paired_difference([2.0, 3.0, 5.0], [1.0, 2.0, 4.0])
+    assert same["diff"] == 1.0 and same["se"] == pytest.approx(0.0, abs=1e-12) and same["lo"] == same["hi"] == 1.0
+    # one face of four 4 years worse: mean +1, and a resample may leave that face out or draw it twice
+    one = paired_difference([4.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0])
+    assert one["diff"] == 1.0 and one["lo"] == 0.0 and one["hi"] >= 2.0 and 0.5 < one["se"] < 3.0 and one["n"] == 4
+
+
+def test_evaluate_versus_another_checkpoint_on_the_same_faces(utk_cache, tmp_path, capsys):
+    common = ["--cache", utk_cache, "--split", "val", "--checkpoint", config.RELEASED_MODEL]
+    assert evaluate.main(common + ["--versus", config.RELEASED_MODEL, "--json", str(tmp_path / "same.json")]) == 0
+    v = json.loads((tmp_path / "same.json").read_text())["versus"]
+    assert v["age_mae"]["diff"] == 0 and v["age_mae"]["se"] == 0 and v["gender_acc"]["diff"] == 0
+    assert v["age_mae"]["n"] == 30 and 0 < v["gender_acc"]["n"] <= 30
+    # the same network read another way (each age the mean of its distribution, not the median): the paired
+    # difference is the difference of the two MAEs measured on their own, with its interval around it
+    ckpt = torch.load(config.RELEASED_MODEL, weights_only=True)
+    ckpt["age_estimate"] = "mean"
+    torch.save(ckpt, tmp_path / "mean.pt")
+    assert evaluate.main(common + ["--json", str(tmp_path / "median.json")]) == 0
+    assert evaluate.main(common[:-1] + [str(tmp_path / "mean.pt"), "--json", str(tmp_path / "mean.json")]) == 0
+    capsys.readouterr()
+    assert evaluate.main(common + ["--versus", str(tmp_path / "mean.pt"), "--json", str(tmp_path / "v.json")]) == 0
+    assert "bootstrap SE" in capsys.readouterr().out
+    median, mean, v = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("median", "mean", "v"))
+    age = v["versus"]["age_mae"]
+    assert median["age_mae"] != mean["age_mae"] and age["diff"] == pytest.approx(median["age_mae"] - mean["age_mae"], abs=2e-4)
+    assert age["lo"] <= age["diff"] <= age["hi"] and age["se"] > 0 and v["versus"]["gender_acc"]["diff"] == 0
+    code, _, err = run_main(evaluate.main, ["--versus", config.RELEASED_MODEL, "--labels", "x.csv"], capsys)
+    assert code == 2 and "--versus compares two checkpoints on a cache's faces" in err
+
+
 def test_metrics_epsilon_and_unknown_gender_by_hand():
     age_prob = np.zeros((3, 101))
     age_prob[0, 20] = age_prob[1, 30] = age_prob[2, 44] = 1.0
