@@ -167,6 +167,8 @@ def main(argv=None):
         fail("--downscale applies to raw photos: add --detect")
     if cfg.conditions and not cfg.cache:
         fail(f"--conditions {cfg.conditions} is made from a cache's faces: add --cache")
+    if cfg.versus and not cfg.cache:
+        fail("--versus compares two checkpoints on a cache's faces: add --cache")
     from predictor import AgeGenderPredictor
 
     try:
@@ -176,8 +178,6 @@ def main(argv=None):
                                    age_estimate=cfg.age_estimate, detector=cfg.detector) if cfg.versus else None
     except (CheckpointError, ValueError) as e:
         fail(str(e))
-    if other is not None and not cfg.cache:
-        fail("--versus compares two checkpoints on a cache's faces: add --cache")
     gp, ap, ages, genders = [], [], [], []
     other_ap, other_gp = [], []
     if cfg.cache:
@@ -190,18 +190,14 @@ def main(argv=None):
             raw, condition = hard_conditions(raw, ds.turn)
             for s in tqdm(range(0, len(raw), cfg.batch_size), desc="evaluate", unit="batch"):
                 x = normalize(raw[s : s + cfg.batch_size])
-                out = predictor.predict_tensor(x)
-                gp.append(out["gender_prob"])
-                ap.append(out["age_prob"])
+                _append_prediction(predictor, x, gp, ap)
                 if other is not None:
                     _append_prediction(other, x, other_gp, other_ap)
             ages, genders = [age.numpy()], [gender.numpy()]
         else:
             loader, _ = make_loader(ds, cfg.batch_size, workers=0)
             for x, age, gender in tqdm(loader, desc="evaluate", unit="batch"):
-                out = predictor.predict_tensor(x)
-                gp.append(out["gender_prob"])
-                ap.append(out["age_prob"])
+                _append_prediction(predictor, x, gp, ap)
                 if other is not None:
                     _append_prediction(other, x, other_gp, other_ap)
                 ages.append(age.numpy())
