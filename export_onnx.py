@@ -4,6 +4,7 @@
     python export_onnx.py --checkpoint checkpoints/run/best.pt --out model.onnx
     python export_onnx.py --checkpoint checkpoints/run/best.pt --release weights/my_model.pt   # slim fp16 .pt
     python export_onnx.py --checkpoint checkpoints/a/best.pt checkpoints/b/best.pt --release soup.pt   # averaged
+    python export_onnx.py --checkpoint a.pt b.pt --soup-weights 0.7 0.3 --release soup.pt   # 70% of a, 30% of b
 
 --release writes the weights in fp16 with the config and metrics only (no optimizer state): the
 form the released model ships in. Loading casts back to fp32. Several checkpoints are averaged weight by
@@ -116,7 +117,7 @@ def release(ckpt, path):
     slim = {"model": {k: v.half() if v.is_floating_point() else v for k, v in inference_weights(ckpt).items()},
             "config": ckpt["config"], "metrics": ckpt.get("metrics", {}), "epoch": ckpt.get("epoch"),
             "history": ckpt.get("history", []), "calibration": ckpt.get("calibration"),
-            **{k: ckpt[k] for k in ("tta", "tta_zoom", "averaged_from") if k in ckpt}}  # tta*: the calibration's views
+            **{k: ckpt[k] for k in ("tta", "tta_zoom", "averaged_from", "soup_weights") if k in ckpt}}  # tta*: the calibration's views
     atomic_torch_save(slim, path)
     return path
 
@@ -128,12 +129,17 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.splitext(config.RELEASED_MODEL)[0] + ".onnx", help="the ONNX file to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     p.add_argument("--release", default="", help="also write a slim fp16 PyTorch checkpoint here")
+    p.add_argument("--soup-weights", type=float, nargs="+", default=None,
+                   help="with several --checkpoint: each one's share of the average (normalised to sum 1); "
+                        "default: equal shares")
     args = p.parse_args(argv)
+    if args.soup_weights is not None and len(args.soup_weights) != len(args.checkpoint):
+        fail(f"--soup-weights: {len(args.soup_weights)} numbers for {len(args.checkpoint)} checkpoints")
     try:
         if len(args.checkpoint) == 1:
             net, ckpt = load_checkpoint(args.checkpoint[0])
         else:
-            ckpt = average_checkpoints(args.checkpoint)
+            ckpt = average_checkpoints(args.checkpoint, args.soup_weights)
             net = network_of(ckpt, "the average")
             print(f"averaged the weights of {len(args.checkpoint)} checkpoints")
     except CheckpointError as e:

@@ -8,6 +8,7 @@
 The predicted age is the expectation of the age softmax (DEX); the standard deviation of that
 distribution is returned as a per-face uncertainty.
 """
+import math
 import os
 
 import numpy as np
@@ -382,26 +383,33 @@ def network_of(ckpt, path="checkpoint", device="cpu"):
     return net.to(device).eval()
 
 
-def average_checkpoints(paths):
+def average_checkpoints(paths, weights=None):
     """One checkpoint whose weights are the mean of several (a "model soup", Wortsman et al. 2022).
 
     Meant for runs fine-tuned from one another (train.py --pretrained a checkpoint), which stay in one
     basin of the loss, so their average is a network of its own, often better than each, at the cost of
     one. Runs trained from different starts average to garbage: validate the result (evaluate.py).
-    BatchNorm statistics are averaged too. The config, views and history are the first checkpoint's."""
+    BatchNorm statistics are averaged too. The config, views and history are the first checkpoint's.
+    `weights`: one share per path (positive, normalised to sum 1), for a soup that leans to one side of the
+    line between two runs; None = equal shares."""
+    shares = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
+    if len(shares) != len(paths) or not all(w > 0 and math.isfinite(w) for w in shares):
+        raise CheckpointError(f"soup weights {list(weights)}: need one positive number per checkpoint ({len(paths)})")
+    shares = [w / sum(shares) for w in shares]
     ckpts = []
     for path in paths:
         _, ckpt = load_checkpoint(path)  # one line for a missing or foreign file, or weights that do not fit
         ckpts.append(ckpt)
-    first, weights = ckpts[0], [inference_weights(c) for c in ckpts]
+    first, states = ckpts[0], [inference_weights(c) for c in ckpts]
     for path, ckpt in zip(paths[1:], ckpts[1:]):
         if ckpt["config"].get("arch") != first["config"].get("arch"):
             raise CheckpointError(f"{path}: a {ckpt['config'].get('arch')} checkpoint cannot be averaged with "
                                   f"{first['config'].get('arch')} ({paths[0]})")
-    averaged = {k: (sum(w[k] for w in weights) / len(weights) if v.is_floating_point() else v)
-                for k, v in weights[0].items()}
+    averaged = {k: (sum(share * state[k] for share, state in zip(shares, states)) if v.is_floating_point() else v)
+                for k, v in states[0].items()}
     return {**{k: first[k] for k in ("config", "history", "tta", "tta_zoom") if k in first},
-            "model": averaged, "metrics": {}, "epoch": None, "averaged_from": [_repo_relative(p) for p in paths]}
+            "model": averaged, "metrics": {}, "epoch": None, "averaged_from": [_repo_relative(p) for p in paths],
+            **({"soup_weights": [round(w, 6) for w in shares]} if weights is not None else {})}
 
 
 def _repo_relative(path):

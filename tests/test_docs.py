@@ -71,16 +71,17 @@ def test_release_chain_runs_end_to_end(tmp_path):
                          timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     stages = re.findall(r"^== stage (\S+)", run.stdout, re.M)
-    assert len(stages) == 12 and stages[0] == "mnv2_utk" and stages[-1] == "three"
+    assert len(stages) == 13 and stages[0] == "mnv2_utk" and stages[-1] == "kd_ens"
     ckpt = torch.load(out / "release.pt", map_location="cpu", weights_only=True)
     assert {"age_std_scale", "gender_temperature", "gender_unsure_below"} <= set(ckpt["calibration"])
-    assert len(ckpt["calibration"]["unsure_fitted_on"]) == 3 and ckpt["age_estimate"] in ("mean", "median")
-    last = torch.load(out / "three" / "best.pt", map_location="cpu", weights_only=True)["config"]
-    assert list(last["cache"]) == caches and last["hard_aug"] > 0  # the last stage: three sources, real conditions
+    assert len(ckpt["calibration"]["fitted_on"]) == 3 and ckpt["age_estimate"] == "median"
+    assert ckpt["soup_weights"] == [0.6, 0.4] and ckpt["averaged_from"][1].endswith(os.path.join("kd_ens", "best.pt"))
+    last = torch.load(out / "kd_ens" / "best.pt", map_location="cpu", weights_only=True)
+    assert list(last["config"]["cache"]) == caches and len(last["config"]["teacher"]) == 3  # three sources, three teachers
     # a second run resumes: every stage is found finished, nothing is trained again
     again = subprocess.run(["bash", os.path.join(config.ROOT, "recipes", "release.sh")], env=env, capture_output=True, text=True,
                            timeout=900)
-    assert again.returncode == 0 and again.stdout.count("already complete") == 12, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count("already complete") == 13, again.stdout[-2000:]
     from predictor import AgeGenderPredictor
 
     faces = AgeGenderPredictor(str(out / "release.pt"), "cpu")(os.path.join(config.ROOT, "images", "astronaut.jpg"))

@@ -229,6 +229,17 @@ def test_export_averages_the_weights_of_several_checkpoints(tmp_path, capsys):
     assert ckpt["tta"] is False and ckpt["averaged_from"] == [os.path.abspath(p) for p in paths]  # outside the repo
     assert models._repo_relative(os.path.join(config.ROOT, "checkpoints", "a", "best.pt")) == os.path.join("checkpoints", "a", "best.pt")
 
+    # a soup that leans to one side: 3 : 1 is 0.75 / 0.25 of each weight, and the shares are recorded
+    code, out, err = run_main(export_onnx.main, ["--checkpoint", *paths, "--soup-weights", "3", "1", "--release", soup,
+                                                 "--out", str(tmp_path / "soup.onnx")], capsys)
+    assert code == 0, err
+    net, ckpt = load_checkpoint(soup)
+    assert torch.allclose(net.state_dict()[key], (0.75 * states[0][key] + 0.25 * states[1][key]).half().float())
+    assert ckpt["soup_weights"] == [0.75, 0.25]
+    for bad in (["1"], ["1", "0"]):  # a count that does not match, a share that is not positive: one line, exit 2
+        code, out, err = run_main(export_onnx.main, ["--checkpoint", *paths, "--soup-weights", *bad, "--release", soup], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "soup" in err, err
+
     torch.save({"model": AgeGenderNet("mobilenet_v2").state_dict(), "config": {"arch": "mobilenet_v2"}}, tmp_path / "other.pt")
     code, out, err = run_main(export_onnx.main, ["--checkpoint", paths[0], str(tmp_path / "other.pt"), "--release", soup], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "other.pt" in err and "cannot be averaged" in err
