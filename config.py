@@ -178,6 +178,11 @@ class TrainConfig:
     # the --cache entries whose faces the teachers' term covers (empty: all); the faces of the others learn
     # from their labels alone, e.g. a new source the teachers never saw, whose labels they would only blur
     teacher_sources: tuple[str, ...] = ()
+    # what the teachers see of each training face: "same" = the network's augmented face; "clean" = the same
+    # face before the real conditions and the other damage of data_gen.augment (not turned, full resolution,
+    # no JPEG, blur, patch or colour change), so that the network learns to read a turned or damaged face
+    # as the teachers read the clean one (docs/EXPERIMENTS.md, row 44)
+    teacher_view: str = "same"
 
 
 @dataclass

@@ -34,8 +34,9 @@ class CacheError(Exception):
 _GRAY = np.array([0.299, 0.587, 0.114])
 
 
-def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCALE, hard=0.0, pose=0.0):
-    """Augment a uint8 NHWC batch and normalise it: returns a float NCHW tensor (channels_last memory).
+def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCALE, hard=0.0, pose=0.0, clean_view=False):
+    """Augment a uint8 NHWC batch and normalise it: returns a float NCHW tensor (channels_last memory),
+    and with `clean_view` also the same faces before anything a photo does to a face (below).
 
     Geometry (flip, rotation +-12 deg, scale uniform in `scale_range` (> 1 enlarges the face), shift
     +-6%) is one cv2.warpAffine per face on uint8 pixels. With `inside` (N x H x W bool: the crop pixels that came from inside the source photo)
@@ -50,6 +51,11 @@ def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCAL
     Real conditions (conditions.py): a share `pose` of the faces are turned away by 10-35 degrees and
     aligned again as the demo aligns a turned face (conditions.yaw_matrix, in the same warp), and a share
     `hard` get one of conditions.TRAIN_CONDITIONS (JPEG, blur, under- or over-exposure, noise).
+
+    The clean view has the same flip, rotation, scale and shift, and nothing else: not turned, full
+    resolution, undamaged, no patch, its own colours. It is what train.py's teachers see with
+    `--teacher-view clean`, so that the network learns to read a damaged or turned face as they read
+    the clean one. It draws nothing from `rng`: the augmented batch is the same with or without it.
     """
     n, h, w, _ = raw.shape
     flip = rng.random(n) < 0.5
@@ -79,16 +85,21 @@ def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCAL
         raw = raw.copy()
         _fill_outside(raw, inside, fill, donor_pick)
     warped = np.empty((n, h, w, 3), np.uint8)
+    clean = np.empty((n, h, w, 3), np.uint8) if clean_view else None
     for i in range(n):
         m = cv2.getRotationMatrix2D((w / 2 - 0.5, h / 2 - 0.5), angle[i], scale[i])
         m[:, 2] += shift[i]
         if flip[i]:  # mirror the source first: x -> w - 1 - x
             m[:, 0], m[:, 2] = -m[:, 0], m[:, 2] + m[:, 0] * (w - 1)
         if turned[i]:
+            if clean_view:
+                cv2.warpAffine(raw[i], m, (w, h), dst=clean[i], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
             m = np.vstack([m, [0, 0, 1]]) @ conditions.yaw_matrix(yaw[i])[0]
             cv2.warpPerspective(raw[i], m, (w, h), dst=warped[i], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         else:
             cv2.warpAffine(raw[i], m, (w, h), dst=warped[i], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            if clean_view:
+                clean[i] = warped[i]
     out = np.empty((n, h, w, 3), np.float32)
     for i in range(n):
         face = warped[i]
@@ -104,7 +115,8 @@ def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCAL
         mat = b * c * (s * np.eye(3) + (1 - s) * _GRAY[None, :])
         offset = b * (1 - c) * float(np.dot(cv2.mean(raw[i])[:3], _GRAY))
         cv2.transform(face.astype(np.float32), _normalised(mat, np.full(3, offset)), dst=out[i])
-    return torch.from_numpy(out).permute(0, 3, 1, 2)
+    out = torch.from_numpy(out).permute(0, 3, 1, 2)
+    return (out, normalize(clean)) if clean_view else out
 
 
 def _fill_outside(raw, inside, fill, donor_pick):
@@ -227,10 +239,10 @@ class FaceCache(Dataset):
         return _serve(self, batch, raw, inside), ages, genders
 
 
-def _serve(ds, batch, raw, inside):
+def _serve(ds, batch, raw, inside, clean_view=False):
     if ds.train:
         return augment(raw, np.random.default_rng(int(getattr(batch, "seed", 0))), inside, ds.fill_outside, ds.aug_scale,
-                       ds.hard_aug, ds.pose_aug)
+                       ds.hard_aug, ds.pose_aug, clean_view)
     return normalize(raw)
 
 
@@ -243,11 +255,13 @@ class MixedFaces(Dataset):
     used by make_loader), since they are rare in the training data and common in photos. balance: the
     same for rare age groups, genders and races (balance_repeats); the two multiply.
     A batch is (x, age, gender, source): source is each face's index in `sources` (train.py's
-    --teacher-sources distils on some sources only)."""
+    --teacher-sources distils on some sources only). With clean_view, (x, age, gender, source, clean):
+    clean is augment's clean view of the same faces, for the teachers."""
 
     def __init__(self, sources, fill_outside=0.0, aug_scale=config.AUG_SCALE, hard_aug=0.0, pose_aug=0.0, turned_weight=1,
-                 balance=0.0):
+                 balance=0.0, clean_view=False):
         self.sources = list(sources)
+        self.clean_view = clean_view and any(s.train for s in self.sources)
         self.aug_scale = tuple(aug_scale)
         self.hard_aug, self.pose_aug = hard_aug, pose_aug
         turn = np.concatenate([s.turn for s in self.sources])
@@ -278,7 +292,11 @@ class MixedFaces(Dataset):
             raw[m], ages[torch.from_numpy(m)], genders[torch.from_numpy(m)] = r, a, g
             if ins is not None:
                 inside[m] = ins
-        return _serve(self, batch, raw, inside if self.fill_outside else None), ages, genders, torch.from_numpy(which)
+        which = torch.from_numpy(which)
+        if self.clean_view:
+            x, clean = _serve(self, batch, raw, inside if self.fill_outside else None, clean_view=True)
+            return x, ages, genders, which, clean
+        return _serve(self, batch, raw, inside if self.fill_outside else None), ages, genders, which
 
 
 def balance_repeats(ages, genders, races, power, max_repeats=config.BALANCE_MAX_REPEATS):

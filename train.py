@@ -293,6 +293,10 @@ def build_data(cfg, rank, world, main_proc):
         fail(f"--balance must be between 0 and 1, got {cfg.balance}")
     if len(cfg.aug_scale) != 2 or not 0 < cfg.aug_scale[0] <= cfg.aug_scale[1] <= 4:
         fail(f"--aug-scale takes LO HI with 0 < LO <= HI <= 4, got {list(cfg.aug_scale)}")
+    if cfg.teacher_view not in ("same", "clean"):
+        fail(f"--teacher-view takes same or clean, got {cfg.teacher_view!r}")
+    if cfg.teacher_view == "clean" and not cfg.teacher:
+        fail("--teacher-view clean needs --teacher")
     try:
         sources = [FaceCache(c, split="train", train=True, seed=cfg.seed) for c in cfg.cache]
         val_sets = [FaceCache(c, split="val", train=False) for c in cfg.cache]
@@ -302,7 +306,8 @@ def build_data(cfg, rank, world, main_proc):
     if len(set(names)) < len(names):
         names = [f"{n}{k}" for k, n in enumerate(names)]  # two caches in folders of the same name
     train_set = MixedFaces(sources, fill_outside=cfg.fill_outside, aug_scale=cfg.aug_scale, hard_aug=cfg.hard_aug,
-                           pose_aug=cfg.pose_aug, turned_weight=cfg.turned_weight, balance=cfg.balance)
+                           pose_aug=cfg.pose_aug, turned_weight=cfg.turned_weight, balance=cfg.balance,
+                           clean_view=cfg.teacher_view == "clean")
     if len(train_set) < cfg.batch_size * world:
         fail(f"{', '.join(cfg.cache)}: only {len(train_set)} training faces, fewer than one batch of {cfg.batch_size * world}")
     train_loader, train_sampler = make_loader(train_set, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
@@ -433,14 +438,17 @@ def main(argv=None):
         loss_sum, seen, t0 = torch.zeros((), device=device), 0, time.time()
         bar = tqdm(train_loader, total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    unit="batch", disable=not main_proc, dynamic_ncols=True)
-        for x, age, gender, source in bar:
+        for x, age, gender, source, *clean in bar:
             x = x.to(device, non_blocking=True)
+            # --teacher-view clean: the teachers read the faces before the real conditions
+            x_teacher = clean[0].to(device, non_blocking=True) if clean else x
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+                x_teacher = x_teacher.contiguous(memory_format=torch.channels_last)
             age, gender = age.to(device, non_blocking=True), gender.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 gender_logits, age_logits = model(x)
-            soft = teachers(x, amp_dtype) if teachers is not None else None
+            soft = teachers(x_teacher, amp_dtype) if teachers is not None else None
             share = distill_share[source.to(device)] if soft is not None else None
             loss = joint_loss(gender_logits, age_logits, age, gender, cfg, soft, share)
             # checking every step costs a GPU sync; every 10 steps (and before every save) bounds the damage

@@ -103,6 +103,29 @@ def test_augment_with_conditions_keeps_shapes_and_ranges(real_faces):
     assert torch.equal(x, augment(raw, np.random.default_rng(1), hard=1.0, pose=1.0))  # and reproducibly
 
 
+def test_clean_view_is_the_same_face_before_the_conditions(real_faces):
+    crops, _ = real_faces
+    raw = np.stack(crops * 6)
+    x, clean = augment(raw, np.random.default_rng(1), hard=1.0, pose=1.0, clean_view=True)
+    # what the network sees does not change when the teachers get their own view
+    assert torch.equal(x, augment(raw, np.random.default_rng(1), hard=1.0, pose=1.0))
+    assert clean.shape == x.shape and clean.dtype == x.dtype and torch.isfinite(clean).all()
+    # the clean view does not depend on the conditions: the same faces, flipped, rotated and shifted alike
+    _, clean_plain = augment(raw, np.random.default_rng(1), clean_view=True)
+    assert torch.equal(clean, clean_plain)
+    # and it is the face the student sees, before what the conditions did to it: a turned, damaged face is
+    # nearer its own clean view than the clean views of the same photo placed otherwise (its other copies)
+    d = (x[:, None] - clean[None]).abs().mean(dim=(2, 3, 4))
+    same_photo = (torch.arange(len(raw))[:, None] - torch.arange(len(raw))[None]) % len(crops) == 0
+    others = torch.where(same_photo & ~torch.eye(len(raw), dtype=bool), d, torch.inf).min(1).values
+    assert (d.diagonal() < others).float().mean() > 0.8, (d.diagonal(), others)
+    # within the normalised range of an undamaged pixel
+    lo = (0 - np.array(config.IMAGENET_MEAN)) / np.array(config.IMAGENET_STD)
+    hi = (1 - np.array(config.IMAGENET_MEAN)) / np.array(config.IMAGENET_STD)
+    for c in range(3):
+        assert clean[:, c].min() >= lo[c] - 1e-5 and clean[:, c].max() <= hi[c] + 1e-5
+
+
 def test_hard_conditions_set_is_reproducible():
     rng = np.random.default_rng(0)
     faces = rng.integers(0, 256, (70, config.IMAGE_H, config.IMAGE_W, 3), dtype=np.uint8)

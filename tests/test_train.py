@@ -307,10 +307,10 @@ def test_distillation_learns_from_the_teachers_not_the_labels(utk_cache, tmp_pat
         w.writeheader()
         w.writerows(rows)
 
-    def student(cache, weight, name):
+    def student(cache, weight, name, extra=()):
         args = ["--cache", str(cache), "--out-dir", str(tmp_path / name), "--epochs", "1", "--max-steps", "3",
                 "--teacher", str(teacher / "last.pt"), str(teacher / "last.pt"), "--teacher-weights", "1", "3",
-                "--distill-weight", weight] + SMALL
+                "--distill-weight", weight, *extra] + SMALL
         assert train.main(args) == 0
         ckpt = torch.load(tmp_path / name / "last.pt", weights_only=True)
         assert 0 < ckpt["teacher_metrics"]["age_mae"] < 100  # the teachers were validated too
@@ -320,6 +320,9 @@ def test_distillation_learns_from_the_teachers_not_the_labels(utk_cache, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)  # all of the loss follows the teachers: the labels play no part
     c, d = student(utk_cache, "0.5", "c"), student(shuffled, "0.5", "d")
     assert not all(torch.equal(c[k], d[k]) for k in c)
+    # --teacher-view clean: the same batches for the network, the teachers reading them undamaged
+    e = student(utk_cache, "1", "e", ["--teacher-view", "clean"])
+    assert not all(torch.equal(a[k], e[k]) for k in a)
 
     # each teacher predicts with its own views (this run validated with four), or one each (--no-teacher-tta)
     net, _ = load_checkpoint(str(teacher / "last.pt"))
@@ -338,7 +341,9 @@ def test_distillation_learns_from_the_teachers_not_the_labels(utk_cache, tmp_pat
                        (["--teacher", str(teacher / "last.pt"), "--distill-weight", "2"], "--distill-weight must be between 0 and 1"),
                        (["--teacher", str(teacher / "last.pt"), "--distill-weight", "0.5", "0.5"], "--distill-weight has 2 values for 1 --cache"),
                        (["--teacher", str(teacher / "last.pt"), "--teacher-sources", "data/nowhere"], "data/nowhere is not one of --cache"),
-                       (["--teacher-sources", utk_cache], "--teacher-sources needs --teacher")):
+                       (["--teacher-sources", utk_cache], "--teacher-sources needs --teacher"),
+                       (["--teacher", str(teacher / "last.pt"), "--teacher-view", "sideways"], "--teacher-view takes same or clean"),
+                       (["--teacher-view", "clean"], "--teacher-view clean needs --teacher")):
         code, err = run_train(base + extra, capsys)
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
 
