@@ -354,11 +354,14 @@ def mtcnn_offset(pts, reference):
 DETECTORS = {"retinaface": RetinaFaceDetector, "yunet": YuNetDetector, "mtcnn": FaceDetector}
 
 
-def make_detector(name, min_face_size=20, threshold=None, threads=0):
+def make_detector(name, min_face_size=20, threshold=None, threads=0, build=True):
     """A detector by name; threshold None takes that detector's own default; threads (retinaface's
-    onnxruntime; 0 = up to 4) is 1 in demo.py's worker processes, one per core."""
+    onnxruntime; 0 = up to 4) is 1 in demo.py's worker processes, one per core. build=False only checks
+    the name (a wrong one fails where it is given, not at the first photo) and returns None."""
     if name not in DETECTORS:
         raise ValueError(f"unknown detector '{name}' (choose from {', '.join(DETECTORS)})")
+    if not build:
+        return None
     kwargs = {"min_face_size": min_face_size}
     if name == "retinaface":
         kwargs["threads"] = threads

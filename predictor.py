@@ -103,7 +103,9 @@ class AgeGenderPredictor:
         tta, tta_zoom = views_of(self.ckpt, tta, tta_zoom)
         self.net = fuse_batchnorm(net).set_tta_zoom(tta_zoom)
         self.runtime = self._start_runtime(runtime, tta)
-        self.detector = make_detector(detector, min_face_size=min_face_size, threshold=threshold, threads=detector_threads)
+        make_detector(detector, min_face_size=min_face_size, threshold=threshold, threads=detector_threads, build=False)
+        self._detector_args = dict(name=detector, min_face_size=min_face_size, threshold=threshold, threads=detector_threads)
+        self._detector = None
         self.tta = tta
         # fitted on validation data by calibrate.py: scales the shown ±std, tempers the gender probability
         self.calibration = self.ckpt.get("calibration") if calibrated else None
@@ -113,6 +115,14 @@ class AgeGenderPredictor:
         if not 0 <= unsure_below <= 1:
             raise ValueError(f"--unsure-below {unsure_below}: give a probability between 0 and 1 (0: never unsure)")
         self.unsure_below = float(unsure_below)
+
+    @property
+    def detector(self):
+        """The face detector, built on first use: predicting crops already aligned (evaluate.py --cache,
+        predict_crops) needs none, and loading one costs a second or two."""
+        if self._detector is None:
+            self._detector = make_detector(**self._detector_args)
+        return self._detector
 
     @property
     def views(self):
