@@ -293,6 +293,8 @@ def build_data(cfg, rank, world, main_proc):
         fail(f"--balance must be between 0 and 1, got {cfg.balance}")
     if len(cfg.aug_scale) != 2 or not 0 < cfg.aug_scale[0] <= cfg.aug_scale[1] <= 4:
         fail(f"--aug-scale takes LO HI with 0 < LO <= HI <= 4, got {list(cfg.aug_scale)}")
+    if not (0 <= cfg.hard_aug <= 1 and 0 <= cfg.pose_aug <= 1 and 0 <= cfg.hard_harsh <= 1):
+        fail(f"--hard-aug, --pose-aug and --hard-harsh are shares between 0 and 1, got {cfg.hard_aug}, {cfg.pose_aug}, {cfg.hard_harsh}")
     if cfg.teacher_view not in ("same", "clean"):
         fail(f"--teacher-view takes same or clean, got {cfg.teacher_view!r}")
     if cfg.teacher_view == "clean" and not cfg.teacher:
@@ -307,7 +309,7 @@ def build_data(cfg, rank, world, main_proc):
         names = [f"{n}{k}" for k, n in enumerate(names)]  # two caches in folders of the same name
     train_set = MixedFaces(sources, fill_outside=cfg.fill_outside, aug_scale=cfg.aug_scale, hard_aug=cfg.hard_aug,
                            pose_aug=cfg.pose_aug, turned_weight=cfg.turned_weight, balance=cfg.balance,
-                           clean_view=cfg.teacher_view == "clean")
+                           clean_view=cfg.teacher_view == "clean", hard_harsh=cfg.hard_harsh)
     if len(train_set) < cfg.batch_size * world:
         fail(f"{', '.join(cfg.cache)}: only {len(train_set)} training faces, fewer than one batch of {cfg.batch_size * world}")
     train_loader, train_sampler = make_loader(train_set, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,

@@ -101,6 +101,11 @@ def test_augment_with_conditions_keeps_shapes_and_ranges(real_faces):
         assert x[:, c].min() >= lo[c] * 1.6 - 0.5 and x[:, c].max() <= hi[c] * 1.6 + 0.5
     assert (x - plain).abs().mean() > 0.05  # the conditions did something
     assert torch.equal(x, augment(raw, np.random.default_rng(1), hard=1.0, pose=1.0))  # and reproducibly
+    # --hard-harsh: the validation's harsher ranges take the faces further from the undamaged ones, in range
+    harsh = augment(raw, np.random.default_rng(1), hard=1.0, pose=1.0, harsh=1.0)
+    assert harsh.shape == x.shape and torch.isfinite(harsh).all()
+    assert (harsh - plain).abs().mean() > 1.2 * (x - plain).abs().mean()
+    assert torch.equal(x, augment(raw, np.random.default_rng(1), hard=1.0, pose=1.0, harsh=0.0))
 
 
 def test_clean_view_is_the_same_face_before_the_conditions(real_faces):
