@@ -213,6 +213,7 @@ class FaceCache(Dataset):
         self.train, self.seed, self.fill_outside, self.calls = train, seed, fill_outside, 0
         self.aug_scale = tuple(aug_scale)
         self.hard_aug = self.pose_aug = self.hard_harsh = 0.0
+        self.clean_view = False
 
     def __len__(self):
         return len(self.indices)
@@ -243,10 +244,10 @@ class FaceCache(Dataset):
         return _serve(self, batch, raw, inside), ages, genders
 
 
-def _serve(ds, batch, raw, inside, clean_view=False):
+def _serve(ds, batch, raw, inside):
     if ds.train:
         return augment(raw, np.random.default_rng(int(getattr(batch, "seed", 0))), inside, ds.fill_outside, ds.aug_scale,
-                       ds.hard_aug, ds.pose_aug, clean_view, ds.hard_harsh)
+                       ds.hard_aug, ds.pose_aug, ds.clean_view, ds.hard_harsh)
     return normalize(raw)
 
 
@@ -296,11 +297,10 @@ class MixedFaces(Dataset):
             raw[m], ages[torch.from_numpy(m)], genders[torch.from_numpy(m)] = r, a, g
             if ins is not None:
                 inside[m] = ins
-        which = torch.from_numpy(which)
-        if self.clean_view:
-            x, clean = _serve(self, batch, raw, inside if self.fill_outside else None, clean_view=True)
-            return x, ages, genders, which, clean
-        return _serve(self, batch, raw, inside if self.fill_outside else None), ages, genders, which
+        x = _serve(self, batch, raw, inside if self.fill_outside else None)
+        if self.clean_view:  # augment gave (x, clean); the teachers' view goes last
+            return x[0], ages, genders, torch.from_numpy(which), x[1]
+        return x, ages, genders, torch.from_numpy(which)
 
 
 def balance_repeats(ages, genders, races, power, max_repeats=config.BALANCE_MAX_REPEATS):

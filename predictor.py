@@ -103,9 +103,8 @@ class AgeGenderPredictor:
         tta, tta_zoom = views_of(self.ckpt, tta, tta_zoom)
         self.net = fuse_batchnorm(net).set_tta_zoom(tta_zoom)
         self.runtime = self._start_runtime(runtime, tta)
-        make_detector(detector, min_face_size=min_face_size, threshold=threshold, threads=detector_threads, build=False)
         self._detector_args = dict(name=detector, min_face_size=min_face_size, threshold=threshold, threads=detector_threads)
-        self._detector = None
+        self._detector = make_detector(**self._detector_args, build=False)  # None until first used; a wrong name fails now
         self.tta = tta
         # fitted on validation data by calibrate.py: scales the shown ±std, tempers the gender probability
         self.calibration = self.ckpt.get("calibration") if calibrated else None
