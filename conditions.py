@@ -5,6 +5,7 @@ hard-conditions validation is made of.
     turn = turn_of(landmarks)                    # (n, 5, 2) -> (n,): 0 frontal, >= TURNED: turned away
     face = degrade(face, "jpeg", rng)            # one condition on a uint8 112x96 RGB crop
     faces, names = hard_conditions(cache_faces, turn, seed=0)   # the hard-conditions set (evaluate.py --conditions)
+    face = beside(face, other_face, rng)         # another person's face cheek to cheek with this one
 
 The photos people take are smaller, blurrier, more compressed, darker or brighter and more often
 turned away than UTKFace's studio-like chips. Each condition here is a function of one aligned crop
@@ -18,6 +19,11 @@ it. `yaw_matrix` makes such crops from frontal ones: the face, taken as a plane,
 vertical axis through the nose (a homography), the nose landmark is moved as a real nose (which stands
 out of that plane) moves, and the five moved landmarks are fitted back onto the template exactly as
 `detector.align_face` fits a detected face.
+
+People photographed together stand close: cheek to cheek, one a little in front of the other. The
+demo's crop of one then shows part of the other's face beside it. `beside` puts another aligned face
+there, so training can learn to read the face in the middle, and `neighbour_conditions` is the
+validation set of that (evaluate.py --conditions neighbour).
 """
 import cv2
 import numpy as np
@@ -33,6 +39,10 @@ NOSE_DEPTH = 0.55
 # The conditions of the hard-conditions validation, one per face (evaluate.py --conditions hard).
 HARD_CONDITIONS = ("small", "jpeg", "blur", "gray", "dark", "bright", "occluded")
 HARD_SEED = 2024
+# How far a neighbour's face stands from the face's own, centre to centre, in crop widths: from cheek to
+# cheek over the far cheek (0.45) to beside it with a gap (0.8); the validation set keeps to the close half.
+NEIGHBOUR_SHIFT = (0.45, 0.8)
+NEIGHBOUR_SHIFT_HARD = (0.45, 0.6)
 
 _REF = np.asarray(config.REFERENCE_LANDMARKS, dtype=np.float64)
 _GRAY = np.array([0.299, 0.587, 0.114])
@@ -112,6 +122,23 @@ def occlude(face, rng, area=(0.1, 0.25)):
     return out
 
 
+def beside(face, other, rng, shift=NEIGHBOUR_SHIFT):
+    """`other` (another aligned crop, same size) standing beside `face`: moved sideways by `shift` crop
+    widths (either side), up or down by up to 8%, scaled 0.9-1.1 and tilted up to 10 degrees, and shown
+    over every pixel past the midline between the two faces' centres (nearer it than the face's own
+    centre). Same size and dtype as `face`; what lies on the face's side of that line is untouched."""
+    h, w = face.shape[:2]
+    dx = rng.choice([-1.0, 1.0]) * rng.uniform(*shift) * w
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-10, 10), rng.uniform(0.9, 1.1))
+    m[:, 2] += (dx, rng.uniform(-0.08, 0.08) * h)
+    moved = cv2.warpAffine(other, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    x = np.arange(w)
+    past = x > w / 2 + dx / 2 if dx > 0 else x < w / 2 + dx / 2
+    out = face.copy()
+    out[:, past] = moved[:, past]
+    return out
+
+
 def degrade(face, condition, rng, harsh=False):
     """One condition on a uint8 aligned crop (H x W x 3 RGB); `harsh`: the validation's ranges."""
     if condition == "small":  # faces 24-40 px tall in the photo (validation); 30-60 (training)
@@ -159,3 +186,21 @@ def hard_conditions(faces, turn, seed=HARD_SEED):
         face_rng = np.random.default_rng([seed, i])
         out[i] = faces[i] if names[i] == "turned" else degrade(np.asarray(faces[i]), names[i], face_rng, harsh=True)
     return out, names.astype(str)
+
+
+def neighbour_conditions(faces, seed=HARD_SEED):
+    """Every face with another face of the set beside it, cheek to cheek (`beside`, NEIGHBOUR_SHIFT_HARD):
+    the neighbour of face i is face perm[i] of a seeded permutation without fixed points, so each face
+    lends itself once. Returns the new faces and their condition name; the same faces and seed give the same set."""
+    n = len(faces)
+    if n < 2:
+        raise ValueError(f"a neighbour needs another face: the set has {n}")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    other = np.roll(perm, 1)  # a cyclic shift of a permutation: nobody stands beside themselves
+    partner = np.empty(n, np.int64)
+    partner[perm] = other
+    out = np.empty((n,) + faces.shape[1:], np.uint8)
+    for i in range(n):
+        out[i] = beside(np.asarray(faces[i]), np.asarray(faces[partner[i]]), np.random.default_rng([seed, i]), NEIGHBOUR_SHIFT_HARD)
+    return out, np.full(n, "neighbour")

@@ -143,6 +143,9 @@ class TrainConfig:
     # 8-20, blur sigma 1.5-3 or 7-13 px streaks, gamma down to 0.3 with gain up to 1.4, ...; conditions.degrade)
     # rather than training's milder ones; with it the hard-conditions val is no longer out of training's range
     hard_harsh: float = 0.0
+    # the share of training faces with another face of the batch beside them, cheek to cheek (conditions.beside):
+    # in group photos the demo's crop of one face shows part of the next
+    neighbour_aug: float = 0.0
     # the share of training faces turned away by 10-35 degrees and aligned again as the demo aligns a turned face
     pose_aug: float = 0.2
     # faces turned away (nose off the eyes' midpoint by >= 0.3 eye distances) are drawn this many times as
@@ -204,7 +207,8 @@ class EvalConfig:
     # soft as in group photos (UTKFace's 200x200 photos at 0.25 leave faces about 30 pixels tall)
     downscale: float = 1.0
     # with --cache: "hard" = the hard-conditions set made from its faces (conditions.py: turned faces as they are,
-    # the others small, compressed, blurred, grey, dark, bright or partly hidden, one condition each, seeded)
+    # the others small, compressed, blurred, grey, dark, bright or partly hidden, one condition each, seeded);
+    # "neighbour" = each face with another face of the split beside it, cheek to cheek (conditions.beside, seeded)
     conditions: str = ""
     # with --cache: a second checkpoint predicting the same faces (with its own views, calibration and
     # age estimate); prints this one's MAE and gender accuracy minus its, with a paired bootstrap's standard

@@ -35,7 +35,7 @@ _GRAY = np.array([0.299, 0.587, 0.114])
 
 
 def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCALE, hard=0.0, pose=0.0, clean_view=False,
-            harsh=0.0):
+            harsh=0.0, neighbour=0.0):
     """Augment a uint8 NHWC batch and normalise it: returns a float NCHW tensor (channels_last memory),
     and with `clean_view` also the same faces before anything a photo does to a face (below).
 
@@ -52,7 +52,9 @@ def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCAL
     Real conditions (conditions.py): a share `pose` of the faces are turned away by 10-35 degrees and
     aligned again as the demo aligns a turned face (conditions.yaw_matrix, in the same warp), and a share
     `hard` get one of conditions.TRAIN_CONDITIONS (JPEG, blur, under- or over-exposure, noise), a share
-    `harsh` of those drawn from the hard-conditions validation's harsher ranges (conditions.degrade).
+    `harsh` of those drawn from the hard-conditions validation's harsher ranges (conditions.degrade), and a
+    share `neighbour` get another face of the batch beside them, cheek to cheek (conditions.beside), before
+    the resolution and the damage, which a photo applies to both alike.
 
     The clean view has the same flip, rotation, scale and shift, and nothing else: not turned, full
     resolution, undamaged, no patch, its own colours. It is what train.py's teachers see with
@@ -85,6 +87,8 @@ def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCAL
     damage = rng.integers(0, len(conditions.TRAIN_CONDITIONS), n)
     # drawn only when asked for, so that runs without it get the batches they always got
     harsh_damage = rng.random(n) < harsh if harsh > 0 else np.zeros(n, bool)
+    crowded = rng.random(n) < neighbour if neighbour > 0 else np.zeros(n, bool)
+    partner = (np.arange(n) + rng.integers(1, max(n, 2), n)) % n if neighbour > 0 else None  # never the face itself
     if fill.any():  # in the template's frame, before the warp, where the sources' crops line up
         raw = raw.copy()
         _fill_outside(raw, inside, fill, donor_pick)
@@ -107,6 +111,8 @@ def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCAL
     out = np.empty((n, h, w, 3), np.float32)
     for i in range(n):
         face = warped[i]
+        if crowded[i] and n > 1:
+            face[:] = conditions.beside(face, raw[partner[i]], rng)
         if lowres[i] < 1:
             small = cv2.resize(face, None, fx=lowres[i], fy=lowres[i], interpolation=cv2.INTER_AREA)
             cv2.resize(small, (w, h), dst=face, interpolation=cv2.INTER_LINEAR)
@@ -212,7 +218,7 @@ class FaceCache(Dataset):
         self.races = [self.meta[i].get("race") or "" for i in rows]  # '' where the source has none
         self.train, self.seed, self.fill_outside, self.calls = train, seed, fill_outside, 0
         self.aug_scale = tuple(aug_scale)
-        self.hard_aug = self.pose_aug = self.hard_harsh = 0.0
+        self.hard_aug = self.pose_aug = self.hard_harsh = self.neighbour_aug = 0.0
         self.clean_view = False
 
     def __len__(self):
@@ -247,7 +253,7 @@ class FaceCache(Dataset):
 def _serve(ds, batch, raw, inside):
     if ds.train:
         return augment(raw, np.random.default_rng(int(getattr(batch, "seed", 0))), inside, ds.fill_outside, ds.aug_scale,
-                       ds.hard_aug, ds.pose_aug, ds.clean_view, ds.hard_harsh)
+                       ds.hard_aug, ds.pose_aug, ds.clean_view, ds.hard_harsh, ds.neighbour_aug)
     return normalize(raw)
 
 
@@ -255,7 +261,7 @@ class MixedFaces(Dataset):
     """Several caches as one dataset (indices run through them in order); a batch mixing sources is
     augmented as one, so faces of one source can lend real background to another's (augment).
 
-    hard_aug, pose_aug, hard_harsh: the shares of augment's real conditions. turned_weight: faces turned away
+    hard_aug, pose_aug, hard_harsh, neighbour_aug: the shares of augment's real conditions. turned_weight: faces turned away
     (conditions.TURNED) are drawn this many times as often as the others of their source (`repeats`,
     used by make_loader), since they are rare in the training data and common in photos. balance: the
     same for rare age groups, genders and races (balance_repeats); the two multiply.
@@ -264,11 +270,11 @@ class MixedFaces(Dataset):
     clean is augment's clean view of the same faces, for the teachers."""
 
     def __init__(self, sources, fill_outside=0.0, aug_scale=config.AUG_SCALE, hard_aug=0.0, pose_aug=0.0, turned_weight=1,
-                 balance=0.0, clean_view=False, hard_harsh=0.0):
+                 balance=0.0, clean_view=False, hard_harsh=0.0, neighbour_aug=0.0):
         self.sources = list(sources)
         self.clean_view = clean_view and any(s.train for s in self.sources)
         self.aug_scale = tuple(aug_scale)
-        self.hard_aug, self.pose_aug, self.hard_harsh = hard_aug, pose_aug, hard_harsh
+        self.hard_aug, self.pose_aug, self.hard_harsh, self.neighbour_aug = hard_aug, pose_aug, hard_harsh, neighbour_aug
         turn = np.concatenate([s.turn for s in self.sources])
         repeats = np.where(turn >= conditions.TURNED, int(turned_weight), 1)
         if balance > 0:

@@ -9,6 +9,7 @@
     python evaluate.py --labels ../shared/data/utkface/labels.csv --root ../shared/data/utkface \\
         --split test --detect --pad-fraction 0.25 --downscale 0.25                  # faces ~30 px tall
     python evaluate.py --cache data/aaf --split val --conditions hard              # the hard-conditions validation
+    python evaluate.py --cache data/aaf --split val --conditions neighbour         # another face cheek to cheek
     python evaluate.py --checkpoint new.pt --versus weights/age_gender_sface_112x96.pt --cache data/clap2016 --split val
 
 --checkpoint defaults to the released model. With --detect every photo goes through the demo's
@@ -18,7 +19,8 @@ the CSV has a race column (UTKFace: 0 White, 1 Black, 2 Asian, 3 Indian, 4 Other
 share of faces whose gender is shown as unsure (`unsure`) and the accuracy on the others (`sure_acc`).
 --conditions hard evaluates the hard-conditions set made from a cache's faces (conditions.py: faces
 turned away as they are, every other face made small, compressed, blurred, grey, dark, bright or
-partly hidden, one condition each, from a fixed seed) and breaks it down by condition too.
+partly hidden, one condition each, from a fixed seed) and breaks it down by condition too; --conditions
+neighbour puts another face of the split beside each face, cheek to cheek, as in group photos.
 --plots draws MAE by age, predicted against true age, and gender accuracy against coverage. --versus B
 predicts the same cached faces with checkpoint B too and reports the paired differences (this one minus B)
 with a bootstrap's standard error and 95% interval.
@@ -33,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 import config
-from conditions import hard_conditions
+from conditions import hard_conditions, neighbour_conditions
 from data_gen import CacheError, FaceCache, make_loader, normalize
 from models import CheckpointError
 from metrics import (AGE_ESTIMATES, age_group, calibration_report, compute_metrics, coverage_curve, label_stds, paired_difference,
@@ -159,7 +161,7 @@ def main(argv=None):
     from detector import DETECTORS
 
     cfg = parse_config(config.EvalConfig, argv, description="Evaluate an AgeGenderNet checkpoint",
-                       choices={"detector": sorted(DETECTORS), "age_estimate": AGE_ESTIMATES, "conditions": ("", "hard")})
+                       choices={"detector": sorted(DETECTORS), "age_estimate": AGE_ESTIMATES, "conditions": ("", "hard", "neighbour")})
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not 0 < cfg.downscale <= 1:
         fail(f"--downscale {cfg.downscale}: give a factor in (0, 1]")
@@ -187,7 +189,9 @@ def main(argv=None):
             fail(str(e))
         if cfg.conditions:
             raw, age, gender, _ = ds.read(np.arange(len(ds)))
-            raw, condition = hard_conditions(raw, ds.turn)
+            if cfg.conditions == "neighbour" and len(raw) < 2:
+                fail(f"{cfg.cache}: --conditions neighbour needs two faces or more, the split has {len(raw)}")
+            raw, condition = hard_conditions(raw, ds.turn) if cfg.conditions == "hard" else neighbour_conditions(raw)
             for s in tqdm(range(0, len(raw), cfg.batch_size), desc="evaluate", unit="batch"):
                 x = normalize(raw[s : s + cfg.batch_size])
                 _append_prediction(predictor, x, gp, ap)

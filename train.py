@@ -41,7 +41,8 @@ from utils import atomic_torch_save, fail, parse_config
 
 # Options that may differ between a run and its --resume: they do not change what is learned.
 RESUME_MAY_CHANGE = {"resume", "workers", "max_steps", "ckpt_every", "device", "compile", "cache", "out_dir"}
-CHOICES = {"arch": ARCHS, "age_loss": ("ce", "dldl"), "optimizer": ("adamw", "sgd"), "amp": ("bf16", "fp16", "none")}
+CHOICES = {"arch": ARCHS, "age_loss": ("ce", "dldl"), "optimizer": ("adamw", "sgd"), "amp": ("bf16", "fp16", "none"),
+           "teacher_view": ("same", "clean")}
 
 
 def gender_loss(gender_logits, gender, weight=None):
@@ -293,10 +294,9 @@ def build_data(cfg, rank, world, main_proc):
         fail(f"--balance must be between 0 and 1, got {cfg.balance}")
     if len(cfg.aug_scale) != 2 or not 0 < cfg.aug_scale[0] <= cfg.aug_scale[1] <= 4:
         fail(f"--aug-scale takes LO HI with 0 < LO <= HI <= 4, got {list(cfg.aug_scale)}")
-    if not (0 <= cfg.hard_aug <= 1 and 0 <= cfg.pose_aug <= 1 and 0 <= cfg.hard_harsh <= 1):
-        fail(f"--hard-aug, --pose-aug and --hard-harsh are shares between 0 and 1, got {cfg.hard_aug}, {cfg.pose_aug}, {cfg.hard_harsh}")
-    if cfg.teacher_view not in ("same", "clean"):
-        fail(f"--teacher-view takes same or clean, got {cfg.teacher_view!r}")
+    shares = {"--hard-aug": cfg.hard_aug, "--pose-aug": cfg.pose_aug, "--hard-harsh": cfg.hard_harsh, "--neighbour-aug": cfg.neighbour_aug}
+    if not all(0 <= v <= 1 for v in shares.values()):
+        fail(f"{', '.join(shares)} are shares between 0 and 1, got {', '.join(str(v) for v in shares.values())}")
     if cfg.teacher_view == "clean" and not cfg.teacher:
         fail("--teacher-view clean needs --teacher")
     try:
@@ -309,7 +309,7 @@ def build_data(cfg, rank, world, main_proc):
         names = [f"{n}{k}" for k, n in enumerate(names)]  # two caches in folders of the same name
     train_set = MixedFaces(sources, fill_outside=cfg.fill_outside, aug_scale=cfg.aug_scale, hard_aug=cfg.hard_aug,
                            pose_aug=cfg.pose_aug, turned_weight=cfg.turned_weight, balance=cfg.balance,
-                           clean_view=cfg.teacher_view == "clean", hard_harsh=cfg.hard_harsh)
+                           clean_view=cfg.teacher_view == "clean", hard_harsh=cfg.hard_harsh, neighbour_aug=cfg.neighbour_aug)
     if len(train_set) < cfg.batch_size * world:
         fail(f"{', '.join(cfg.cache)}: only {len(train_set)} training faces, fewer than one batch of {cfg.batch_size * world}")
     train_loader, train_sampler = make_loader(train_set, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,

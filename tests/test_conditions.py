@@ -1,5 +1,6 @@
 """Real conditions (conditions.py): training augmentation, the hard-conditions set, turned faces, the
 unsure rule, and a third source in the AAF layout flowing through the cache and the loader."""
+import json
 import os
 import shutil
 
@@ -144,6 +145,71 @@ def test_hard_conditions_set_is_reproducible():
     assert np.array_equal(a[turn >= conditions.TURNED], faces[turn >= conditions.TURNED])  # real turned faces, untouched
     counts = {k: int((names == k).sum()) for k in conditions.HARD_CONDITIONS}
     assert max(counts.values()) - min(counts.values()) <= 3 and sum(counts.values()) == 63
+
+
+def test_a_neighbour_stands_beside_the_face_not_over_it(real_faces):
+    crops, _ = real_faces
+    face, other = crops[0], crops[1]
+    for seed in range(8):
+        out = conditions.beside(face, other, np.random.default_rng(seed))
+        assert out.shape == face.shape and out.dtype == np.uint8
+        changed = (out != face).any(axis=(0, 2))  # by column
+        # the neighbour covers one side only, from some column to the edge, never the face's own eyes
+        assert changed.any() and (changed[: config.IMAGE_W // 2].any() != changed[config.IMAGE_W // 2:].any())
+        side = changed[: config.IMAGE_W // 2].any()
+        cols = np.flatnonzero(changed)
+        assert (cols.min() == 0) if side else (cols.max() == config.IMAGE_W - 1)  # from the crop's edge
+        eye_x = REF[0, 0] if side else REF[1, 0]
+        assert (np.abs(cols - eye_x) > 2).all()
+        assert np.array_equal(out, conditions.beside(face, other, np.random.default_rng(seed)))  # reproducibly
+
+
+def test_neighbour_set_is_reproducible_and_nobody_stands_beside_themselves():
+    # each face one flat colour: the pixels of face i's neighbour show which face lent itself
+    n = 9
+    faces = np.repeat(np.arange(10, 10 + 20 * n, 20, dtype=np.uint8), config.IMAGE_H * config.IMAGE_W * 3)
+    faces = faces.reshape(n, config.IMAGE_H, config.IMAGE_W, 3)
+    a, names = conditions.neighbour_conditions(faces)
+    assert np.array_equal(a, conditions.neighbour_conditions(faces.copy())[0]) and set(names) == {"neighbour"}
+    assert not np.array_equal(a, conditions.neighbour_conditions(faces, seed=1)[0])
+    lenders = []
+    for i in range(n):
+        values = set(np.unique(a[i]).tolist()) - {int(faces[i, 0, 0, 0])}
+        assert len(values) == 1  # the face and exactly one other
+        lenders.append((values.pop() - 10) // 20)
+    assert sorted(lenders) == list(range(n)) and all(j != i for i, j in enumerate(lenders))  # each lends itself once
+    with pytest.raises(ValueError, match="needs another face"):
+        conditions.neighbour_conditions(faces[:1])
+
+
+def test_augment_with_neighbours(real_faces):
+    crops, _ = real_faces
+    raw = np.stack(crops * 4)
+    plain, clean_plain = augment(raw, np.random.default_rng(1), clean_view=True)
+    x, clean = augment(raw, np.random.default_rng(1), neighbour=1.0, clean_view=True)
+    assert x.shape == plain.shape and torch.isfinite(x).all()
+    # every face got someone beside it, on one side: a band of columns from an edge changed, not the middle
+    by_column = (x - plain).abs().mean(dim=(1, 2))  # (n, W)
+    middle = slice(config.IMAGE_W // 2 - 8, config.IMAGE_W // 2 + 8)
+    assert (by_column[:, middle].max(1).values < 1e-6).float().mean() > 0.9
+    assert (torch.maximum(by_column[:, 0], by_column[:, -1]) > 0.05).all()
+    # the teachers' clean view has nobody beside the face, and without the option nothing is drawn
+    assert torch.equal(clean, clean_plain)
+    assert torch.equal(plain, augment(raw, np.random.default_rng(1), neighbour=0.0))
+
+
+def test_evaluate_with_a_neighbour_beside_each_face(utk_cache, tmp_path, capsys):
+    import evaluate
+
+    reports = {}
+    for name, extra in (("clean", []), ("neighbour", ["--conditions", "neighbour"]), ("again", ["--conditions", "neighbour"])):
+        assert evaluate.main(["--cache", utk_cache, "--split", "val", "--json", str(tmp_path / f"{name}.json")] + extra) == 0
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    capsys.readouterr()
+    clean, nb = reports["clean"], reports["neighbour"]
+    assert nb["n"] == clean["n"] == 30 and nb["conditions"] == "neighbour"
+    assert list(nb["by"]["condition"]) == ["neighbour"] and nb["by"]["condition"]["neighbour"]["n"] == 30
+    assert nb["age_mae"] != clean["age_mae"] and nb["age_mae"] == reports["again"]["age_mae"]
 
 
 def test_unsure_rule_by_hand():

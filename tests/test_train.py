@@ -342,11 +342,13 @@ def test_distillation_learns_from_the_teachers_not_the_labels(utk_cache, tmp_pat
                        (["--teacher", str(teacher / "last.pt"), "--distill-weight", "0.5", "0.5"], "--distill-weight has 2 values for 1 --cache"),
                        (["--teacher", str(teacher / "last.pt"), "--teacher-sources", "data/nowhere"], "data/nowhere is not one of --cache"),
                        (["--teacher-sources", utk_cache], "--teacher-sources needs --teacher"),
-                       (["--teacher", str(teacher / "last.pt"), "--teacher-view", "sideways"], "--teacher-view takes same or clean"),
                        (["--teacher-view", "clean"], "--teacher-view clean needs --teacher"),
-                       (["--hard-harsh", "2"], "are shares between 0 and 1")):
+                       (["--hard-harsh", "2"], "are shares between 0 and 1"),
+                       (["--neighbour-aug", "-0.1"], "--neighbour-aug are shares between 0 and 1")):
         code, err = run_train(base + extra, capsys)
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+    code, err = run_train(base + ["--teacher", str(teacher / "last.pt"), "--teacher-view", "sideways"], capsys)
+    assert code == 2 and "--teacher-view: invalid choice: 'sideways'" in err
 
 
 def test_cpu_without_native_bf16_trains_in_fp32(monkeypatch, capsys):
