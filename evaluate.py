@@ -38,7 +38,7 @@ import config
 from conditions import hard_conditions, neighbour_conditions
 from data_gen import CacheError, FaceCache, make_loader, normalize
 from models import CheckpointError
-from metrics import (AGE_ESTIMATES, age_group, calibration_report, compute_metrics, coverage_curve, label_stds, paired_difference,
+from metrics import (AGE_ESTIMATES, age_group, age_group_figures, calibration_report, compute_metrics, coverage_curve, label_stds, paired_difference,
                      predicted_age, unsure_figures)
 from detector import align_face
 from utils import InputError, fail, parse_config, read_image, read_label_rows, use_all_cores_for_cv2
@@ -59,6 +59,7 @@ def breakdown(gender_prob, age_prob, ages, genders, groups, estimate="mean", uns
                 continue
             r = compute_metrics(gender_prob[m], age_prob[m], ages[m], genders[m], estimate=estimate)
             r.update(unsure_figures(gender_prob[m], genders[m], unsure_below))
+            r.update(age_group_figures(predicted_age(age_prob[m], estimate), ages[m]))
             out[name][str(g)] = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
     return out
 
@@ -265,6 +266,7 @@ def main(argv=None):
               "calibration_applied": predictor.calibration or None,
               **{k: round(v, 4) for k, v in metrics.items() if k != "n"}, **{k: round(v, 4) for k, v in calib.items()}}
     report.update({k: round(v, 4) for k, v in unsure_figures(gp, genders, predictor.unsure_below).items()})
+    report.update({k: round(v, 4) for k, v in age_group_figures(pred_age, ages).items()})
     report["unsure_below"] = predictor.unsure_below
     report["conditions"] = cfg.conditions or None
     groups = {"age_group": [age_group(a) for a in ages],
@@ -288,13 +290,15 @@ def main(argv=None):
     if metrics["n_gender"]:
         print(f"gender unsure (probability under {predictor.unsure_below:.2f}): {100 * report['unsure']:.1f}% of the faces; "
               f"the others right {100 * report['sure_acc']:.2f}%")
+    print(f"age group right {100 * report['age_group_acc']:.1f}% (each age group weighing the same: "
+          f"{100 * report['age_group_acc_balanced']:.1f}%); mean error {report['age_bias']:+.2f} years (predicted - true)")
     if other is not None:
         print(versus_text(report["versus"]))
     for name, table in report["by"].items():
-        print(f"\nby {name}:  {'n':>6} {'gender%':>8} {'MAE':>6} {'CS@5%':>6} {'unsure%':>8} {'sure%':>7}")
+        print(f"\nby {name}:  {'n':>6} {'gender%':>8} {'MAE':>6} {'CS@5%':>6} {'unsure%':>8} {'sure%':>7} {'group%':>7} {'bias':>6}")
         for g, r in table.items():
             print(f"  {g:<12} {r['n']:>6} {100 * r['gender_acc']:>8.2f} {r['age_mae']:>6.2f} {100 * r['age_cs5']:>6.1f}"
-                  f" {100 * r['unsure']:>8.1f} {100 * r['sure_acc']:>7.2f}")
+                  f" {100 * r['unsure']:>8.1f} {100 * r['sure_acc']:>7.2f} {100 * r['age_group_acc']:>7.1f} {r['age_bias']:>+6.2f}")
     if cfg.json:
         report = _nan_to_none(report)  # JSON has no NaN: unknown is null
         os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)

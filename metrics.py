@@ -195,6 +195,21 @@ def gender_unsure(gender_prob, below):
     return np.asarray(gender_prob, dtype=np.float64).max(1) < below
 
 
+def age_group_figures(pred_age, ages):
+    """How the ages given fall into config.AGE_GROUPS: the share whose age shown (rounded) is in the true
+    age's group (age_group_acc); the same with each group present weighing the same (age_group_acc_balanced:
+    a set balanced over ages, like the outside test of issue 24, where 0-2 counts as much as 20-29); and the
+    mean signed error, predicted minus true (age_bias: negative = read too young). NaN where there is no face."""
+    pred_age, ages = np.asarray(pred_age, dtype=np.float64), np.asarray(ages)
+    if len(ages) == 0:
+        return {"age_group_acc": NAN, "age_group_acc_balanced": NAN, "age_bias": NAN}
+    true_group = np.array([age_group(int(a)) for a in ages])
+    right = np.array([age_group(int(round(p))) for p in pred_age]) == true_group
+    by_group = [right[true_group == g].mean() for g in np.unique(true_group)]
+    return {"age_group_acc": float(right.mean()), "age_group_acc_balanced": float(np.mean(by_group)),
+            "age_bias": float((pred_age - ages).mean())}
+
+
 def unsure_figures(gender_prob, genders, unsure_below):
     """Share of the faces with a known gender marked unsure, the gender accuracy of those (unsure_acc) and
     of the others (sure_acc); NaN where there is no face to count."""

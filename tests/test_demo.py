@@ -169,6 +169,10 @@ def test_evaluate_gives_hand_checkable_numbers(tmp_path, utk_cache, capsys):
     assert r["by"]["gender"]["F"]["n"] == 1 and r["by"]["gender"]["F"]["gender_acc"] == 0.0
     assert r["by"]["race"]["White"]["age_mae"] == pytest.approx(10, abs=1e-3)
     assert r["by"]["age_group"]["30-39"]["n"] == 2
+    # everyone read as 30: right for the two in their 30s, wrong for 20 and 40; balanced over the 3 groups present
+    assert r["age_group_acc"] == 0.5 and r["age_group_acc_balanced"] == pytest.approx(1 / 3, abs=1e-4)
+    assert r["age_bias"] == pytest.approx((10 + 0 - 10 - 3) / 4, abs=1e-3)
+    assert r["by"]["age_group"]["40-49"]["age_group_acc"] == 0.0 and r["by"]["age_group"]["40-49"]["age_bias"] == pytest.approx(-10, abs=1e-3)
     assert os.path.isfile(tmp_path / "plots" / "mae_by_age.png") and os.path.isfile(tmp_path / "plots" / "pred_vs_true.png")
 
 

@@ -14,7 +14,7 @@ import models
 import train
 from conftest import ROOT
 from models import AgeGenderNet, CheckpointError, load_checkpoint
-from metrics import compute_metrics
+from metrics import age_group_figures, compute_metrics
 
 SMALL = ["--arch", "resnet18", "--pretrained", "", "--batch-size", "16", "--workers", "0", "--ckpt-every", "100"]
 
@@ -86,6 +86,10 @@ def test_metrics_on_hand_made_predictions():
     assert m["n"] == 4 and m["gender_acc"] == 0.5
     assert m["age_mae"] == pytest.approx((0 + 5 + 3 + 60) / 4)
     assert m["age_cs5"] == 0.75 and m["age_top1"] == 0.5 and m["age_top5"] == 0.75
+    # the age shown is rounded before its group is looked up: 29.6 shows as 30, in the 30s
+    g = age_group_figures([29.6, 2.4, 2.6, 75.0], [30, 2, 2, 69])
+    assert g["age_group_acc"] == 0.5 and g["age_group_acc_balanced"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert g["age_bias"] == pytest.approx((-0.4 + 0.4 + 0.6 + 6) / 4)
 
 
 def test_bad_input_exits_2_with_one_line(utk_cache, tmp_path, capsys):
