@@ -208,8 +208,8 @@ class FaceCache(Dataset):
         self.name = os.path.basename(os.path.normpath(cache_dir))
         self.indices = np.array(rows, dtype=np.int64)
         # how far each face is turned away (conditions.turn_of; 0 where the cache has no landmarks)
-        self.turn = (conditions.turn_of(landmarks[self.indices]) if landmarks is not None and len(landmarks) == len(self.faces)
-                     else np.zeros(len(rows)))
+        self.has_landmarks = landmarks is not None and len(landmarks) == len(self.faces)
+        self.turn = conditions.turn_of(landmarks[self.indices]) if self.has_landmarks else np.zeros(len(rows))
         try:
             self.ages = torch.tensor([int(self.meta[i]["age"]) for i in rows])
             self.genders = torch.tensor([int(self.meta[i]["gender"]) for i in rows])

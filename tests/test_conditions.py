@@ -210,6 +210,10 @@ def test_evaluate_with_a_neighbour_beside_each_face(utk_cache, tmp_path, capsys)
     assert nb["n"] == clean["n"] == 30 and nb["conditions"] == "neighbour"
     assert list(nb["by"]["condition"]) == ["neighbour"] and nb["by"]["condition"]["neighbour"]["n"] == 30
     assert nb["age_mae"] != clean["age_mae"] and nb["age_mae"] == reports["again"]["age_mae"]
+    # the cache's landmarks say which faces are turned away (conditions.turn_of), as the issue measured them
+    ds = FaceCache(utk_cache, split="val")
+    turned = int((ds.turn >= conditions.TURNED).sum())
+    assert {k: v["n"] for k, v in clean["by"]["pose"].items()} == {k: n for k, n in (("frontal", 30 - turned), ("turned", turned)) if n}
 
 
 def test_unsure_rule_by_hand():

@@ -37,7 +37,8 @@ def test_released_model_beats_a_constant_guess_on_utkface_test(tmp_path, capsys)
     assert r["faces_found"] >= 140
     assert r["age_mae"] < 0.5 * constant_mae
     assert r["gender_acc"] > majority + 0.2
-    assert set(r["by"]) == {"age_group", "gender", "race"}
+    assert set(r["by"]) == {"age_group", "gender", "race", "pose"}  # pose: from the detected landmarks
+    assert sum(v["n"] for v in r["by"]["pose"].values()) == r["faces_found"] and r["by"]["pose"]["frontal"]["n"] > 100
     assert 0 <= r["unsure"] < 0.5 and r["sure_acc"] >= r["gender_acc"]  # the faces left sure are the better ones
 
 
