@@ -190,8 +190,9 @@ def hard_conditions(faces, turn, seed=HARD_SEED):
 
 def neighbour_conditions(faces, seed=HARD_SEED):
     """Every face with another face of the set beside it, cheek to cheek (`beside`, NEIGHBOUR_SHIFT_HARD):
-    the neighbour of face i is face perm[i] of a seeded permutation without fixed points, so each face
-    lends itself once. Returns the new faces and their condition name; the same faces and seed give the same set."""
+    the faces are put in a seeded random order, and each one's neighbour is the face before it in that
+    order (the last lends itself to the first), so nobody stands beside themselves and each face lends
+    itself once. Returns the new faces and their condition name; the same faces and seed give the same set."""
     n = len(faces)
     if n < 2:
         raise ValueError(f"a neighbour needs another face: the set has {n}")
