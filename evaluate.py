@@ -191,9 +191,10 @@ def main(argv=None):
             fail(str(e))
         if cfg.conditions:
             raw, age, gender, _ = ds.read(np.arange(len(ds)))
-            if cfg.conditions == "neighbour" and len(raw) < 2:
-                fail(f"{cfg.cache}: --conditions neighbour needs two faces or more, the split has {len(raw)}")
-            raw, condition = hard_conditions(raw, ds.turn) if cfg.conditions == "hard" else neighbour_conditions(raw)
+            try:
+                raw, condition = hard_conditions(raw, ds.turn) if cfg.conditions == "hard" else neighbour_conditions(raw)
+            except ValueError as e:  # a split of one face: nobody to stand beside it
+                fail(f"{cfg.cache}: --conditions {cfg.conditions}: {e}")
             for s in tqdm(range(0, len(raw), cfg.batch_size), desc="evaluate", unit="batch"):
                 x = normalize(raw[s : s + cfg.batch_size])
                 _append_prediction(predictor, x, gp, ap)
