@@ -9,7 +9,7 @@
 # Each stage is resumable: a training stage is `train.py ... --resume` (a finished run is left as it is,
 # an interrupted one goes on where it stopped), and an export or calibration is skipped when its file
 # exists. So after a stop, run the same command again. The times are the stages' on this project's
-# machine: 2 cores of an AMD EPYC CPU, no GPU (log.csv's epoch_s); about 7 hours in all.
+# machine: 2 cores of an AMD EPYC CPU, no GPU (log.csv's epoch_s); about 9 hours in all.
 #
 # Stages 2-28 were trained before the real-conditions augmentation existed, so they turn it off
 # (OLD below), as they were run; so do the last two (rows 38-39), which measured better without it.
@@ -88,5 +88,20 @@ train kd_ens     $KD3 --pretrained "$OUT/row28_38.pt" --teacher "$OUT/row28.pt" 
                  --teacher-weights 0.4 0.35 0.25 --distill-weight 0.8 1.0 0.5 --seed 18                                  # row 39: 22 min
 release "$OUT/row41.pt" "$OUT/row28.pt" "$OUT/kd_ens/best.pt" --soup-weights 0.6 0.4                                     # row 41
 calibrate "$OUT/row41.pt" --cache "$UTK" "$CLAP" "$AAF" --no-tta --age-estimate median
-[ -f "$RELEASE" ] || cp "$OUT/row41.pt" "$RELEASE"
+
+# --- rows 46-54: row 41 trained on with the real-conditions augmentation (the defaults), the teachers reading
+# each face before it is damaged, half of the damage from the hard-conditions val's ranges, UTKFace and
+# CLAP2016 held to the teachers; then with another face beside a fifth of the faces (rows 50, 52); the
+# runs averaged with row 41 (rows 48, 54), calibrated on the three sources' val splits
+KD4="--cache $UTK $CLAP $AAF --source-weights 0.35 0.4 0.25 --arch sface --freeze-stages 13 --epochs 1 --lr 1e-4 \
+     --warmup-epochs 0.2 --workers 1 --no-eval-tta --teacher $OUT/row41.pt $OUT/kd_ens/best.pt $OUT/row11.pt \
+     --teacher-weights 0.4 0.35 0.25 --distill-weight 1.0 1.0 0.5 --teacher-view clean --hard-harsh 0.5"
+train kd_anchor46 $KD4 --pretrained "$OUT/row41.pt" --seed 21                                                         # row 46: 25 min
+train kd_anchor47 $KD4 --pretrained "$OUT/kd_anchor46/best.pt" --seed 22                                              # row 47: 25 min
+release "$OUT/row48.pt" "$OUT/row41.pt" "$OUT/kd_anchor46/best.pt" "$OUT/kd_anchor47/best.pt" --soup-weights 0.6 0.2 0.2  # row 48
+train kd_nb50    $KD4 --neighbour-aug 0.2 --pretrained "$OUT/row48.pt" --seed 23                                      # row 50: 27-41 min
+train kd_nb52    $KD4 --neighbour-aug 0.2 --pretrained "$OUT/kd_nb50/best.pt" --seed 24                               # row 52: 26 min
+release "$OUT/row54.pt" "$OUT/row41.pt" "$OUT/kd_nb50/best.pt" "$OUT/kd_nb52/best.pt" --soup-weights 0.6 0.2 0.2    # row 54
+calibrate "$OUT/row54.pt" --cache "$UTK" "$CLAP" "$AAF" --no-tta --age-estimate median
+[ -f "$RELEASE" ] || cp "$OUT/row54.pt" "$RELEASE"
 echo "done: $RELEASE (python demo.py --checkpoint $RELEASE; cp it to weights/age_gender_sface_112x96.pt to make it the default)"

@@ -71,17 +71,18 @@ def test_release_chain_runs_end_to_end(tmp_path):
                          timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     stages = re.findall(r"^== stage (\S+)", run.stdout, re.M)
-    assert len(stages) == 13 and stages[0] == "mnv2_utk" and stages[-1] == "kd_ens"
+    assert len(stages) == 17 and stages[0] == "mnv2_utk" and stages[-1] == "kd_nb52"
     ckpt = torch.load(out / "release.pt", map_location="cpu", weights_only=True)
     assert {"age_std_scale", "gender_temperature", "gender_unsure_below"} <= set(ckpt["calibration"])
     assert len(ckpt["calibration"]["fitted_on"]) == 3 and ckpt["age_estimate"] == "median"
-    assert ckpt["soup_weights"] == [0.6, 0.4] and ckpt["averaged_from"][1].endswith(os.path.join("kd_ens", "best.pt"))
-    last = torch.load(out / "kd_ens" / "best.pt", map_location="cpu", weights_only=True)
+    assert ckpt["soup_weights"] == [0.6, 0.2, 0.2] and ckpt["averaged_from"][2].endswith(os.path.join("kd_nb52", "best.pt"))
+    last = torch.load(out / "kd_nb52" / "best.pt", map_location="cpu", weights_only=True)
     assert list(last["config"]["cache"]) == caches and len(last["config"]["teacher"]) == 3  # three sources, three teachers
+    assert last["config"]["neighbour_aug"] == 0.2 and last["config"]["teacher_view"] == "clean"
     # a second run resumes: every stage is found finished, nothing is trained again
     again = subprocess.run(["bash", os.path.join(config.ROOT, "recipes", "release.sh")], env=env, capture_output=True, text=True,
                            timeout=900)
-    assert again.returncode == 0 and again.stdout.count("already complete") == 13, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count("already complete") == 17, again.stdout[-2000:]
     from predictor import AgeGenderPredictor
 
     faces = AgeGenderPredictor(str(out / "release.pt"), "cpu")(os.path.join(config.ROOT, "images", "astronaut.jpg"))
