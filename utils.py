@@ -162,12 +162,14 @@ def _decode(source, max_pixels):
 
 
 def to_rgb8(im):
-    """A PIL image of any mode -> RGB uint8 array (16-bit scaled down, alpha composited on white)."""
+    """A PIL image of any mode -> RGB uint8 array (16-bit scaled down, float 0..1 scaled up, alpha composited on white)."""
     from PIL import Image
 
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(im).astype(np.float64)
+        a = np.nan_to_num(np.asarray(im).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        if im.mode == "F" and a.max() <= 1.0:  # float images are usually 0..1 (scientific and HDR tools)
+            top = 1.0
         a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(a[:, :, None], 3, axis=2))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):

@@ -27,10 +27,12 @@ def test_grayscale_cmyk_alpha_16bit(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
     cv2.imwrite(str(tmp_path / "deep.png"), (rgb[:, :, ::-1].astype(np.uint16) * 257))
     cv2.imwrite(str(tmp_path / "deep_gray.png"), (rgb[:, :, 0].astype(np.uint16) * 257))
-    for name in ("gray.png", "cmyk.jpg", "alpha.png", "deep.png", "deep_gray.png"):
+    Image.fromarray(rgb[:, :, 0].astype(np.float32) / 255).save(tmp_path / "float.tif")  # 32-bit float, 0..1
+    for name in ("gray.png", "cmyk.jpg", "alpha.png", "deep.png", "deep_gray.png", "float.tif"):
         img = read_image(str(tmp_path / name))
         assert img.dtype == np.uint8 and img.shape == rgb.shape, name
     assert np.abs(read_image(str(tmp_path / "deep.png")).astype(int) - rgb).max() <= 1  # 16-bit scaled, not clipped
+    assert np.abs(read_image(str(tmp_path / "float.tif"))[:, :, 1].astype(int) - rgb[:, :, 0]).max() <= 1  # not black
     assert (read_image(str(tmp_path / "alpha.png"))[:50, :50] == 255).all()  # composited on white
     assert np.abs(read_image(str(tmp_path / "cmyk.jpg")).astype(int) - rgb).mean() < 12
 
