@@ -9,7 +9,8 @@ error: uncalibrated, it can be far too narrow or too wide. This script predicts 
 the caches (never `test`), chooses how an age is read off its predicted distribution (`age_estimate`:
 its mean or its median, whichever has the lower MAE there; metrics.choose_age_estimate), fits two numbers
 (metrics.fit_calibration: a factor on the age std so that about 68% of true ages fall within ±1 std of
-that age, and a temperature on the gender logit by likelihood), and chooses the gender probability under
+that age, and a temperature on the gender logit by likelihood; a two-age model gets one factor per age, each
+fitted on the caches that label it: real ages for `age`, apparent ones for `apparent_age`), and chooses the gender probability under
 which a face is shown as unsure (metrics.fit_unsure_threshold: the highest at which the faces it marks
 are, together, right at most --unsure-accuracy of the time), prints the coverage, the gender ECE and the
 share marked unsure before and after, per cache (each cache weighing the same in the choice and the
@@ -26,30 +27,36 @@ import torch
 
 import config
 from data_gen import CacheError, FaceCache, make_loader
-from metrics import (AGE_ESTIMATES, apply_calibration, calibration_report, choose_age_estimate, fit_calibration,
-                     fit_unsure_threshold, unsure_figures)
+from metrics import (AGE_ESTIMATES, apply_calibration, calibration_report, choose_age_estimate, effective_age, fit_calibration,
+                     fit_unsure_threshold, predicted_age, unsure_figures)
 from models import CheckpointError
 from utils import atomic_torch_save, fail
 
 
 def predictions(predictor, cache, split, batch_size):
+    """(name, gender probs, age probs, true ages, genders, age kind) of a cache's split. The age probs are
+    those of the output the cache's labels describe (a two-age model's apparent age for apparent labels), and
+    a label that is an age range (FairFace) counts as the point of the range nearest the predicted age."""
     ds = FaceCache(cache, split=split)
-    gp, ap, ages, genders = [], [], [], []
-    for x, age, gender in make_loader(ds, batch_size, workers=0)[0]:
+    two = predictor.net.two_ages
+    kind = ds.age_kind if two else "real"
+    key = "apparent_age_prob" if kind == "apparent" else "age_prob"
+    gp, ap = [], []
+    for x, _, _ in make_loader(ds, batch_size, workers=0)[0]:
         out = predictor.predict_tensor(x)
         gp.append(out["gender_prob"])
-        ap.append(out["age_prob"])
-        ages.append(age.numpy())
-        genders.append(gender.numpy())
-    return ds.name, np.concatenate(gp), np.concatenate(ap), np.concatenate(ages), np.concatenate(genders)
+        ap.append(out[key])
+    ap = np.concatenate(ap)
+    ages = effective_age(predicted_age(ap, predictor.age_estimate), ds.ages.numpy(), ds.spans.numpy())
+    return ds.name, np.concatenate(gp), ap, ages, ds.genders.numpy(), kind
 
 
-def show(name, gp, ap, ages, genders, calibration, estimate):
-    scale = calibration.get("age_std_scale", 1.0) if calibration else 1.0
+def show(name, gp, ap, ages, genders, kind, calibration, estimate):
+    scale = calibration.get(f"{'apparent_' * (kind == 'apparent')}age_std_scale", 1.0) if calibration else 1.0
     if calibration:
         gp, _ = apply_calibration(gp, np.zeros(len(gp)), calibration)
     r = calibration_report(gp, ap, ages, genders, std_scale=scale, estimate=estimate)
-    line = (f"  {name:<14} {len(ages):>6}   within ±1 std {100 * r['age_within_1std']:5.1f}%   ±2 std {100 * r['age_within_2std']:5.1f}%"
+    line = (f"  {name:<14} {kind:<8} {len(ages):>6}   within ±1 std {100 * r['age_within_1std']:5.1f}%   ±2 std {100 * r['age_within_2std']:5.1f}%"
             f"   gender ECE {100 * r['gender_ece']:.2f}%")
     if calibration and "gender_unsure_below" in calibration and (genders >= 0).any():
         u = unsure_figures(gp, genders, calibration["gender_unsure_below"])
@@ -78,9 +85,9 @@ def fit_unsure_only(args):
     weights = per_cache_weights(sets)
     calibration = {**predictor.calibration, "gender_unsure_below": fit_unsure_threshold(gp, genders, weights, args.unsure_accuracy)}
     print(f"kept: {predictor.calibration}; fitted on {len(genders):,} {args.split} faces: gender_unsure_below {calibration['gender_unsure_below']}")
-    shown = {"age_std_scale": calibration.get("age_std_scale", 1.0), "gender_unsure_below": calibration["gender_unsure_below"]}
-    for name, g, a, ages, gt in sets:  # the gender probabilities come calibrated already: no temperature again
-        show(name, g, a, ages, gt, shown, predictor.age_estimate)
+    shown = {k: calibration[k] for k in ("age_std_scale", "apparent_age_std_scale", "gender_unsure_below") if k in calibration}
+    for name, g, a, ages, gt, kind in sets:  # the gender probabilities come calibrated already: no temperature again
+        show(name, g, a, ages, gt, kind, shown, predictor.age_estimate)
     if args.dry_run:
         return 0
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
@@ -128,6 +135,13 @@ def main(argv=None):
     estimate = estimate if args.age_estimate == "auto" else args.age_estimate
     print("age MAE, each cache weighing the same: " + ", ".join(f"{e} {v:.4f}" for e, v in mae.items()) + f"; ages shown as the {estimate}")
     calibration = fit_calibration(*pooled, weights=weights, estimate=estimate)
+    if predictor.net.two_ages:  # each age's ± is fitted on the sources that label that age
+        for kind, key in (("real", "age_std_scale"), ("apparent", "apparent_age_std_scale")):
+            of_kind = [s for s in sets if s[5] == kind]
+            if of_kind:
+                fit = fit_calibration(*[np.concatenate([s[k] for s in of_kind]) for k in range(1, 5)],
+                                      weights=per_cache_weights(of_kind), estimate=estimate)
+                calibration[key] = fit["age_std_scale"]
     calibrated_gp, _ = apply_calibration(pooled[0], np.zeros(len(pooled[0])), calibration)
     calibration["gender_unsure_below"] = fit_unsure_threshold(calibrated_gp, pooled[3], weights, args.unsure_accuracy)
     print("before (the model's own std and probability):")

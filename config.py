@@ -67,7 +67,10 @@ FREEZE_STAGES = {"sface": 21}
 
 @dataclass
 class PreprocessConfig:
-    dataset: str = "utkface"  # which layout --data-dir holds: imdb | wiki (the .mat files) | utkface | clap2016 | csv
+    dataset: str = "utkface"  # which layout --data-dir holds: imdb | wiki (the .mat files) | utkface | clap2016 | fairface | csv
+    # what the ages are: real (years since birth) or apparent (as people judge the face); '' = apparent for
+    # clap2016 and fairface, real for the others
+    age_kind: str = ""
     data_dir: str = os.path.join(SHARED_DATA, "utkface")  # folder of the photos (and of imdb.mat/wiki.mat/labels.csv)
     out: str = os.path.join(ROOT, "data", "utkface")  # folder the cache is written to
     labels: str = ""  # a CSV of file,age,gender[,split][,age_std] (paths relative to --data-dir); empty gender = unknown
@@ -122,7 +125,11 @@ class TrainConfig:
     weight_decay: float = 0.05  # on weights only, not on biases and norms
     warmup_epochs: float = 0.3  # linear warm-up of the learning rate, in epochs
     min_lr_ratio: float = 0.01  # cosine decays to lr * this
-    age_loss: str = "dldl"  # ce, or dldl: KL to a Gaussian label distribution + L1 on the expected age
+    # a second age output: `age` learns the real ages (UTKFace, AAF, IMDB-WIKI), `apparent_age` the apparent ones
+    # (CLAP2016, FairFace: cache.json's age_kind); --no-two-ages: one output learns both (the earlier releases)
+    two_ages: bool = True
+    age_loss: str = "dldl"  # ce, or dldl: KL to a Gaussian label distribution + L1 on the expected age (an age
+    # range, FairFace's groups, gets -log P(age in range) instead)
     age_weight: float = 1.0  # loss = CE(gender) + age_weight * age loss
     label_sigma: float = 2.0  # std (years) of the Gaussian label distribution for dldl
     l1_weight: float = 0.05  # weight of the expected-age L1 term inside dldl
@@ -200,6 +207,9 @@ class EvalConfig:
     root: str = ""  # image paths in --labels are relative to this folder
     split: str = ""  # keep only rows of this split (e.g. test) when the CSV has a split column
     cache: str = ""  # evaluate on a cache from pre_process.py instead of images
+    # the age the labels give, scored on a two-age model's output of that kind: real | apparent; '' = the
+    # cache's (cache.json), or for --labels apparent where the CSV has age_std or age ranges, else real
+    age_kind: str = ""
     detect: bool = False  # full pipeline on raw photos: detect, align, predict
     detector: str = DETECTOR  # with --detect: mtcnn, retinaface or yunet
     pad_fraction: float = 0.0  # pad photos before detection (use 0.25 for tight crops like UTKFace)

@@ -216,6 +216,16 @@ class FaceCache(Dataset):
         except (KeyError, ValueError) as e:
             raise CacheError(f"{cache_dir}: meta.csv has a bad age or gender ({e})")
         self.races = [self.meta[i].get("race") or "" for i in rows]  # '' where the source has none
+        # the age label of each face as the range [min, max] of ages it allows: one age, or an annotated
+        # group (FairFace) whose meta.csv `age` is only its middle
+        try:
+            self.spans = torch.tensor([[int(self.meta[i].get("age_min") or self.meta[i]["age"]),
+                                        int(self.meta[i].get("age_max") or self.meta[i]["age"])] for i in rows])
+        except ValueError as e:
+            raise CacheError(f"{cache_dir}: meta.csv has a bad age range ({e})")
+        # which age the labels give: real (years since birth) or apparent (as people judge the face); caches
+        # written before cache.json said so are real, except CLAP2016's
+        self.age_kind = self.info.get("age_kind") or ("apparent" if self.info.get("dataset") == "clap2016" else "real")
         self.train, self.seed, self.fill_outside, self.calls = train, seed, fill_outside, 0
         self.aug_scale = tuple(aug_scale)
         self.hard_aug = self.pose_aug = self.hard_harsh = self.neighbour_aug = 0.0
@@ -265,8 +275,9 @@ class MixedFaces(Dataset):
     (conditions.TURNED) are drawn this many times as often as the others of their source (`repeats`,
     used by make_loader), since they are rare in the training data and common in photos. balance: the
     same for rare age groups, genders and races (balance_repeats); the two multiply.
-    A batch is (x, age, gender, source): source is each face's index in `sources` (train.py's
-    --teacher-sources distils on some sources only). With clean_view, (x, age, gender, source, clean):
+    A batch is (x, age, gender, source, span): source is each face's index in `sources` (train.py's
+    --teacher-sources distils on some sources only, and trains each source's kind of age), span the
+    [min, max] of ages its label allows (FaceCache.spans). With clean_view, (x, age, gender, source, span, clean):
     clean is augment's clean view of the same faces, for the teachers."""
 
     def __init__(self, sources, fill_outside=0.0, aug_scale=config.AUG_SCALE, hard_aug=0.0, pose_aug=0.0, turned_weight=1,
@@ -297,16 +308,18 @@ class MixedFaces(Dataset):
         raw = np.empty((len(pos), config.IMAGE_H, config.IMAGE_W, 3), np.uint8)
         inside = np.ones((len(pos), config.IMAGE_H, config.IMAGE_W), bool)
         ages, genders = torch.empty(len(pos), dtype=torch.int64), torch.empty(len(pos), dtype=torch.int64)
+        spans = torch.empty((len(pos), 2), dtype=torch.int64)
         for s in np.unique(which):
             m = which == s
             r, a, g, ins = self.sources[s].read(pos[m] - self.starts[s], with_inside=self.fill_outside > 0)
             raw[m], ages[torch.from_numpy(m)], genders[torch.from_numpy(m)] = r, a, g
+            spans[torch.from_numpy(m)] = self.sources[s].spans[pos[m] - self.starts[s]]
             if ins is not None:
                 inside[m] = ins
         x = _serve(self, batch, raw, inside if self.fill_outside else None)
         if self.clean_view:  # augment gave (x, clean); the teachers' view goes last
-            return x[0], ages, genders, torch.from_numpy(which), x[1]
-        return x, ages, genders, torch.from_numpy(which)
+            return x[0], ages, genders, torch.from_numpy(which), spans, x[1]
+        return x, ages, genders, torch.from_numpy(which), spans
 
 
 def balance_repeats(ages, genders, races, power, max_repeats=config.BALANCE_MAX_REPEATS):

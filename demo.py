@@ -40,7 +40,6 @@ from metrics import AGE_ESTIMATES
 from models import CheckpointError, load_checkpoint, views_of
 # the pipeline lives in predictor.py; demo.AgeGenderPredictor and demo.FaceRecord still work
 from predictor import RUNTIMES, AgeGenderPredictor, FaceRecord, as_rgb  # noqa: F401
-from tracker import FaceTracker
 from utils import InputError, cores, fail, list_images, read_image, use_all_cores_for_cv2
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -166,8 +165,7 @@ def run_video(predictor, source, out_dir, max_frames, every, used, draw_it=True,
     total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if not source.isdigit() else 0
     writer, frames, n_faces, k = None, [], 0, 0
     # the averaged distribution's std gets the same calibration factor as a single face's
-    tracker = FaceTracker(max_lost=max(2, 15 // every), age_std_scale=(predictor.calibration or {}).get("age_std_scale", 1.0),
-                          age_estimate=predictor.age_estimate, unsure_below=predictor.unsure_below)
+    tracker = predictor.tracker(max_lost=max(2, 15 // every))
     target = out_name(out_dir, f"camera{source}" if source.isdigit() else source, used) + ".mp4"
     bar = tqdm(total=min(total, max_frames or total) or None, desc=os.path.basename(source), unit="frame")
     while not max_frames or k < max_frames:
@@ -186,7 +184,8 @@ def run_video(predictor, source, out_dir, max_frames, every, used, draw_it=True,
             ids = tracker.update(k, faces)
             shown = []
             for f, tid in zip(faces, ids):
-                del f["age_distribution"]  # the tracker has it; the JSON keeps the summary
+                f.pop("age_distribution")  # the tracker has it; the JSON keeps the summary
+                f.pop("apparent_age_distribution", None)
                 f["track"] = tid
                 f["track_label"] = tracker.tracks[tid].summary()  # the person's label so far: what is shown
                 shown.append({**f, **f["track_label"]})
@@ -209,7 +208,8 @@ def run_video(predictor, source, out_dir, max_frames, every, used, draw_it=True,
     return {"file": source, "frames": frames, "tracks": tracks}, None
 
 
-CSV_COLUMNS = ["file", "frame", "face", "track", "x1", "y1", "x2", "y2", "score", "gender", "gender_prob", "gender_unsure", "age", "age_std"]
+CSV_COLUMNS = ["file", "frame", "face", "track", "x1", "y1", "x2", "y2", "score", "gender", "gender_prob", "gender_unsure", "age", "age_std",
+               "apparent_age", "apparent_age_std"]  # the last two empty for a model with one age output
 
 
 def csv_rows(record):
@@ -220,7 +220,8 @@ def csv_rows(record):
             x1, y1, x2, y2 = f["box"]
             yield {"file": record["file"], "frame": fr["frame"], "face": i, "track": f.get("track", ""), "x1": x1, "y1": y1,
                    "x2": x2, "y2": y2, "score": f["score"], "gender": f["gender"], "gender_prob": f["gender_prob"],
-                   "gender_unsure": int(f.get("gender_unsure", False)), "age": f["age"], "age_std": f["age_std"]}
+                   "gender_unsure": int(f.get("gender_unsure", False)), "age": f["age"], "age_std": f["age_std"],
+                   "apparent_age": f.get("apparent_age", ""), "apparent_age_std": f.get("apparent_age_std", "")}
 
 
 def parse_args(argv):

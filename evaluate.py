@@ -38,16 +38,17 @@ import config
 from conditions import TURNED, hard_conditions, neighbour_conditions, turn_of
 from data_gen import CacheError, FaceCache, make_loader, normalize
 from models import CheckpointError
-from metrics import (AGE_ESTIMATES, age_group, age_group_figures, calibration_report, compute_metrics, coverage_curve, label_stds, paired_difference,
-                     predicted_age, unsure_figures)
+from metrics import (AGE_ESTIMATES, age_group, age_group_figures, calibration_report, compute_metrics, coverage_curve, effective_age,
+                     label_stds, paired_difference, predicted_age, unsure_figures)
 from detector import align_face
 from utils import InputError, fail, parse_config, read_image, read_label_rows, use_all_cores_for_cv2
 
 RACES = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}
 
 
-def breakdown(gender_prob, age_prob, ages, genders, groups, estimate="mean", unsure_below=0.0):
-    """Metrics per group label; groups maps a name to a list of per-face labels."""
+def breakdown(gender_prob, age_prob, ages, genders, groups, estimate="mean", unsure_below=0.0, spans=None):
+    """Metrics per group label; groups maps a name to a list of per-face labels. spans: each label's
+    [min, max] (compute_metrics' age_span), for sources labelled with age ranges."""
     out = {}
     for name, labels in groups.items():
         labels = np.asarray(labels)
@@ -57,7 +58,8 @@ def breakdown(gender_prob, age_prob, ages, genders, groups, estimate="mean", uns
             m = labels == g
             if not m.any():
                 continue
-            r = compute_metrics(gender_prob[m], age_prob[m], ages[m], genders[m], estimate=estimate)
+            r = compute_metrics(gender_prob[m], age_prob[m], ages[m], genders[m], estimate=estimate,
+                                age_span=None if spans is None else spans[m])
             r.update(unsure_figures(gender_prob[m], genders[m], unsure_below))
             r.update(age_group_figures(predicted_age(age_prob[m], estimate), ages[m]))
             out[name][str(g)] = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
@@ -108,10 +110,37 @@ def plot(pred_age, ages, folder, gender_prob=None, genders=None):
         plt.close(fig)
 
 
-def _append_prediction(predictor, x, gender_probs, age_probs):
+def _append_prediction(predictor, x, gender_probs, age_probs, age_kind="real"):
     out = predictor.predict_tensor(x)
     gender_probs.append(out["gender_prob"])
-    age_probs.append(out["age_prob"])
+    age_probs.append(out[age_output(predictor, age_kind)[0] + "_prob"])
+
+
+def age_output(predictor, age_kind):
+    """(the output scored, the calibration factor of its ±) for labels of `age_kind`: a two-age model's
+    apparent age for apparent labels, else its age (a one-age model has only that)."""
+    if age_kind == "apparent" and predictor.net.two_ages:
+        return "apparent_age", "apparent_age_std_scale"
+    return "age", "age_std_scale"
+
+
+def labels_age_kind(rows):
+    """The age a labels CSV gives, where --age-kind does not say: apparent where its rows carry the votes'
+    std (CLAP2016) or age ranges (FairFace's annotated groups), else real."""
+    return "apparent" if rows and any(r.get("age_std") or r.get("age_min") for r in rows) else "real"
+
+
+def gaps(table, min_faces=30):
+    """The best and worst group's gender and age-group accuracy, and the gap between them, over the groups
+    of at least `min_faces` faces with a known label (a group of three faces says nothing)."""
+    out = {}
+    for key in ("gender_acc", "age_group_acc"):
+        values = {g: r[key] for g, r in table.items()
+                  if r["n"] >= min_faces and g not in ("unknown", "-1") and r.get(key) is not None and r[key] == r[key]}
+        if len(values) > 1:
+            best, worst = max(values, key=values.get), min(values, key=values.get)
+            out[key] = {"best": best, "worst": worst, "gap": round(values[best] - values[worst], 4)}
+    return out
 
 
 def versus_report(other_path, this, other, ages, genders):
@@ -143,15 +172,15 @@ def _nan_to_none(obj):
 def read_labels(path, split, gender_labels=""):
     """Rows of the labels CSV in `split`, with int age and gender; `gender_labels` (a file,gender CSV)
     fills in the genders the CSV leaves empty."""
-    from pre_process import apply_gender_labels, parse_gender, read_gender_labels
+    from pre_process import apply_gender_labels, parse_age, parse_gender, read_gender_labels
 
     genders = read_gender_labels(gender_labels) if gender_labels else None
-    rows = [r for r in read_label_rows(path) if not split or r.get("split") == split]
+    rows = [r for r in read_label_rows(path, required=("file", "gender")) if not split or r.get("split") == split]
     good = []
     for r in rows:
         try:
-            r["age"], r["gender"] = int(round(float(r["age"]))), parse_gender(r["gender"])
-        except ValueError:
+            (r["age"], r["age_min"], r["age_max"]), r["gender"] = parse_age(r), parse_gender(r["gender"])
+        except (KeyError, ValueError):
             print(f"warning: {path}: row for {r['file']}: age/gender not a number, skipped", file=sys.stderr)
             continue
         good.append(r)
@@ -162,7 +191,8 @@ def main(argv=None):
     from detector import DETECTORS
 
     cfg = parse_config(config.EvalConfig, argv, description="Evaluate an AgeGenderNet checkpoint",
-                       choices={"detector": sorted(DETECTORS), "age_estimate": AGE_ESTIMATES, "conditions": ("", "hard", "neighbour")})
+                       choices={"detector": sorted(DETECTORS), "age_estimate": AGE_ESTIMATES, "conditions": ("", "hard", "neighbour"),
+                                "age_kind": ("", "real", "apparent")})
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not 0 < cfg.downscale <= 1:
         fail(f"--downscale {cfg.downscale}: give a factor in (0, 1]")
@@ -189,6 +219,8 @@ def main(argv=None):
             ds = FaceCache(cfg.cache, split=cfg.split or None)
         except CacheError as e:
             fail(str(e))
+        age_kind = cfg.age_kind or ds.age_kind
+        spans = ds.spans.numpy()
         if cfg.conditions:
             raw, age, gender, _ = ds.read(np.arange(len(ds)))
             try:
@@ -197,16 +229,16 @@ def main(argv=None):
                 fail(f"{cfg.cache}: --conditions {cfg.conditions}: {e}")
             for s in tqdm(range(0, len(raw), cfg.batch_size), desc="evaluate", unit="batch"):
                 x = normalize(raw[s : s + cfg.batch_size])
-                _append_prediction(predictor, x, gp, ap)
+                _append_prediction(predictor, x, gp, ap, age_kind)
                 if other is not None:
-                    _append_prediction(other, x, other_gp, other_ap)
+                    _append_prediction(other, x, other_gp, other_ap, age_kind)
             ages, genders = [age.numpy()], [gender.numpy()]
         else:
             loader, _ = make_loader(ds, cfg.batch_size, workers=0)
             for x, age, gender in tqdm(loader, desc="evaluate", unit="batch"):
-                _append_prediction(predictor, x, gp, ap)
+                _append_prediction(predictor, x, gp, ap, age_kind)
                 if other is not None:
-                    _append_prediction(other, x, other_gp, other_ap)
+                    _append_prediction(other, x, other_gp, other_ap, age_kind)
                 ages.append(age.numpy())
                 genders.append(gender.numpy())
         kept = ds.rows()
@@ -219,6 +251,7 @@ def main(argv=None):
             fail(str(e))
         if not rows:
             fail(f"{cfg.labels}: no rows" + (f" in split '{cfg.split}'" if cfg.split else ""))
+        age_kind = cfg.age_kind or labels_age_kind(rows)
         n, unreadable = len(rows), 0
         crops, keep, turns = [], [], []
         for r in tqdm(rows, desc="detect+align" if cfg.detect else "read", unit="img"):
@@ -244,7 +277,8 @@ def main(argv=None):
         for s in range(0, len(crops), cfg.batch_size):
             out = predictor.predict_crops(crops[s : s + cfg.batch_size])
             gp.append(out["gender_prob"])
-            ap.append(out["age_prob"])
+            ap.append(out[age_output(predictor, age_kind)[0] + "_prob"])
+        spans = np.array([[r["age_min"], r["age_max"]] for r in keep]).reshape(-1, 2)
         ages = [np.array([r["age"] for r in keep])]
         genders = [np.array([r["gender"] for r in keep])]
         kept = keep
@@ -261,17 +295,18 @@ def main(argv=None):
     races = [r.get("race", "") for r in kept]
     estimate = predictor.age_estimate
     pred_age = predicted_age(ap, estimate)
-    metrics = compute_metrics(gp, ap, ages, genders, label_stds(kept), estimate=estimate)
+    metrics = compute_metrics(gp, ap, ages, genders, label_stds(kept), estimate=estimate, age_span=spans)
     # the shown ±std is the model's std times the checkpoint's calibration factor (if any and --calibrated)
-    scale = predictor.calibration.get("age_std_scale", 1.0) if predictor.calibration else 1.0
-    calib = calibration_report(gp, ap, ages, genders, std_scale=scale, estimate=estimate)
+    output, scale_key = age_output(predictor, age_kind)
+    scale = predictor.calibration.get(scale_key, 1.0) if predictor.calibration else 1.0
+    calib = calibration_report(gp, ap, effective_age(pred_age, ages, spans), genders, std_scale=scale, estimate=estimate)
     views = predictor.views
     report = {"checkpoint": cfg.checkpoint, "views": views, "detector": cfg.detector if cfg.detect else None, "downscale": cfg.downscale,
-              "age_estimate": estimate, "n": n, "faces_found": faces_found,
+              "age_kind": age_kind, "age_output": output, "age_estimate": estimate, "n": n, "faces_found": faces_found,
               "calibration_applied": predictor.calibration or None,
               **{k: round(v, 4) for k, v in metrics.items() if k != "n"}, **{k: round(v, 4) for k, v in calib.items()}}
     report.update({k: round(v, 4) for k, v in unsure_figures(gp, genders, predictor.unsure_below).items()})
-    report.update({k: round(v, 4) for k, v in age_group_figures(pred_age, ages).items()})
+    report.update({k: round(v, 4) for k, v in age_group_figures(pred_age, ages).items() if k not in metrics})
     report["unsure_below"] = predictor.unsure_below
     report["conditions"] = cfg.conditions or None
     groups = {"age_group": [age_group(a) for a in ages],
@@ -282,12 +317,16 @@ def main(argv=None):
         groups["pose"] = ["turned" if t >= TURNED else "frontal" for t in turn]
     if cfg.conditions:
         groups["condition"] = list(condition)
-    report["by"] = breakdown(gp, ap, ages, genders, groups, estimate, predictor.unsure_below)
+    report["by"] = breakdown(gp, ap, ages, genders, groups, estimate, predictor.unsure_below, spans)
+    report["gaps"] = {name: gaps(report["by"][name]) for name in ("race", "age_group") if name in report["by"]}
     if other is not None:
         report["versus"] = versus_report(cfg.versus, (gp, pred_age), (np.concatenate(other_gp),
                                          predicted_age(np.concatenate(other_ap), other.age_estimate)), ages, genders)
 
     gender_text = f"gender accuracy {100 * metrics['gender_acc']:.2f}%" if metrics["n_gender"] else "gender not labelled"
+    print(f"{age_kind} ages, scored on the model's `{output}` output"
+          + ("; the labels are age ranges: an age inside its range counts as right, the MAE is the distance to the range"
+             if "age_group_acc" in metrics else ""))
     print(f"faces {faces_found} of {n}   {gender_text}   age MAE {metrics['age_mae']:.3f}   "
           f"CS@5 {100 * metrics['age_cs5']:.1f}%   exact age top-1 {100 * metrics['age_top1']:.1f}%   top-5 {100 * metrics['age_top5']:.1f}%"
           + (f"   epsilon {metrics['age_epsilon']:.4f}" if "age_epsilon" in metrics else "") + f"   ({views} view{'s' * (views > 1)} per face, age = the distribution's {estimate})")
@@ -301,6 +340,11 @@ def main(argv=None):
           f"{100 * report['age_group_acc_balanced']:.1f}%); mean error {report['age_bias']:+.2f} years (predicted - true)")
     if other is not None:
         print(versus_text(report["versus"]))
+    for name, table in report["gaps"].items():
+        for key, g in table.items():
+            print(f"by {name}, {key.replace('_acc', ' accuracy').replace('_', ' ')}: best {g['best']} "
+                  f"{100 * report['by'][name][g['best']][key]:.2f}%, worst {g['worst']} "
+                  f"{100 * report['by'][name][g['worst']][key]:.2f}%, gap {100 * g['gap']:.2f} points")
     for name, table in report["by"].items():
         print(f"\nby {name}:  {'n':>6} {'gender%':>8} {'MAE':>6} {'CS@5%':>6} {'unsure%':>8} {'sure%':>7} {'group%':>7} {'bias':>6}")
         for g, r in table.items():

@@ -11,7 +11,8 @@ form the released model ships in. Loading casts back to fp32. Several checkpoint
 weight first (models.average_checkpoints: for runs fine-tuned from one another; validate the result).
 
 Inputs: `input` N x 3 x 112 x 96, ImageNet-normalised RGB (data_gen.normalize). Outputs:
-`gender_prob` N x 2 (female, male), `age_prob` N x 101, `age` N (expected age), `age_std` N: the
+`gender_prob` N x 2 (female, male), `age_prob` N x 101, `age` N (expected real age), `age_std` N, and for a
+two-age network `apparent_age_prob`, `apparent_age`, `apparent_age_std` (the apparent age's): the
 network's own outputs. What calibrate.py stores in a checkpoint is applied after the graph, as
 predictor.AgeGenderPredictor does: the age read off `age_prob` as its median where `age_estimate` says so
 (metrics.median_age; the released model), the std times `calibration["age_std_scale"]`, the gender logit
@@ -31,6 +32,13 @@ from models import CheckpointError, ExportWrapper, average_checkpoints, inferenc
 from utils import fail
 
 OUTPUTS = ["gender_prob", "age_prob", "age", "age_std"]
+# a two-age network's outputs that follow OUTPUTS: the apparent age's distribution, mean and std
+APPARENT_OUTPUTS = ["apparent_age_prob", "apparent_age", "apparent_age_std"]
+
+
+def outputs_of(net):
+    """The names of the network's exported outputs, in ExportWrapper's order."""
+    return OUTPUTS + (APPARENT_OUTPUTS if net.two_ages else [])
 
 
 def export(net, path, opset=17, tta=False):
@@ -42,8 +50,9 @@ def export(net, path, opset=17, tta=False):
     if isinstance(path, str):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-    torch.onnx.export(wrapper, (dummy,), path, input_names=["input"], output_names=OUTPUTS, opset_version=opset,
-                      dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in OUTPUTS}}, dynamo=False)
+    names = outputs_of(net)
+    torch.onnx.export(wrapper, (dummy,), path, input_names=["input"], output_names=names, opset_version=opset,
+                      dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in names}}, dynamo=False)
     return path
 
 
@@ -77,10 +86,11 @@ def opencv_network(net, tta=False):
         return None
 
 
-def run_opencv_network(dnn, x):
-    """Normalised faces (N x 3 x 112 x 96 float32 numpy array) through an opencv_network -> OUTPUTS' arrays."""
+def run_opencv_network(dnn, x, names=OUTPUTS):
+    """Normalised faces (N x 3 x 112 x 96 float32 numpy array) through an opencv_network -> the arrays of
+    the outputs `names` (outputs_of the network)."""
     dnn.setInput(np.ascontiguousarray(x, dtype=np.float32))
-    return dnn.forward(OUTPUTS)
+    return dnn.forward(names)
 
 
 def frozen_network(net, tta=False):
@@ -106,8 +116,9 @@ def max_difference(net, path, batch=8, seed=0):
     with torch.no_grad():
         ref = [t.numpy() for t in ExportWrapper(net.eval())(x)]
     sess = onnx_session(path)
-    got = sess.run(OUTPUTS, {"input": x.numpy()})
-    return max(float(np.abs(r - g).max()) for r, g in zip(ref[:2], got[:2]))
+    names = outputs_of(net)
+    got = dict(zip(names, sess.run(names, {"input": x.numpy()})))
+    return max(float(np.abs(r - got[name]).max()) for r, name in zip(ref, names) if name.endswith("_prob"))
 
 
 def release(ckpt, path):

@@ -4,9 +4,12 @@
     net = AgeGenderNet("resnet18")                  # or resnet34, resnet50, mobilenet_v2
     gender_logits, age_logits = net(x)              # x: N x 3 x 112 x 96, ImageNet-normalised
     out = net.predict(x)                            # probabilities, expected age (DEX), its std, top-5
+    net = AgeGenderNet("sface", two_ages=True)      # a second age output: the apparent age
+    gender_logits, age_logits, apparent_logits = net(x)
 
 The predicted age is the expectation of the age softmax (DEX); the standard deviation of that
-distribution is returned as a per-face uncertainty.
+distribution is returned as a per-face uncertainty. `age` is the real age (years since birth); a
+two-age network also reads the apparent age (how old people judge the face) from a head of its own.
 """
 import math
 import os
@@ -179,7 +182,10 @@ def build_trunk(arch, pretrained=""):
 
 
 class AgeGenderNet(nn.Module):
-    def __init__(self, arch="resnet18", pretrained="", dropout=0.2, num_ages=config.NUM_AGES):
+    """A trunk under a gender head and one or two 101-way age heads: `age_head` reads the real age (years
+    since birth) and, with `two_ages`, `apparent_head` the apparent age (how old people judge the face)."""
+
+    def __init__(self, arch="resnet18", pretrained="", dropout=0.2, num_ages=config.NUM_AGES, two_ages=False):
         super().__init__()
         self.arch = arch
         whole = _project_checkpoint(pretrained)
@@ -187,13 +193,19 @@ class AgeGenderNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.gender_head = nn.Linear(dim, 2)
         self.age_head = nn.Linear(dim, num_ages)
+        self.apparent_head = nn.Linear(dim, num_ages) if two_ages else None
         self.register_buffer("ages", torch.arange(num_ages, dtype=torch.float32), persistent=False)
         self.set_tta_zoom(config.TTA_ZOOM)
         if whole:  # fine-tuning: every weight, heads included, from a checkpoint of this project
             if whole["config"].get("arch") != arch:
                 raise ValueError(f"{pretrained}: is a {whole['config'].get('arch')} checkpoint, not {arch}")
-            self.load_state_dict(inference_weights(whole))
+            state = inference_weights(whole)
+            self.load_state_dict(with_apparent_head(state) if two_ages else state)
             self.init_source = f"the whole network from {pretrained}"
+
+    @property
+    def two_ages(self):
+        return self.apparent_head is not None
 
     def trunk_stages(self):
         """The trunk's stages in the order an image goes through them: what --freeze-stages counts."""
@@ -220,11 +232,14 @@ class AgeGenderNet(nn.Module):
         return self
 
     def forward(self, x):
+        """Logits: (gender, age) or, with two ages, (gender, age, apparent age)."""
         h = self.dropout(self.trunk(x))
-        return self.gender_head(h), self.age_head(h)
+        if self.apparent_head is None:
+            return self.gender_head(h), self.age_head(h)
+        return self.gender_head(h), self.age_head(h), self.apparent_head(h)
 
     def probabilities(self, x, tta=False):
-        """Gender and age probabilities (fp32). `tta` averages four views of each face: the crop, its mirror
+        """Gender and age probabilities (fp32), and the apparent age's with two ages. `tta` averages four views of each face: the crop, its mirror
         image, the crop enlarged by config.TTA_ZOOM about its centre and that one's mirror image. Shared by
         predict() and ExportWrapper, so PyTorch and the ONNX graph compute the same thing."""
         n, k = x.shape[0], 1
@@ -234,12 +249,10 @@ class AgeGenderNet(nn.Module):
                 views.append(self.zoom_rows.to(x.dtype) @ x @ self.zoom_cols.to(x.dtype))
             x = torch.cat([v for view in views for v in (view, torch.flip(view, dims=[3]))])
             k = 2 * len(views)
-        gender_logits, age_logits = self(x)
-        gender_prob, age_prob = F.softmax(gender_logits.float(), 1), F.softmax(age_logits.float(), 1)
+        probs = [F.softmax(logits.float(), 1) for logits in self(x)]
         if tta:
-            gender_prob = sum(gender_prob[i * n:(i + 1) * n] for i in range(k)) / k
-            age_prob = sum(age_prob[i * n:(i + 1) * n] for i in range(k)) / k
-        return gender_prob, age_prob
+            probs = [sum(p[i * n:(i + 1) * n] for i in range(k)) / k for p in probs]
+        return tuple(probs)
 
     @property
     def zoom_view(self):
@@ -261,10 +274,14 @@ class AgeGenderNet(nn.Module):
     @torch.no_grad()
     def predict(self, x, tta=False, topk=5):
         """Probabilities and summary statistics; `tta` averages the views of probabilities()."""
-        gender_prob, age_prob = self.probabilities(x, tta)
+        gender_prob, age_prob, *apparent = self.probabilities(x, tta)
         mean, std = age_mean_std(age_prob, self.ages)
-        return {"gender_prob": gender_prob, "age_prob": age_prob, "age": mean, "age_std": std,
-                "age_topk": age_prob.topk(topk, dim=1).indices}
+        out = {"gender_prob": gender_prob, "age_prob": age_prob, "age": mean, "age_std": std,
+               "age_topk": age_prob.topk(topk, dim=1).indices}
+        if apparent:
+            out["apparent_age_prob"] = apparent[0]
+            out["apparent_age"], out["apparent_age_std"] = age_mean_std(apparent[0], self.ages)
+        return out
 
 
 def zoom_matrix(size, factor):
@@ -289,7 +306,7 @@ def age_mean_std(age_prob, ages):
 
 class ExportWrapper(nn.Module):
     """What export_onnx.py exports and demo.py runs in onnxruntime: probabilities, the expected age and its
-    std, no Python dicts; `tta` averages the views of probabilities() inside the graph, as predict() does."""
+    std (export_onnx.outputs_of names them; with two ages the apparent age's three follow), no Python dicts; `tta` averages the views of probabilities() inside the graph, as predict() does."""
 
     def __init__(self, net, tta=False):
         super().__init__()
@@ -297,8 +314,11 @@ class ExportWrapper(nn.Module):
         self.tta = tta
 
     def forward(self, x):
-        gp, ap = self.net.probabilities(x, self.tta)
-        return (gp, ap) + age_mean_std(ap, self.net.ages)
+        gp, ap, *apparent = self.net.probabilities(x, self.tta)
+        out = (gp, ap) + age_mean_std(ap, self.net.ages)
+        if apparent:
+            out += (apparent[0],) + age_mean_std(apparent[0], self.net.ages)
+        return out
 
 
 def fuse_batchnorm(net):
@@ -376,8 +396,9 @@ def network_of(ckpt, path="checkpoint", device="cpu"):
     """The AgeGenderNet (eval mode) that a checkpoint dict describes; `path` names it in errors."""
     cfg = ckpt["config"]
     try:
-        net = AgeGenderNet(cfg["arch"], pretrained="", dropout=cfg.get("dropout", 0.0))
-        net.load_state_dict(inference_weights(ckpt))
+        state = inference_weights(ckpt)
+        net = AgeGenderNet(cfg["arch"], pretrained="", dropout=cfg.get("dropout", 0.0), two_ages="apparent_head.weight" in state)
+        net.load_state_dict(state)
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: weights do not fit the model ({str(e).splitlines()[0][:160]})")
     return net.to(device).eval()
@@ -401,6 +422,8 @@ def average_checkpoints(paths, weights=None):
         _, ckpt = load_checkpoint(path)  # one line for a missing or foreign file, or weights that do not fit
         ckpts.append(ckpt)
     first, states = ckpts[0], [inference_weights(c) for c in ckpts]
+    if any("apparent_head.weight" in state for state in states):
+        states = [with_apparent_head(state) for state in states]
     for path, ckpt in zip(paths[1:], ckpts[1:]):
         if ckpt["config"].get("arch") != first["config"].get("arch"):
             raise CheckpointError(f"{path}: a {ckpt['config'].get('arch')} checkpoint cannot be averaged with "
@@ -410,6 +433,14 @@ def average_checkpoints(paths, weights=None):
     return {**{k: first[k] for k in ("config", "history", "tta", "tta_zoom") if k in first},
             "model": averaged, "metrics": {}, "epoch": None, "averaged_from": [_repo_relative(p) for p in paths],
             **({"soup_weights": [round(w, 6) for w in shares]} if weights is not None else {})}
+
+
+def with_apparent_head(state):
+    """A state dict with an apparent-age head: a one-age network's gets a copy of its age head, which
+    learned from both kinds of age (how a two-age run fine-tuned from it starts)."""
+    if "apparent_head.weight" in state:
+        return state
+    return {**state, **{k.replace("age_head", "apparent_head"): v.clone() for k, v in state.items() if k.startswith("age_head.")}}
 
 
 def _repo_relative(path):

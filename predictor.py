@@ -21,7 +21,7 @@ import torch
 import config
 from data_gen import normalize
 from detector import align_face, make_detector
-from export_onnx import OUTPUTS, frozen_network, network_session, opencv_network, run_opencv_network
+from export_onnx import frozen_network, network_session, opencv_network, outputs_of, run_opencv_network
 from metrics import apply_calibration, check_age_estimate, gender_unsure, predicted_age
 from models import age_estimate_of, fuse_batchnorm, load_checkpoint, views_of
 from utils import InputError, read_image, to_rgb8
@@ -40,15 +40,18 @@ class FaceRecord:
     gender: str  # "F" or "M"
     gender_prob: float  # probability of that gender (0.5..1)
     gender_unsure: bool  # gender_prob is under the threshold for showing a gender as known: shown as "?"
-    age: float  # expected age (years)
+    age: float  # expected real age (years since birth)
     age_std: float  # standard deviation of the predicted age distribution, calibrated when the model is
     age_distribution: list = None  # P(age = 0..100), only when asked for (distribution=True)
+    # how old people would judge the face (a two-age model only; None for a model with one age output)
+    apparent_age: float = None
+    apparent_age_std: float = None  # its distribution's standard deviation, calibrated when the model is
+    apparent_age_distribution: list = None  # P(apparent age = 0..100), only when asked for
 
     def to_dict(self):
-        d = dataclasses.asdict(self)
-        if d["age_distribution"] is None:
-            del d["age_distribution"]
-        return d
+        """The JSON record: the fields a model does not give (the apparent age of a one-age model, the
+        distributions unless asked for) are left out, never invented."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 def as_rgb(image):
@@ -102,6 +105,7 @@ class AgeGenderPredictor:
         net, self.ckpt = load_checkpoint(checkpoint, self.device)
         tta, tta_zoom = views_of(self.ckpt, tta, tta_zoom)
         self.net = fuse_batchnorm(net).set_tta_zoom(tta_zoom)
+        self.outputs = outputs_of(self.net)  # what the network gives: with the apparent age for a two-age model
         self.runtime = self._start_runtime(runtime, tta)
         self._detector_args = dict(name=detector, min_face_size=min_face_size, threshold=threshold, threads=detector_threads)
         self._detector = make_detector(**self._detector_args, build=False)  # None until first used; a wrong name fails now
@@ -114,6 +118,14 @@ class AgeGenderPredictor:
         if not 0 <= unsure_below <= 1:
             raise ValueError(f"--unsure-below {unsure_below}: give a probability between 0 and 1 (0: never unsure)")
         self.unsure_below = float(unsure_below)
+
+    def tracker(self, max_lost=15):
+        """A FaceTracker whose steady labels are read and calibrated as this predictor reads a single face."""
+        from tracker import FaceTracker
+
+        calibration = self.calibration or {}
+        return FaceTracker(max_lost=max_lost, age_std_scale=calibration.get("age_std_scale", 1.0), age_estimate=self.age_estimate,
+                           unsure_below=self.unsure_below, apparent_age_std_scale=calibration.get("apparent_age_std_scale", 1.0))
 
     @property
     def detector(self):
@@ -159,25 +171,31 @@ class AgeGenderPredictor:
     @torch.no_grad()
     def predict_tensor(self, x):
         """Normalised faces (N x 3 x 112 x 96 tensor) -> dict of numpy arrays, calibrated."""
+        names = self.outputs
         if self.session is not None:
-            out = dict(zip(OUTPUTS, self.session.run(OUTPUTS, {"input": x.cpu().numpy()})))
+            out = dict(zip(names, self.session.run(names, {"input": x.cpu().numpy()})))
         elif self.dnn is not None:
             with self._dnn_lock:
-                out = dict(zip(OUTPUTS, (a.copy() for a in run_opencv_network(self.dnn, x.cpu().numpy()))))
+                out = dict(zip(names, (a.copy() for a in run_opencv_network(self.dnn, x.cpu().numpy(), names))))
         elif self.frozen is not None:
             with torch.inference_mode():
-                out = dict(zip(OUTPUTS, (t.numpy() for t in self.frozen(x.cpu()))))
+                out = dict(zip(names, (t.numpy() for t in self.frozen(x.cpu()))))
         else:
-            out = {k: v.cpu().numpy() for k, v in self.net.predict(x.to(self.device), tta=self.tta).items() if k in OUTPUTS}
+            out = {k: v.cpu().numpy() for k, v in self.net.predict(x.to(self.device), tta=self.tta).items() if k in names}
         if self.age_estimate != "mean":  # the network's own output is the mean
-            out["age"] = predicted_age(out["age_prob"], self.age_estimate).astype(out["age"].dtype)
+            for age in ("age", "apparent_age") if self.net.two_ages else ("age",):
+                out[age] = predicted_age(out[f"{age}_prob"], self.age_estimate).astype(out[age].dtype)
         out["gender_prob"], out["age_std"] = apply_calibration(out["gender_prob"], out["age_std"], self.calibration)
+        if self.net.two_ages:  # the apparent age's ± has a scale of its own (calibrate.py)
+            scale = (self.calibration or {}).get("apparent_age_std_scale", 1.0)
+            out["apparent_age_std"] = out["apparent_age_std"] * np.float32(scale)
         return out
 
     def predict_crops(self, crops):
         """Aligned uint8 crops (N x 112 x 96 x 3, RGB) -> dict of numpy arrays."""
         if len(crops) == 0:
-            return {"gender_prob": np.zeros((0, 2)), "age_prob": np.zeros((0, config.NUM_AGES)), "age": np.zeros(0), "age_std": np.zeros(0)}
+            return {name: np.zeros((0, 2) if name == "gender_prob" else (0, config.NUM_AGES) if name.endswith("_prob") else 0)
+                    for name in self.outputs}
         return self.predict_tensor(normalize(np.stack(crops)))
 
     def analyse(self, rgb, pad_fraction=0.0, distribution=False):
@@ -196,9 +214,13 @@ class AgeGenderPredictor:
 
     def predict_many(self, images, batch_size=64, pad_fraction=0.0, distribution=False):
         """One list of FaceRecords per image; the network runs on batches of faces from several photos."""
+        return [records for records, _ in self.analyse_many(map(as_rgb, images), batch_size, pad_fraction, distribution)]
+
+    def analyse_many(self, rgbs, batch_size=64, pad_fraction=0.0, distribution=False):
+        """(FaceRecords, aligned crops) of each RGB photo, the faces of all of them through the network in
+        batches of `batch_size`: each photo's records are those it gets alone (serve.py batches requests so)."""
         found, crops = [], []
-        for image in images:
-            rgb = as_rgb(image)
+        for rgb in rgbs:
             faces = self.detector.detect(rgb, pad_fraction=pad_fraction)
             found.append(faces)
             crops += [align_face(rgb, f.landmarks) for f in faces]
@@ -206,7 +228,7 @@ class AgeGenderPredictor:
         pred = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else self.predict_crops([])
         out, start = [], 0
         for faces in found:
-            out.append(self._records(faces, pred, start, distribution, self.unsure_below))
+            out.append((self._records(faces, pred, start, distribution, self.unsure_below), crops[start : start + len(faces)]))
             start += len(faces)
         return out
 
@@ -227,5 +249,9 @@ class AgeGenderPredictor:
                 age=round(float(pred["age"][k]), 1),
                 age_std=round(float(pred["age_std"][k]), 1),
                 age_distribution=[round(float(p), 6) for p in pred["age_prob"][k]] if distribution else None,
+                **({"apparent_age": round(float(pred["apparent_age"][k]), 1),
+                    "apparent_age_std": round(float(pred["apparent_age_std"][k]), 1),
+                    "apparent_age_distribution": [round(float(p), 6) for p in pred["apparent_age_prob"][k]] if distribution else None}
+                   if "apparent_age" in pred else {}),
             ))
         return records

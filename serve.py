@@ -16,48 +16,54 @@ GET /api/health says the server is up and which model it runs; /docs is the Open
 
 Bad input is answered with a 4xx and {"error": "..."} naming the reason, never a 500: not an image,
 truncated, empty, over --max-upload-mb (413), over --max-pixels (413); a photo without a face is a 200
-with no faces. Beyond --max-concurrent requests in flight a request gets a 503 at once, not a place in
-an endless queue. Uploads are held in memory only; clients never name a file on the server; only
-checkpoints of this project are loaded, with weights_only=True.
+with no faces. Requests wait their turn in a bounded queue (--queue-size); past it, or after waiting
+--queue-timeout seconds, a request gets a 503 with a Retry-After header. While requests wait, the faces
+of several photos go through the network together (--max-batch, --max-wait-ms; batching.py), each photo
+answered exactly as it would be alone. GET /metrics gives Prometheus counters (requests by route and
+status, latency, queue depth, batch sizes, faces found); every request gets an access-log line (quiet
+with --log-level warning); on SIGTERM the requests in flight finish before the server stops.
+Uploads are held in memory only; clients never name a file on the server; only checkpoints of this
+project are loaded, with weights_only=True.
 """
 import argparse
 import asyncio
 import base64
 import io
+import logging
 import os
 import sys
-import threading
 import time
 from collections import OrderedDict
 
 import cv2
 
 import config
+from batching import BatchQueue, QueueFull, QueueTimeout
 from detector import DETECTORS
-from tracker import FaceTracker
 from utils import InputError, read_image_bytes
 
 WEB = os.path.join(config.ROOT, "web")
+LOG = logging.getLogger("serve")
+# the queue's defaults: room for 64 requests waiting per process (32 clients at once are served without a
+# refusal), none waiting longer than 30 s, and up to 16 photos' faces through the network together, a batch
+# waiting at most 5 ms for more once its first request is in (bench.py serve measures them)
+QUEUE_SIZE, QUEUE_TIMEOUT_S, MAX_BATCH, MAX_WAIT_MS = 64, 30.0, 16, 5.0
 MAX_SESSIONS = 32  # webcam sessions (a tracker each) kept at once; the least recently used goes first
 SESSION_IDLE_S = 120  # a session unused this long is dropped
 
 
-class Busy(Exception):
-    pass
-
-
 class Pipelines:
-    """One AgeGenderPredictor per (detector, views) asked for, built on first use; the model work of this
-    process runs one request at a time (cv2's networks are not thread-safe, and two requests at once
-    would only share the same cores), while up to `max_concurrent` requests wait for their turn."""
+    """One AgeGenderPredictor per (detector, views) asked for, built on first use, and the batches of
+    requests run on them: one batch at a time (cv2's networks are not thread-safe, and two at once would
+    only share the same cores), each photo's faces found one photo after another, then the faces of the
+    whole batch through the network together (AgeGenderPredictor.analyse_many)."""
 
-    def __init__(self, checkpoint, detector, max_concurrent, device="cpu"):
+    def __init__(self, checkpoint, detector, device="cpu"):
         from models import load_checkpoint
 
         self.checkpoint, self.detector, self.device = checkpoint, detector, device
         load_checkpoint(checkpoint)  # a bad checkpoint fails at start, in one line, not at the first request
-        self.predictors, self.lock = {}, threading.Lock()
-        self.slots = threading.BoundedSemaphore(max_concurrent)
+        self.predictors = {}
         self.sessions = OrderedDict()
 
     def get(self, detector, tta):
@@ -68,15 +74,27 @@ class Pipelines:
             self.predictors[key] = AgeGenderPredictor(self.checkpoint, self.device, tta=tta, detector=key[0])
         return self.predictors[key]
 
-    def run(self, fn):
-        """fn() under the model lock, if a slot is free; else Busy (a 503)."""
-        if not self.slots.acquire(blocking=False):
-            raise Busy
+    def run_batch(self, key, requests):
+        """The records of a batch of requests (rgb, distribution, crops, session) of one (detector, views)
+        key: each exactly what its photo gets alone. A photo that fails gets its exception, the rest go on."""
+        predictor = self.get(*key)
         try:
-            with self.lock:
-                return fn()
-        finally:
-            self.slots.release()
+            analysed = predictor.analyse_many([r[0] for r in requests], distribution=True)
+        except Exception:  # find the photo at fault: the others are answered
+            analysed = []
+            for r in requests:
+                try:
+                    analysed += predictor.analyse_many([r[0]], distribution=True)
+                except Exception as e:
+                    analysed.append(e)
+        out = []
+        for (rgb, distribution, crops, session), result in zip(requests, analysed):
+            if isinstance(result, Exception):
+                out.append(result)
+                continue
+            state = self.tracker(session, predictor) if session is not None else None
+            out.append(record_of(rgb, *result, distribution, crops, state))
+        return out
 
     def tracker(self, session, predictor):
         """The webcam session's [tracker, last used, frames seen]: a bounded number, the idle ones dropped."""
@@ -86,8 +104,7 @@ class Pipelines:
         if session not in self.sessions:
             if len(self.sessions) >= MAX_SESSIONS:
                 self.sessions.popitem(last=False)
-            tracker = FaceTracker(max_lost=5, age_std_scale=(predictor.calibration or {}).get("age_std_scale", 1.0),
-                                  age_estimate=predictor.age_estimate, unsure_below=predictor.unsure_below)
+            tracker = predictor.tracker(max_lost=5)
             self.sessions[session] = [tracker, now, 0]
         state = self.sessions[session]
         state[1] = now
@@ -100,9 +117,9 @@ def crop_data_url(crop):
     return "data:image/png;base64," + base64.b64encode(png.tobytes()).decode() if ok else None
 
 
-def analyse(predictor, rgb, distribution, crops, session=None):
-    """The demo's record of one photo (and, with a webcam session, each face's track and its steady label)."""
-    records, aligned = predictor.analyse(rgb, distribution=distribution or session is not None)
+def record_of(rgb, records, aligned, distribution, crops, session=None):
+    """The demo's record of one photo from its FaceRecords and aligned crops (and, with a webcam session,
+    each face's track and its steady label)."""
     faces = [r.to_dict() for r in records]
     if session is not None:
         tracker = session[0]
@@ -111,8 +128,10 @@ def analyse(predictor, rgb, distribution, crops, session=None):
         for f, tid in zip(faces, ids):
             f["track"] = tid
             f["track_label"] = tracker.tracks[tid].summary()
-            if not distribution:
-                del f["age_distribution"]
+    if not distribution:  # computed for the tracker; sent only when asked for
+        for f in faces:
+            f.pop("age_distribution", None)
+            f.pop("apparent_age_distribution", None)
     if crops:
         for f, c in zip(faces, aligned):
             f["crop"] = crop_data_url(c)
@@ -120,95 +139,43 @@ def analyse(predictor, rgb, distribution, crops, session=None):
 
 
 def create_app(checkpoint=config.RELEASED_MODEL, detector=config.DETECTOR, max_upload_mb=20.0, max_pixels=40_000_000,
-               max_concurrent=4, device="cpu"):
-    """The FastAPI app (serve.py's main runs it under uvicorn; tests call it directly)."""
+               queue_size=QUEUE_SIZE, queue_timeout=QUEUE_TIMEOUT_S, max_batch=MAX_BATCH, max_wait_ms=MAX_WAIT_MS, device="cpu",
+               pipelines=None):
+    """The FastAPI app (serve.py's main runs it under uvicorn; tests call it directly, and may hand it their
+    own `pipelines`: anything with get(detector, tta) and run_batch(key, requests))."""
     from fastapi import FastAPI, Query, Request
-    from fastapi.responses import FileResponse, JSONResponse
-    from fastapi.staticfiles import StaticFiles
-    from starlette.formparsers import MultiPartParser
 
     limit = int(max_upload_mb * 2**20)
-    # a multipart upload stays in memory up to this size (Starlette spools larger parts to a temporary file);
-    # the body is refused past `limit` before it is parsed, so nothing uploaded is ever written to disk
-    MultiPartParser.spool_max_size = limit + 1
-    pipelines = Pipelines(checkpoint, detector, max_concurrent, device)
+    pipelines = pipelines or Pipelines(checkpoint, detector, device)
+    metrics = ServerMetrics()
+    queue = BatchQueue(pipelines.run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
+                       queue_timeout=queue_timeout, on_batch=metrics.batch_done)
+    metrics.queue_depth.set_function(lambda: queue.depth)
     app = FastAPI(title="Age and gender from a face photo", version="1.0",
                   description="The REST API of this repository's model: POST a photo, get each face's box, gender and age.")
-
-    def error(status, message):
-        return JSONResponse({"error": message}, status_code=status)
-
-    async def read_upload(request):
-        """(file name, bytes) of the photo: a multipart field `file`, or the raw body; or an error response."""
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            return None, error(413, f"upload too large ({int(declared):,} bytes, limit {limit:,})")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                return None, error(413, f"upload too large (over {limit:,} bytes)")
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            async def once():
-                yield bytes(body)
-
-            try:
-                form = await MultiPartParser(request.headers, once(), max_files=1, max_fields=10).parse()
-            except Exception as e:  # a malformed multipart body: the client's fault
-                return None, error(400, f"malformed multipart upload ({str(e)[:120]})")
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
-                return None, error(400, "multipart upload without a file field named 'file'")
-            return os.path.basename(upload.filename or "upload"), await upload.read()
-        return "upload", bytes(body)
-
-    def decode(data):
-        from PIL import Image
-
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-            if w * h > max_pixels:
-                return None, error(413, f"image too large ({w}x{h} pixels, limit {max_pixels:,})")
-        except Exception:
-            pass  # not an image, or a broken one: read_image_bytes names the reason
-        try:
-            return read_image_bytes(data, max_pixels=max_pixels), None
-        except InputError as e:
-            return None, error(400, str(e))
+    limits = {"max_upload_bytes": limit, "max_pixels": max_pixels, "queue_size": queue_size, "queue_timeout_s": queue_timeout,
+              "max_batch": max_batch, "max_wait_ms": max_wait_ms}
+    add_plumbing(app, metrics)
 
     async def handle(request, detector, tta, distribution, crops, session=None):
         if detector and detector not in DETECTORS:
             return error(400, f"unknown detector '{detector}' (choose from {', '.join(sorted(DETECTORS))})")
-        name, data = await read_upload(request)
+        name, data = await read_upload(request, limit)
         if name is None:
             return data
-        rgb, bad = await asyncio.to_thread(decode, data)
+        rgb, bad = await asyncio.to_thread(decode, data, max_pixels)
         if bad is not None:
             return bad
-
-        def work():
-            predictor = pipelines.get(detector, tta)
-            state = pipelines.tracker(session, predictor) if session is not None else None
-            return analyse(predictor, rgb, distribution, crops, state)
-
         try:
-            record = await asyncio.to_thread(pipelines.run, work)
-        except Busy:
-            return error(503, f"busy: {max_concurrent} requests already in flight; try again shortly")
+            record = await queue.submit((detector or pipelines.detector, tta), (rgb, distribution, crops, session))
+        except (QueueFull, QueueTimeout) as e:
+            return error(503, f"busy: {e}; try again in a moment", headers={"Retry-After": str(queue.retry_after())})
         return {"file": name, **record}
 
-    @app.get("/", include_in_schema=False)
-    def page():
-        return FileResponse(os.path.join(WEB, "index.html"))
-
-    app.mount("/static", StaticFiles(directory=WEB), name="static")
-
     @app.get("/api/health")
-    def health():
-        return {"status": "ok", "checkpoint": os.path.basename(checkpoint), "detector": detector,
-                "max_upload_bytes": limit, "max_pixels": max_pixels, "max_concurrent": max_concurrent}
+    async def health():  # on the event loop, not in the thread pool: it answers while the queue is full
+        return {"status": "ok", "checkpoint": os.path.basename(checkpoint), "detector": pipelines.detector,
+                "queue_depth": queue.depth, **limits}
 
     @app.post("/api/analyze")
     async def analyze(request: Request,
@@ -225,11 +192,123 @@ def create_app(checkpoint=config.RELEASED_MODEL, detector=config.DETECTOR, max_u
         """One webcam frame: as /api/analyze, each face with its track id and the track's steady label."""
         return await handle(request, detector, None, False, crops, session=session)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request, exc):  # never a bare 500 page: one JSON line, and the server goes on
-        return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
-
     return app
+
+
+def error(status, message, headers=None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def read_upload(request, limit):
+    """(file name, bytes) of the photo: a multipart field `file`, or the raw body; or (None, an error response)."""
+    from starlette.formparsers import MultiPartParser
+
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        return None, error(413, f"upload too large ({int(declared):,} bytes, limit {limit:,})")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None, error(413, f"upload too large (over {limit:,} bytes)")
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        async def once():
+            yield bytes(body)
+
+        # a multipart upload stays in memory up to this size (Starlette spools larger parts to a temporary
+        # file); the body was refused past `limit` before it was parsed, so nothing uploaded is written to disk
+        MultiPartParser.spool_max_size = limit + 1
+        try:
+            form = await MultiPartParser(request.headers, once(), max_files=1, max_fields=10).parse()
+        except Exception as e:  # a malformed multipart body: the client's fault
+            return None, error(400, f"malformed multipart upload ({str(e)[:120]})")
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            return None, error(400, "multipart upload without a file field named 'file'")
+        return os.path.basename(upload.filename or "upload"), await upload.read()
+    return "upload", bytes(body)
+
+
+def decode(data, max_pixels):
+    """(RGB array, None) of an uploaded photo, or (None, a 4xx error response) naming the reason."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+        if w * h > max_pixels:
+            return None, error(413, f"image too large ({w}x{h} pixels, limit {max_pixels:,})")
+    except Exception:
+        pass  # not an image, or a broken one: read_image_bytes names the reason
+    try:
+        return read_image_bytes(data, max_pixels=max_pixels), None
+    except InputError as e:
+        return None, error(400, str(e))
+
+
+class ServerMetrics:
+    """What GET /metrics shows, in the Prometheus text format: requests by route and status, their latency,
+    the queue's depth, the batches' sizes (photos and faces) and the faces found. A registry per app, so
+    that several apps in one process (the tests) count apart."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("http_requests", "Requests answered, by route and status", ["route", "status"], registry=self.registry)
+        self.latency = Histogram("http_request_duration_seconds", "Time from request to answer, by route", ["route"],
+                                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry)
+        self.queue_depth = Gauge("queue_depth", "Requests waiting for their turn", registry=self.registry)
+        self.batch_photos = Histogram("batch_photos", "Photos analysed together in one batch", buckets=(1, 2, 4, 8, 16, 32, 64),
+                                      registry=self.registry)
+        self.batch_faces = Histogram("batch_faces", "Faces through the network together in one batch",
+                                     buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+        self.faces = Counter("faces_found", "Faces found in the photos analysed", registry=self.registry)
+
+    def batch_done(self, key, items, results, seconds):
+        found = sum(len(r["faces"]) for r in results if isinstance(r, dict))
+        self.batch_photos.observe(len(items))
+        self.batch_faces.observe(found)
+        self.faces.inc(found)
+
+    def text(self):
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+def add_plumbing(app, metrics):
+    """The page, its static files, /metrics, the access log and the JSON answer to anything unexpected."""
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.staticfiles import StaticFiles
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(os.path.join(WEB, "index.html"))
+
+    app.mount("/static", StaticFiles(directory=WEB), name="static")
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus():
+        return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.middleware("http")
+    async def access_log(request, call_next):
+        started = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception as e:  # never a bare 500 page: one JSON line, and the server goes on
+            response = JSONResponse({"error": f"internal error ({type(e).__name__})"}, status_code=500)
+        seconds = time.perf_counter() - started
+        route = getattr(request.scope.get("route"), "path", None) or ("/static" if request.url.path.startswith("/static") else "other")
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        metrics.latency.labels(route).observe(seconds)
+        LOG.info("%s %s %d %.1f ms", request.method, request.url.path, response.status_code, 1000 * seconds)
+        return response
 
 
 def app_from_env():
@@ -240,9 +319,11 @@ def app_from_env():
 
         torch.set_num_threads(int(env["SERVE_THREADS"]))
         cv2.setNumThreads(int(env["SERVE_THREADS"]))
+    logging.basicConfig(level=env.get("SERVE_LOG_LEVEL", "info").upper(), format="%(message)s")
     return create_app(env.get("SERVE_CHECKPOINT", config.RELEASED_MODEL), env.get("SERVE_DETECTOR", config.DETECTOR),
                       float(env.get("SERVE_MAX_UPLOAD_MB", 20)), int(env.get("SERVE_MAX_PIXELS", 40_000_000)),
-                      int(env.get("SERVE_MAX_CONCURRENT", 4)))
+                      int(env.get("SERVE_QUEUE_SIZE", QUEUE_SIZE)), float(env.get("SERVE_QUEUE_TIMEOUT", QUEUE_TIMEOUT_S)),
+                      int(env.get("SERVE_MAX_BATCH", MAX_BATCH)), float(env.get("SERVE_MAX_WAIT_MS", MAX_WAIT_MS)))
 
 
 def main(argv=None):
@@ -254,24 +335,38 @@ def main(argv=None):
     p.add_argument("--detector", default=config.DETECTOR, choices=sorted(DETECTORS), help="the face detector, unless a request names one")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted (413 beyond)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest photo accepted, in pixels (413 beyond)")
-    p.add_argument("--max-concurrent", type=int, default=4, help="requests in flight per process; beyond them a 503 at once")
+    p.add_argument("--queue-size", type=int, default=QUEUE_SIZE,
+                   help="requests that may wait for their turn, per process; beyond them a 503 with Retry-After")
+    p.add_argument("--queue-timeout", type=float, default=QUEUE_TIMEOUT_S, help="seconds a request may wait in the queue before a 503")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="photos whose faces go through the network together")
+    p.add_argument("--max-wait-ms", type=float, default=MAX_WAIT_MS,
+                   help="how long a batch waits for more requests to join it once the first has arrived")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="info: one access-log line per request (method, route, status, ms); warning: quiet")
     args = p.parse_args(argv)
     import uvicorn
 
     from models import CheckpointError, load_checkpoint
     from utils import fail
 
+    if min(args.queue_size, args.max_batch) < 1 or args.queue_timeout <= 0 or args.max_wait_ms < 0:
+        fail("--queue-size and --max-batch must be at least 1, --queue-timeout above 0 and --max-wait-ms at least 0")
     try:
         load_checkpoint(args.checkpoint)
     except CheckpointError as e:
         fail(str(e))
     os.environ.update(SERVE_CHECKPOINT=args.checkpoint, SERVE_DETECTOR=args.detector, SERVE_MAX_UPLOAD_MB=str(args.max_upload_mb),
-                      SERVE_MAX_PIXELS=str(args.max_pixels), SERVE_MAX_CONCURRENT=str(args.max_concurrent))
+                      SERVE_MAX_PIXELS=str(args.max_pixels), SERVE_QUEUE_SIZE=str(args.queue_size),
+                      SERVE_QUEUE_TIMEOUT=str(args.queue_timeout), SERVE_MAX_BATCH=str(args.max_batch),
+                      SERVE_MAX_WAIT_MS=str(args.max_wait_ms), SERVE_LOG_LEVEL=args.log_level)
+    # uvicorn's own access log is off: the app writes one line per request (its level set by --log-level);
+    # on SIGTERM uvicorn stops listening, lets the requests in flight finish, then exits
+    common = dict(host=args.host, port=args.port, log_level="warning", access_log=False, timeout_graceful_shutdown=60)
     if args.workers > 1:  # each process builds its own app (and model) from the environment, on its share of the cores
         os.environ["SERVE_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
-        uvicorn.run("serve:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers, log_level="warning")
+        uvicorn.run("serve:app_from_env", factory=True, workers=args.workers, **common)
     else:
-        uvicorn.run(app_from_env(), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app_from_env(), **common)
     return 0
 
 

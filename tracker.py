@@ -26,15 +26,17 @@ from metrics import age_std_of, predicted_age
 
 
 class Track:
-    def __init__(self, track_id, frame, face, age_std_scale=1.0, age_estimate="mean", unsure_below=0.0):
+    def __init__(self, track_id, frame, face, age_std_scale=1.0, age_estimate="mean", unsure_below=0.0, apparent_age_std_scale=1.0):
         self.id = track_id
         self.first_frame = self.last_frame = frame
         self.boxes = {}
         self.velocity = np.zeros(4)
         self.weight = 0.0
         self.age_prob = None
+        self.apparent_age_prob = None  # a two-age model's apparent age, averaged as the age is
         self.gender_prob = None
         self.age_std_scale = age_std_scale
+        self.apparent_age_std_scale = apparent_age_std_scale
         self.age_estimate = age_estimate
         self.unsure_below = unsure_below
         self._add(frame, face)
@@ -60,6 +62,9 @@ class Track:
         age_prob = np.asarray(face["age_distribution"], dtype=np.float64)
         p_male = face["gender_prob"] if face["gender"] == "M" else 1 - face["gender_prob"]
         self.age_prob = w * age_prob if self.age_prob is None else self.age_prob + w * age_prob
+        if face.get("apparent_age_distribution") is not None:
+            apparent = w * np.asarray(face["apparent_age_distribution"], dtype=np.float64)
+            self.apparent_age_prob = apparent if self.apparent_age_prob is None else self.apparent_age_prob + apparent
         self.gender_prob = w * p_male if self.gender_prob is None else self.gender_prob + w * p_male
         self.weight += w
 
@@ -71,8 +76,13 @@ class Track:
         age = float(predicted_age(p, self.age_estimate)[0])
         std = float(age_std_of(p)[0]) * self.age_std_scale
         p_male = self.gender_prob / self.weight
-        return {"age": round(age, 1), "age_std": round(std, 1), "gender": "M" if p_male >= 0.5 else "F",
-                "gender_prob": round(max(p_male, 1 - p_male), 4), "gender_unsure": bool(max(p_male, 1 - p_male) < self.unsure_below)}
+        label = {"age": round(age, 1), "age_std": round(std, 1), "gender": "M" if p_male >= 0.5 else "F",
+                 "gender_prob": round(max(p_male, 1 - p_male), 4), "gender_unsure": bool(max(p_male, 1 - p_male) < self.unsure_below)}
+        if self.apparent_age_prob is not None:
+            q = (self.apparent_age_prob / self.weight)[None]
+            label["apparent_age"] = round(float(predicted_age(q, self.age_estimate)[0]), 1)
+            label["apparent_age_std"] = round(float(age_std_of(q)[0]) * self.apparent_age_std_scale, 1)
+        return label
 
     def to_dict(self):
         return {"id": self.id, "first_frame": self.first_frame, "last_frame": self.last_frame,
@@ -80,10 +90,12 @@ class Track:
 
 
 class FaceTracker:
-    def __init__(self, max_lost=15, landmark_gate=1.0, age_std_scale=1.0, age_estimate="mean", unsure_below=0.0):
+    def __init__(self, max_lost=15, landmark_gate=1.0, age_std_scale=1.0, age_estimate="mean", unsure_below=0.0,
+                 apparent_age_std_scale=1.0):
         self.max_lost = max_lost
         self.unsure_below = unsure_below  # the person's averaged gender is unsure below this, as a face's is
         self.age_std_scale = age_std_scale  # the calibration factor of the model's std (calibrate.py)
+        self.apparent_age_std_scale = apparent_age_std_scale  # ... and of its apparent age's, for a two-age model
         self.age_estimate = age_estimate  # mean or median of the distribution, as the predictor reads ages
         self.landmark_gate = landmark_gate
         self.tracks = {}  # every track so far, by id
@@ -133,7 +145,7 @@ class FaceTracker:
                     ids[j] = tid
         for j, face in enumerate(faces):
             if ids[j] is None:
-                t = Track(self._next_id, frame, face, self.age_std_scale, self.age_estimate, self.unsure_below)
+                t = Track(self._next_id, frame, face, self.age_std_scale, self.age_estimate, self.unsure_below, self.apparent_age_std_scale)
                 self._next_id += 1
                 self.tracks[t.id] = t
                 self.active.append(t.id)

@@ -55,10 +55,24 @@ def gender_loss(gender_logits, gender, weight=None):
     return (ce if weight is None else ce * weight).sum() / known.clamp_min(1)
 
 
-def age_loss(age_logits, age, cfg, weight=None):
-    """The age loss averaged over the batch, each face's term scaled by weight (per face) when given."""
-    per_face = _age_loss_per_face(age_logits, age, cfg)
+def age_loss(age_logits, span, cfg, weight=None):
+    """The age loss averaged over the batch, each face's term scaled by weight (per face) when given.
+    span (N x 2): the [min, max] of ages each face's label allows; an exact age (min = max) gets the
+    --age-loss, an age range (FairFace's groups) the range loss."""
+    exact = span[:, 0] == span[:, 1]
+    per_face = _age_loss_per_face(age_logits, span[:, 0], cfg)
+    if not exact.all():
+        per_face = torch.where(exact, per_face, range_loss(age_logits, span))
     return (per_face if weight is None else per_face * weight).mean()
+
+
+def range_loss(age_logits, span):
+    """-log P(lo <= age <= hi) per face: puts the predicted distribution's mass inside the labelled range,
+    however it spreads there; an age group is an interval, not its middle age."""
+    ages = torch.arange(age_logits.shape[1], device=age_logits.device)
+    inside = (ages[None, :] >= span[:, :1]) & (ages[None, :] <= span[:, 1:])
+    log_p = F.log_softmax(age_logits.float(), 1)
+    return -torch.logsumexp(log_p.masked_fill(~inside, float("-inf")), 1)
 
 
 def _age_loss_per_face(age_logits, age, cfg):
@@ -82,25 +96,30 @@ def check_shares(option, shares, count, of_what):
         fail(f"{option} must be non-negative with a positive sum, got {list(shares)}")
 
 
-def distill_loss(gender_logits, age_logits, teacher_gender, teacher_age, cfg, weight=None):
-    """KL divergence from the teachers' distributions to the network's: gender on every face, its gender
-    labelled or not (the teachers say something about all of them), age weighted as in the labels' loss;
-    averaged over the batch, each face's term scaled by weight (per face) when given."""
-    kl_gender = F.kl_div(F.log_softmax(gender_logits, 1), teacher_gender, reduction="none").sum(1)
-    kl_age = F.kl_div(F.log_softmax(age_logits, 1), teacher_age, reduction="none").sum(1)
-    per_face = kl_gender + cfg.age_weight * kl_age
+def distill_loss(logits, soft, cfg, weight=None):
+    """KL divergence from the teachers' distributions (soft: gender, age[, apparent age]) to the network's
+    (logits, the same outputs): gender on every face, its gender labelled or not (the teachers say
+    something about all of them), each age weighted as in the labels' loss; averaged over the batch, each
+    face's term scaled by weight (per face) when given. A one-age teacher teaches both ages its one."""
+    teacher = list(soft) + [soft[1]] * (len(logits) - len(soft))
+    kl = [F.kl_div(F.log_softmax(out, 1), target, reduction="none").sum(1) for out, target in zip(logits, teacher)]
+    per_face = kl[0] + cfg.age_weight * sum(kl[1:])
     return (per_face if weight is None else per_face * weight).mean()
 
 
-def joint_loss(gender_logits, age_logits, age, gender, cfg, soft=None, share=None):
+def joint_loss(logits, span, gender, cfg, apparent=None, soft=None, share=None):
     """The weighted joint loss of a batch: the labels' loss alone, or with the teachers' distributions
     (soft) each face's share (per face: --distill-weight on the sources the teachers cover, else 0) of
-    its loss replaced by the distillation term."""
-    gender_logits, age_logits = gender_logits.float(), age_logits.float()
-    if soft is None:
-        return gender_loss(gender_logits, gender) + cfg.age_weight * age_loss(age_logits, age, cfg)
-    labels = gender_loss(gender_logits, gender, 1 - share) + cfg.age_weight * age_loss(age_logits, age, cfg, 1 - share)
-    return labels + distill_loss(gender_logits, age_logits, *soft, cfg, share)
+    its loss replaced by the distillation term. logits: the network's (gender, age[, apparent age]);
+    with two ages, `apparent` (per face, bool) says which age a face's label gives, and only that
+    output learns from it."""
+    logits = [t.float() for t in logits]
+    gender_logits, age_logits = logits[0], logits[1]
+    keep = 1 - share if soft is not None else None
+    if len(logits) > 2:  # each face's label trains the output of its kind
+        age_logits = torch.where(apparent[:, None], logits[2], age_logits)
+    labels = gender_loss(gender_logits, gender, keep) + cfg.age_weight * age_loss(age_logits, span, cfg, keep)
+    return labels if soft is None else labels + distill_loss(logits, soft, cfg, share)
 
 
 def distill_flags(cfg):
@@ -154,18 +173,24 @@ class Teachers(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, x, amp_dtype=None):
-        gender, age = 0, 0
+        """The weighted average of the teachers' (gender, age[, apparent age]) distributions: the apparent age
+        where every teacher has two ages (a one-age teacher's age stands for both otherwise)."""
+        two = all(net.two_ages for net in self.nets)
+        total = None
         for w, net, tta in zip(self.weights, self.nets, self.tta):
             with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                gp, ap = net.probabilities(x, tta)
-            gender, age = gender + w * gp, age + w * ap
-        return gender, age
+                probs = net.probabilities(x, tta)[: 3 if two else 2]
+            total = [w * p for p in probs] if total is None else [t + w * p for t, p in zip(total, probs)]
+        return tuple(total)
 
     @torch.no_grad()
     def predict(self, x, tta=False):
-        gender, age = self(x.float())  # each teacher with its own views: what the network learns from
+        gender, age, *apparent = self(x.float())  # each teacher with its own views: what the network learns from
         mean, std = age_mean_std(age, self.nets[0].ages)
-        return {"gender_prob": gender, "age_prob": age, "age": mean, "age_std": std}
+        out = {"gender_prob": gender, "age_prob": age, "age": mean, "age_std": std}
+        if apparent:
+            out["apparent_age_prob"] = apparent[0]
+        return out
 
 
 class WeightAverage:
@@ -195,9 +220,11 @@ def lr_at(step, total_steps, warmup_steps, cfg):
 
 
 @torch.no_grad()
-def evaluate(net, loader, device, amp_dtype, tta, channels_last=False, age_std=None):
-    """Predictions on a loader -> metrics dict (gender accuracy, MAE, CS@5, exact-age top-1/top-5, and
-    the epsilon error where the labels' std `age_std` is given)."""
+def evaluate(net, loader, device, amp_dtype, tta, channels_last=False, age_std=None, age_kind="real", spans=None):
+    """Predictions on a loader -> metrics dict (gender accuracy, MAE, CS@5, exact-age top-1/top-5, the
+    epsilon error where the labels' std `age_std` is given, and the age group's accuracy where `spans`
+    holds age ranges). The age scored is the output of the labels' `age_kind`: the apparent age of a
+    two-age network on apparent labels, else its age."""
     was_training = net.training
     net.eval()
     gp, ap, ages, genders = [], [], [], []
@@ -208,11 +235,12 @@ def evaluate(net, loader, device, amp_dtype, tta, channels_last=False, age_std=N
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = net.predict(x, tta=tta)
         gp.append(out["gender_prob"].cpu())
-        ap.append(out["age_prob"].cpu())
+        ap.append(out["apparent_age_prob" if age_kind == "apparent" and "apparent_age_prob" in out else "age_prob"].cpu())
         ages.append(age)
         genders.append(gender)
     net.train(was_training)
-    return compute_metrics(torch.cat(gp).numpy(), torch.cat(ap).numpy(), torch.cat(ages).numpy(), torch.cat(genders).numpy(), age_std)
+    return compute_metrics(torch.cat(gp).numpy(), torch.cat(ap).numpy(), torch.cat(ages).numpy(), torch.cat(genders).numpy(), age_std,
+                           age_span=None if spans is None else spans.numpy())
 
 
 def plot_curves(history, path):
@@ -317,7 +345,7 @@ def build_data(cfg, rank, world, main_proc):
     val = []
     if main_proc:  # rank 0 validates
         for name, v in zip(names, val_sets):
-            val.append((name, make_loader(v, 256, workers=min(2, cfg.workers))[0], label_stds(v.rows())))
+            val.append((name, make_loader(v, 256, workers=min(2, cfg.workers))[0], label_stds(v.rows()), v.age_kind, v.spans))
     return train_set, train_loader, train_sampler, val, sum(len(v) for v in val_sets)
 
 
@@ -327,8 +355,8 @@ def validate(model, val, device, amp_dtype, cfg):
     so the small in-the-wild set weighs as much as the large one), gender_acc the mean over the sources
     that have gender labels."""
     flat, maes, accs = {}, [], []
-    for name, loader, stds in val:
-        m = evaluate(model, loader, device, amp_dtype, cfg.eval_tta, cfg.channels_last, stds)
+    for name, loader, stds, age_kind, spans in val:
+        m = evaluate(model, loader, device, amp_dtype, cfg.eval_tta, cfg.channels_last, stds, age_kind, spans)
         flat.update({f"{name}_{k}": v for k, v in m.items() if k not in ("n", "n_gender")})
         maes.append(m["age_mae"])
         if m["n_gender"]:
@@ -366,7 +394,8 @@ def main(argv=None):
 
     # --- model, optimizer, schedule
     try:
-        net = AgeGenderNet(cfg.arch, pretrained=cfg.pretrained if not resuming else "", dropout=cfg.dropout).to(device)
+        net = AgeGenderNet(cfg.arch, pretrained=cfg.pretrained if not resuming else "", dropout=cfg.dropout,
+                           two_ages=cfg.two_ages).to(device)
     except (ValueError, OSError, RuntimeError) as e:
         fail(f"--pretrained {cfg.pretrained}: {str(e).splitlines()[0]}")
     if main_proc:  # what this run trains, in one line
@@ -393,6 +422,8 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, warmup_steps, cfg))
     ema = WeightAverage(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
     distill_share = distill_shares(cfg).to(device)
+    # which sources' labels are apparent ages (per --cache): with two ages they train the apparent output
+    apparent_source = torch.tensor([s.age_kind == "apparent" for s in train_set.sources], device=device)
     teachers = Teachers(cfg.teacher, cfg.teacher_weights, device, cfg.teacher_tta) if cfg.teacher else None
     teacher_metrics = {}
     if teachers is not None and main_proc:  # what the network is to learn, on the same validation
@@ -440,19 +471,19 @@ def main(argv=None):
         loss_sum, seen, t0 = torch.zeros((), device=device), 0, time.time()
         bar = tqdm(train_loader, total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    unit="batch", disable=not main_proc, dynamic_ncols=True)
-        for x, age, gender, source, *clean in bar:
+        for x, age, gender, source, span, *clean in bar:
             x = x.to(device, non_blocking=True)
             # --teacher-view clean: the teachers read the faces before the real conditions
             x_teacher = clean[0].to(device, non_blocking=True) if clean else x
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
                 x_teacher = x_teacher.contiguous(memory_format=torch.channels_last)
-            age, gender = age.to(device, non_blocking=True), gender.to(device, non_blocking=True)
+            span, gender, source = (t.to(device, non_blocking=True) for t in (span, gender, source))
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                gender_logits, age_logits = model(x)
+                logits = model(x)
             soft = teachers(x_teacher, amp_dtype) if teachers is not None else None
-            share = distill_share[source.to(device)] if soft is not None else None
-            loss = joint_loss(gender_logits, age_logits, age, gender, cfg, soft, share)
+            share = distill_share[source] if soft is not None else None
+            loss = joint_loss(logits, span, gender, cfg, apparent_source[source], soft, share)
             # checking every step costs a GPU sync; every 10 steps (and before every save) bounds the damage
             if (device.type != "cuda" or step % 10 == 0) and not torch.isfinite(loss):
                 stop_on_bad_loss(loss.item())

@@ -1,5 +1,6 @@
 """serve.py: the REST API gives the predictor's records, refuses bad input with a 4xx JSON error and keeps
-serving, enforces its limits (413, 503), and the page works in a real browser (headless Chromium)."""
+serving, enforces its limits (413; 503 past its queue), batches requests without changing any answer, counts
+them in /metrics, and the page works in a real browser (headless Chromium)."""
 import io
 import os
 import shutil
@@ -145,29 +146,144 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
 
-def test_beyond_max_concurrent_a_503_at_once(monkeypatch):
+class SlowPipelines:
+    """A stand-in for serve.Pipelines: every batch takes `seconds` and finds no face; it records the
+    size of each batch it is given."""
+
+    detector = "yunet"
+
+    def __init__(self, seconds):
+        self.seconds, self.batches = seconds, []
+
+    def run_batch(self, key, requests):
+        self.batches.append(len(requests))
+        time.sleep(self.seconds)
+        return [{"faces": [], "width": int(r[0].shape[1]), "height": int(r[0].shape[0])} for r in requests]
+
+
+def _post_all(url, bodies, timeout=60):
+    """POST every body at once, one thread each; the responses in order."""
     import httpx
 
-    app = serve.create_app(max_concurrent=1)
-    real = serve.analyse
+    out = [None] * len(bodies)
 
-    def slow(*a, **k):
-        time.sleep(1.5)
-        return real(*a, **k)
+    def post(i):
+        out[i] = httpx.post(url + "/api/analyze", content=bodies[i], timeout=timeout)
 
-    monkeypatch.setattr(serve, "analyse", slow)
-    with Server(app) as server:
-        photo = _bytes("astronaut.jpg")
-        first = {}
-        t = threading.Thread(target=lambda: first.update(r=httpx.post(server.url + "/api/analyze", content=photo, timeout=30)))
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
         t.start()
-        time.sleep(0.6)
+    return threads, out
+
+
+def test_past_the_queue_a_503_with_retry_after_and_health_answers_meanwhile():
+    import httpx
+
+    fake = SlowPipelines(0.4)
+    with Server(serve.create_app(queue_size=2, max_batch=1, max_wait_ms=0, pipelines=fake)) as server:
+        threads, answers = _post_all(server.url, [_bytes("astronaut.jpg")] * 8)
+        time.sleep(0.2)
         t0 = time.perf_counter()
-        busy = httpx.post(server.url + "/api/analyze", content=photo, timeout=30)
-        assert busy.status_code == 503 and "busy" in busy.json()["error"] and time.perf_counter() - t0 < 1.0
-        t.join()
-        assert first["r"].status_code == 200 and len(first["r"].json()["faces"]) == 1
-        assert httpx.post(server.url + "/api/analyze", content=photo, timeout=30).status_code == 200  # serving again
+        health = httpx.get(server.url + "/api/health", timeout=10)
+        assert health.status_code == 200 and time.perf_counter() - t0 < 0.3
+        for t in threads:
+            t.join()
+        codes = [r.status_code for r in answers]
+        assert set(codes) == {200, 503}, codes
+        assert codes.count(200) >= 3  # the one running and the two that waited
+        for r in answers:
+            if r.status_code == 503:
+                assert "busy" in r.json()["error"] and int(r.headers["retry-after"]) >= 1
+        assert max(fake.batches) == 1
+        assert httpx.post(server.url + "/api/analyze", content=_bytes("astronaut.jpg"), timeout=30).status_code == 200
+
+
+def test_a_request_that_waits_past_the_queue_timeout_gets_a_503():
+    fake = SlowPipelines(1.0)
+    with Server(serve.create_app(queue_size=10, queue_timeout=0.3, max_batch=1, max_wait_ms=0, pipelines=fake)) as server:
+        threads, answers = _post_all(server.url, [_bytes("astronaut.jpg")] * 3)
+        for t in threads:
+            t.join()
+        codes = sorted(r.status_code for r in answers)
+        assert codes == [200, 503, 503], codes
+        assert all("waited" in r.json()["error"] and "retry-after" in r.headers for r in answers if r.status_code == 503)
+        assert fake.batches == [1]  # the two that timed out were never run
+
+
+def test_photos_batched_together_get_what_each_gets_alone():
+    import httpx
+
+    predictor = AgeGenderPredictor(device="cpu")
+    photos = PHOTOS + ["astronaut.jpg"]
+    want = [[f.to_dict() for f in predictor(os.path.join(IMAGES, name))] for name in photos]
+    app = serve.create_app(max_wait_ms=300)  # a long wait: the four requests join one batch
+    with Server(app) as server:
+        assert httpx.post(server.url + "/api/analyze", content=_bytes("astronaut.jpg"), timeout=60).status_code == 200  # warm
+        threads, answers = _post_all(server.url, [_bytes(name) for name in photos])
+        for t in threads:
+            t.join()
+        assert [r.json()["faces"] for r in answers] == want
+        metrics = httpx.get(server.url + "/metrics").text
+    photos_in_batches = _metric(metrics, "batch_photos_sum")
+    batches = _metric(metrics, "batch_photos_count")
+    assert photos_in_batches == 1 + len(photos) and batches < photos_in_batches  # at least one batch of several photos
+
+
+def _metric(text, name, **labels):
+    """The value of one sample in Prometheus' text format."""
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    for line in text.splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{want} not in /metrics")
+
+
+def test_metrics_count_known_requests_and_every_request_is_logged(caplog):
+    from fastapi.testclient import TestClient
+
+    with TestClient(serve.create_app()) as c, caplog.at_level("INFO", logger="serve"):
+        for name in ("astronaut.jpg", "collage.jpg"):
+            assert c.post("/api/analyze", content=_bytes(name)).status_code == 200
+        assert c.post("/api/analyze", content=b"not a photo").status_code == 400
+        assert c.get("/api/health").status_code == 200
+        text = c.get("/metrics").text
+    assert _metric(text, "http_requests_total", route="/api/analyze", status="200") == 2
+    assert _metric(text, "http_requests_total", route="/api/analyze", status="400") == 1
+    assert _metric(text, "http_request_duration_seconds_count", route="/api/analyze") == 3
+    assert _metric(text, "faces_found_total") == 4  # the astronaut and the collage's three
+    assert _metric(text, "queue_depth") == 0
+    assert _metric(text, "batch_faces_sum") == 4
+    lines = [r.getMessage() for r in caplog.records if r.name == "serve"]
+    assert sum(line.startswith("POST /api/analyze 200 ") and line.endswith(" ms") for line in lines) == 2
+    assert any(line.startswith("POST /api/analyze 400 ") for line in lines)
+
+
+def test_bad_photos_among_good_ones_at_once_get_4xx_and_the_good_ones_200():
+    photo = _bytes("astronaut.jpg")
+    bad = [b"", b"hello, not a picture", photo[: len(photo) // 3], b"<html></html>"]
+    with Server(serve.create_app(max_wait_ms=50)) as server:
+        bodies = [photo, *bad, _bytes("grace_hopper.jpg"), photo]
+        threads, answers = _post_all(server.url, bodies)
+        for t in threads:
+            t.join()
+    for body, r in zip(bodies, answers):
+        if body in bad:
+            assert r.status_code == 400 and r.json()["error"], r.text
+        else:
+            assert r.status_code == 200 and len(r.json()["faces"]) == 1
+
+
+def test_on_shutdown_the_requests_in_flight_finish():
+    """What SIGTERM does to uvicorn (it sets should_exit): stop listening, let the requests in flight finish."""
+    fake = SlowPipelines(1.0)
+    server = Server(serve.create_app(max_batch=1, max_wait_ms=0, pipelines=fake))
+    with server:
+        threads, answers = _post_all(server.url, [_bytes("astronaut.jpg")] * 2)
+        time.sleep(0.4)
+        server.server.should_exit = True
+        for t in threads:
+            t.join()
+    assert [r.status_code for r in answers] == [200, 200]
 
 
 def _chromium():

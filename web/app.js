@@ -4,7 +4,7 @@
 "use strict";
 
 const CSV_COLUMNS = ["file", "frame", "face", "track", "x1", "y1", "x2", "y2", "score", "gender", "gender_prob",
-                     "gender_unsure", "age", "age_std"];
+                     "gender_unsure", "age", "age_std", "apparent_age", "apparent_age_std"];
 const records = [];  // one per photo, as the API gave it (crops and distributions left out of the downloads)
 const $ = (id) => document.getElementById(id);
 
@@ -41,7 +41,9 @@ function showDetail(name, face) {
   $("detail-crop").src = face.crop || "";
   const gender = face.gender === "F" ? "female" : "male";
   $("detail-text").textContent = `${gender}, p = ${face.gender_prob.toFixed(2)}${face.gender_unsure ? " (unsure)" : ""}; ` +
-    `age ${face.age.toFixed(1)} ± ${face.age_std.toFixed(1)}; detector score ${face.score.toFixed(2)}`;
+    `age ${face.age.toFixed(1)} ± ${face.age_std.toFixed(1)}` +
+    (face.apparent_age == null ? "" : `; looks ${face.apparent_age.toFixed(1)} ± ${face.apparent_age_std.toFixed(1)}`) +
+    `; detector score ${face.score.toFixed(2)}`;
   const chart = $("detail-chart"), ctx = chart.getContext("2d");
   ctx.clearRect(0, 0, chart.width, chart.height);
   const p = face.age_distribution || [];
@@ -125,7 +127,8 @@ async function analyse(files) {
 }
 
 function plain(record) {  // the record as demo.py --json writes it
-  return { file: record.file, faces: record.faces.map(({ crop, age_distribution, ...f }) => f) };
+  return { file: record.file,
+           faces: record.faces.map(({ crop, age_distribution, apparent_age_distribution, ...f }) => f) };
 }
 
 function download(name, text, type) {
@@ -142,7 +145,8 @@ function csvText() {
     r.faces.forEach((f, k) => {
       const [x1, y1, x2, y2] = f.box;
       const row = { file: r.file, frame: "", face: k, track: "", x1, y1, x2, y2, score: f.score, gender: f.gender,
-                    gender_prob: f.gender_prob, gender_unsure: f.gender_unsure ? 1 : 0, age: f.age, age_std: f.age_std };
+                    gender_prob: f.gender_prob, gender_unsure: f.gender_unsure ? 1 : 0, age: f.age, age_std: f.age_std,
+                    apparent_age: f.apparent_age ?? "", apparent_age_std: f.apparent_age_std ?? "" };
       rows.push(CSV_COLUMNS.map((c) => quote(row[c])).join(","));
     });
   }
