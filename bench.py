@@ -7,7 +7,7 @@
     python bench.py video [--frames 120] [--json out/bench_video.json]
     python bench.py small [--json out/bench_small.json]
     python bench.py landmarks [--photos 300] [--json out/bench_landmarks.json]
-    python bench.py serve [--clients 8] [--requests 2000] [--json out/bench_serve.json]
+    python bench.py serve [--clients 8 32] [--requests 2000] [--json out/bench_serve.json]
 
 data:  images/s served by data_gen from the cache with augmentation, against a seed-style loader that
        reads each original JPEG and warps it with the stored landmarks (same workers and batch size).
@@ -29,9 +29,10 @@ landmarks: RetinaFace's and YuNet's landmarks against MTCNN's on UTKFace val pho
        points against the ONet points in its boxes that detector.YuNetDetector gives.
 folder: photos/s of `demo.py FOLDER --no-draw --json` on real photos of mixed sizes (CLAP2016 and
        UTKFace photos, some enlarged or set on a bigger canvas), with 1 worker and with --workers.
-serve: `python serve.py` started as a user would, --clients concurrent clients on localhost posting
-       real photos (the folder benchmark's mix) to /api/analyze for --requests requests: requests/s,
-       p50/p95/p99 latency, errors, the server's memory before and after; and the same photos through
+serve: `python serve.py` started as a user would (its own defaults), --clients concurrent clients (8, then
+       32) on localhost posting real photos (the folder benchmark's mix) to /api/analyze for --requests
+       requests each: requests/s, p50/p95/p99 latency, answers, refusals (503) and other errors, the
+       server's memory after a warm-up, halfway and at the end; and the same photos through
        predictor.predict_many in this process, in the same run, as the baseline.
 """
 import argparse
@@ -505,9 +506,11 @@ def bench_serve(args):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    # the server as a user starts it: its own defaults, no raised limits
     server = subprocess.Popen([sys.executable, os.path.join(config.ROOT, "serve.py"), "--port", str(port), "--checkpoint", args.checkpoint,
-                               "--max-concurrent", str(2 * args.clients)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
+    runs = []
     try:
         for _ in range(600):
             try:
@@ -515,9 +518,10 @@ def bench_serve(args):
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        def load(requests):
-            """`requests` posts from args.clients concurrent clients: (latencies, errors, seconds)."""
-            latencies, errors, lock, counter = [], [], threading.Lock(), iter(range(requests))
+
+        def load(clients, requests):
+            """`requests` posts from `clients` concurrent clients: (latencies, statuses, seconds); status 0 = no answer."""
+            latencies, statuses, lock, counter = [], [], threading.Lock(), iter(range(requests))
 
             def client(k):
                 with httpx.Client(timeout=60) as c:
@@ -525,43 +529,48 @@ def bench_serve(args):
                         t0 = time.perf_counter()
                         try:
                             r = c.post(url + "/api/analyze", content=photos[(i + k) % len(photos)])
-                            ok = r.status_code == 200 and "faces" in r.json()
+                            status = r.status_code if r.status_code != 200 or "faces" in r.json() else -1
                         except httpx.HTTPError:
-                            ok = False
+                            status = 0
                         with lock:
                             latencies.append(time.perf_counter() - t0)
-                            if not ok:
-                                errors.append(i)
+                            statuses.append(status)
 
-            threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
+            threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
             t = time.perf_counter()
             for th in threads:
                 th.start()
             for th in threads:
                 th.join()
-            return latencies, errors, time.perf_counter() - t
+            return latencies, statuses, time.perf_counter() - t
 
-        load(200)  # warm-up at full load: the model's graph, every thread's buffers and allocator arenas
-        rss_before = _rss_mb(server.pid)
-        first = load(args.requests // 2)
-        rss_half = _rss_mb(server.pid)
-        second = load(args.requests - args.requests // 2)
-        rss_after = _rss_mb(server.pid)
-        latencies, errors, elapsed = first[0] + second[0], first[1] + second[1], first[2] + second[2]
+        for clients in args.clients:
+            load(clients, 200)  # warm-up at full load: the model's graph, every thread's buffers and allocator arenas
+            rss_before = _rss_mb(server.pid)
+            first = load(clients, args.requests // 2)
+            rss_half = _rss_mb(server.pid)
+            second = load(clients, args.requests - args.requests // 2)
+            rss_after = _rss_mb(server.pid)
+            runs.append((clients, first[0] + second[0], first[1] + second[1], first[2] + second[2], rss_before, rss_half, rss_after))
     finally:
         server.terminate()
         server.wait(10)
-    lat = np.array(latencies) * 1000
-    res = {"clients": args.clients, "requests": len(latencies), "errors": len(errors), "requests_s": round(len(latencies) / elapsed, 2),
-           "p50_ms": round(float(np.percentile(lat, 50)), 1), "p95_ms": round(float(np.percentile(lat, 95)), 1),
-           "p99_ms": round(float(np.percentile(lat, 99)), 1), "rss_before_mb": round(rss_before, 1), "rss_half_mb": round(rss_half, 1),
-           "rss_after_mb": round(rss_after, 1),
-           "predict_many_photos_s": round(baseline, 2), "ratio_to_predict_many": round(len(latencies) / elapsed / baseline, 3)}
-    print(f"serve.py, {args.clients} clients, {res['requests']} requests of real photos: {res['requests_s']} requests/s "
-          f"(predict_many in the same run: {res['predict_many_photos_s']} photos/s; ratio {res['ratio_to_predict_many']}), "
-          f"latency p50 {res['p50_ms']} / p95 {res['p95_ms']} / p99 {res['p99_ms']} ms, {res['errors']} errors, "
-          f"server memory after a 200-request warm-up {res['rss_before_mb']} MB, halfway {res['rss_half_mb']} MB, at the end {res['rss_after_mb']} MB")
-    return res
+    results = []
+    for clients, latencies, statuses, elapsed, rss_before, rss_half, rss_after in runs:
+        lat = np.array(latencies) * 1000
+        res = {"clients": clients, "requests": len(latencies), "answered_200": statuses.count(200), "refused_503": statuses.count(503),
+               "errors": len(statuses) - statuses.count(200), "requests_s": round(len(latencies) / elapsed, 2),
+               "p50_ms": round(float(np.percentile(lat, 50)), 1), "p95_ms": round(float(np.percentile(lat, 95)), 1),
+               "p99_ms": round(float(np.percentile(lat, 99)), 1), "rss_before_mb": round(rss_before, 1), "rss_half_mb": round(rss_half, 1),
+               "rss_after_mb": round(rss_after, 1),
+               "predict_many_photos_s": round(baseline, 2), "ratio_to_predict_many": round(len(latencies) / elapsed / baseline, 3)}
+        print(f"serve.py with its defaults, {clients} clients, {res['requests']} requests of real photos: {res['requests_s']} requests/s "
+              f"(predict_many in the same run: {res['predict_many_photos_s']} photos/s; ratio {res['ratio_to_predict_many']}), "
+              f"latency p50 {res['p50_ms']} / p95 {res['p95_ms']} / p99 {res['p99_ms']} ms, {res['answered_200']} answered, "
+              f"{res['refused_503']} refused (503), {res['errors'] - res['refused_503']} other errors, "
+              f"server memory after a 200-request warm-up {res['rss_before_mb']} MB, halfway {res['rss_half_mb']} MB, at the end {res['rss_after_mb']} MB")
+        results.append(res)
+    return results
 
 
 def main(argv=None):
@@ -581,7 +590,7 @@ def main(argv=None):
     p.add_argument("--min-face-size", type=int, default=20, help="infer/small: MTCNN's smallest face, as demo.py's option")
     p.add_argument("--photos", type=int, default=300, help="folder: how many photos the timed folder holds; landmarks: UTKFace val photos compared")
     p.add_argument("--frames", type=int, default=120, help="video: frames in the timed 640x480 clip")
-    p.add_argument("--clients", type=int, default=8, help="serve: concurrent clients")
+    p.add_argument("--clients", type=int, nargs="+", default=[8, 32], help="serve: concurrent clients, one run per number")
     p.add_argument("--requests", type=int, default=2000, help="serve: requests posted in all")
     args = p.parse_args(argv)
     res = {"data": bench_data, "train": bench_train, "infer": bench_infer, "folder": bench_folder, "video": bench_video, "small": bench_small, "landmarks": bench_landmarks, "serve": bench_serve}[args.what](args)

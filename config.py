@@ -160,8 +160,9 @@ class TrainConfig:
     turned_weight: int = 3
     # sampling balanced within each source over age group x gender x race (where the cache knows them): a face
     # is drawn (largest group's size / its group's size) ** balance times as often (rounded, at most
-    # BALANCE_MAX_REPEATS); 0 = as the cache holds them, 1 = fully balanced, 0.5 = in between
-    balance: float = 0.0
+    # BALANCE_MAX_REPEATS); 0 = as the cache holds them, 1 = fully balanced, 0.5 = in between; one value for
+    # every source, or one per --cache (e.g. 0 0 0 0.5: FairFace's ethnic group x gender x age group cells only)
+    balance: tuple[float, ...] = (0.0,)
     # validate and release an exponential moving average of the weights (0 = off): smoother than the
     # last step's weights on a small, noisy dataset; per optimizer step, warmed up as min(d, (1+t)/(10+t))
     ema_decay: float = 0.998

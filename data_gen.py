@@ -273,8 +273,8 @@ class MixedFaces(Dataset):
 
     hard_aug, pose_aug, hard_harsh, neighbour_aug: the shares of augment's real conditions. turned_weight: faces turned away
     (conditions.TURNED) are drawn this many times as often as the others of their source (`repeats`,
-    used by make_loader), since they are rare in the training data and common in photos. balance: the
-    same for rare age groups, genders and races (balance_repeats); the two multiply.
+    used by make_loader), since they are rare in the training data and common in photos. balance (one power,
+    or one per source): the same for rare age groups, genders and races (balance_repeats); the two multiply.
     A batch is (x, age, gender, source, span): source is each face's index in `sources` (train.py's
     --teacher-sources distils on some sources only, and trains each source's kind of age), span the
     [min, max] of ages its label allows (FaceCache.spans). With clean_view, (x, age, gender, source, span, clean):
@@ -288,9 +288,10 @@ class MixedFaces(Dataset):
         self.hard_aug, self.pose_aug, self.hard_harsh, self.neighbour_aug = hard_aug, pose_aug, hard_harsh, neighbour_aug
         turn = np.concatenate([s.turn for s in self.sources])
         repeats = np.where(turn >= conditions.TURNED, int(turned_weight), 1)
-        if balance > 0:
-            repeats = repeats * np.concatenate([balance_repeats(s.ages.numpy(), s.genders.numpy(), s.races, balance)
-                                                for s in self.sources])
+        powers = np.broadcast_to(np.asarray(balance, dtype=np.float64), len(self.sources))  # one, or one per source
+        if (powers > 0).any():
+            repeats = repeats * np.concatenate([balance_repeats(s.ages.numpy(), s.genders.numpy(), s.races, power)
+                                                for s, power in zip(self.sources, powers)])
         self.repeats = repeats if (repeats != 1).any() else None
         self.sizes = [len(s) for s in self.sources]
         self.starts = np.cumsum([0] + self.sizes)

@@ -130,7 +130,7 @@ def labels_age_kind(rows):
     return "apparent" if rows and any(r.get("age_std") or r.get("age_min") for r in rows) else "real"
 
 
-def gaps(table, min_faces=30):
+def gaps(table, min_faces=20):
     """The best and worst group's gender and age-group accuracy, and the gap between them, over the groups
     of at least `min_faces` faces with a known label (a group of three faces says nothing)."""
     out = {}

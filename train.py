@@ -55,15 +55,16 @@ def gender_loss(gender_logits, gender, weight=None):
     return (ce if weight is None else ce * weight).sum() / known.clamp_min(1)
 
 
-def age_loss(age_logits, span, cfg, weight=None):
-    """The age loss averaged over the batch, each face's term scaled by weight (per face) when given.
-    span (N x 2): the [min, max] of ages each face's label allows; an exact age (min = max) gets the
-    --age-loss, an age range (FairFace's groups) the range loss."""
+def age_loss(age_logits, span, cfg, weight=None, reduce=True):
+    """The age loss averaged over the batch (each face's with reduce=False), each face's term scaled by
+    weight (per face) when given. span (N x 2): the [min, max] of ages each face's label allows; an exact
+    age (min = max) gets the --age-loss, an age range (FairFace's groups) the range loss."""
     exact = span[:, 0] == span[:, 1]
     per_face = _age_loss_per_face(age_logits, span[:, 0], cfg)
     if not exact.all():
         per_face = torch.where(exact, per_face, range_loss(age_logits, span))
-    return (per_face if weight is None else per_face * weight).mean()
+    per_face = per_face if weight is None else per_face * weight
+    return per_face.mean() if reduce else per_face
 
 
 def range_loss(age_logits, span):
@@ -318,8 +319,8 @@ def build_data(cfg, rank, world, main_proc):
             fail("no --cache given and none of " + ", ".join(os.path.relpath(c) for c in config.DEFAULT_CACHES)
                  + " exists: make one with pre_process.py (README: Train on your own data)")
     check_shares("--source-weights", cfg.source_weights, len(cfg.cache), "cache(s)")
-    if not 0 <= cfg.balance <= 1:
-        fail(f"--balance must be between 0 and 1, got {cfg.balance}")
+    if len(cfg.balance) not in (1, len(cfg.cache)) or not all(0 <= b <= 1 for b in cfg.balance):
+        fail(f"--balance must be between 0 and 1, one value or one per --cache ({len(cfg.cache)}), got {' '.join(map(str, cfg.balance))}")
     if len(cfg.aug_scale) != 2 or not 0 < cfg.aug_scale[0] <= cfg.aug_scale[1] <= 4:
         fail(f"--aug-scale takes LO HI with 0 < LO <= HI <= 4, got {list(cfg.aug_scale)}")
     shares = {"--hard-aug": cfg.hard_aug, "--pose-aug": cfg.pose_aug, "--hard-harsh": cfg.hard_harsh, "--neighbour-aug": cfg.neighbour_aug}
@@ -553,8 +554,9 @@ def read_resume_checkpoint(last_path, cfg):
     try:
         ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
         saved = ckpt["config"]
-        if isinstance(saved.get("distill_weight"), (int, float)):  # written when it was one number for all sources
-            saved["distill_weight"] = (saved["distill_weight"],)
+        for key in ("distill_weight", "balance"):  # written when each was one number for all sources
+            if isinstance(saved.get(key), (int, float)):
+                saved[key] = (saved[key],)
         now = dataclasses.asdict(cfg)
         diff = sorted(k for k, v in now.items() if k not in RESUME_MAY_CHANGE and _comparable(saved.get(k, _DEFAULTS.get(k))) != _comparable(v))
         int(ckpt["epoch"]), int(ckpt["step"])  # main() reads them before anything else is restored

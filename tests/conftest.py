@@ -75,3 +75,52 @@ def parser_of(main, argv=("--help",)):
     finally:
         argparse.ArgumentParser.parse_args = real
     return seen[0]
+
+
+@pytest.fixture(scope="session")
+def range_cache(tmp_path_factory):
+    """A cache of ~160 real UTKFace faces labelled as FairFace labels them: an apparent age group (age_min,
+    age_max) instead of an age, and the ethnic group by name; made by pre_process.py --dataset fairface."""
+    import pre_process
+
+    tmp = tmp_path_factory.mktemp("ranges")
+    rows = []
+    for r in utk_rows("train", 80, seed=1) + utk_rows("val", 80, seed=1):
+        lo, hi = next(g for g in config.AGE_GROUPS if g[0] <= int(r["age"]) <= g[1])
+        rows.append({**r, "age_group": f"{lo}-{hi}" if hi < 200 else f"{lo}+", "age_min": lo, "age_max": min(hi, 100),
+                     "race": "Black" if r["race"] in ("1", "3") else "White"})
+    labels = write_csv(rows, tmp / "labels.csv", cols=("file", "age_group", "age_min", "age_max", "gender", "race", "split"))
+    out = tmp / "fairface_like"
+    assert pre_process.main(["--dataset", "fairface", "--labels", labels, "--data-dir", UTK, "--out", str(out), "--workers", "2"]) == 0
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def two_age_checkpoint(utk_cache, range_cache, tmp_path_factory):
+    """A small two-age network trained for a few steps on real ages (utk_cache) and age groups (range_cache)."""
+    import train
+
+    out = tmp_path_factory.mktemp("two_ages")
+    args = ["--cache", utk_cache, range_cache, "--out-dir", str(out), "--arch", "resnet18", "--pretrained", "", "--batch-size", "16",
+            "--workers", "0", "--epochs", "1", "--no-eval-tta"]
+    assert train.main(args) == 0
+    return str(out / "best.pt")
+
+
+@pytest.fixture(scope="session")
+def two_age_release(tmp_path_factory):
+    """The released model with a second age output whose head is its age head moved up five years (its
+    apparent age reads every face about five years older than its age): a two-age checkpoint that finds
+    and reads real faces, for the demo, the API and the page."""
+    import torch
+
+    from models import with_apparent_head
+
+    ckpt = torch.load(config.RELEASED_MODEL, map_location="cpu", weights_only=True)
+    state = with_apparent_head({k: v.float() for k, v in ckpt["model"].items()})
+    state["apparent_head.weight"] = state["apparent_head.weight"].roll(5, 0)
+    state["apparent_head.bias"] = state["apparent_head.bias"].roll(5, 0)
+    ckpt["model"] = state
+    path = tmp_path_factory.mktemp("two_age_release") / "two_ages.pt"
+    torch.save(ckpt, path)
+    return str(path)

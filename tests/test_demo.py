@@ -190,3 +190,18 @@ def test_evaluate_detect_on_shrunken_photos(tmp_path, capsys):
     for bad in (["--downscale", "0"], ["--downscale", "2"]):
         code, _, err = run(evaluate.main, common + bad, capsys)
         assert code == 2 and "--downscale" in err and len(err.strip().splitlines()) == 1
+
+
+def test_demo_json_and_csv_give_both_ages_of_a_two_age_model_and_one_of_the_release(tmp_path, two_age_release, capsys):
+    photo = os.path.join(config.ROOT, "images", "astronaut.jpg")
+    for name, checkpoint in (("two", two_age_release), ("one", config.RELEASED_MODEL)):
+        js, table = tmp_path / f"{name}.json", tmp_path / f"{name}.csv"
+        code, _, _ = run(demo.main, [photo, "--no-draw", "--checkpoint", checkpoint, "--json", str(js), "--csv", str(table)], capsys)
+        assert code == 0
+        (face,) = json.load(open(js))[0]["faces"]
+        (row,) = list(csv.DictReader(open(table)))
+        if name == "two":  # its apparent-age head is its age head moved up five years
+            assert 3 < face["apparent_age"] - face["age"] < 7 and face["apparent_age_std"] > 0
+            assert float(row["apparent_age"]) == face["apparent_age"]
+        else:  # one age output: no apparent age, never invented
+            assert "apparent_age" not in face and row["apparent_age"] == ""

@@ -54,6 +54,17 @@ def test_api_gives_the_predictors_records(client):
     assert client.get("/openapi.json").json()["paths"].keys() >= {"/api/analyze", "/api/track", "/api/health"}
 
 
+def test_api_and_webcam_labels_give_a_two_age_models_apparent_age(two_age_release):
+    from fastapi.testclient import TestClient
+
+    with TestClient(serve.create_app(checkpoint=two_age_release)) as c:
+        (face,) = c.post("/api/analyze?distribution=true", content=_bytes("astronaut.jpg")).json()["faces"]
+        assert 3 < face["apparent_age"] - face["age"] < 7 and len(face["apparent_age_distribution"]) == config.NUM_AGES
+        (tracked,) = c.post("/api/track?session=s", content=_bytes("astronaut.jpg")).json()["faces"]
+        label = tracked["track_label"]
+        assert label["apparent_age"] == pytest.approx(tracked["apparent_age"], abs=0.2) and "apparent_age_distribution" not in tracked
+
+
 def test_webcam_frames_keep_one_track(client):
     tracks = []
     for _ in range(3):
@@ -293,7 +304,7 @@ def _chromium():
     return None, None
 
 
-def test_the_page_in_a_real_browser(tmp_path):
+def test_the_page_in_a_real_browser(tmp_path, two_age_release):
     browser, driver_path = _chromium()
     if not browser or not driver_path:
         if os.environ.get("CI"):
@@ -308,7 +319,7 @@ def test_the_page_in_a_real_browser(tmp_path):
     options.binary_location = browser
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000", "--disable-dev-shm-usage"):
         options.add_argument(arg)
-    with Server(serve.create_app()) as server:
+    with Server(serve.create_app(checkpoint=two_age_release)) as server:
         driver = webdriver.Chrome(service=Service(driver_path), options=options)
         try:
             driver.get(server.url + "/")
@@ -322,6 +333,7 @@ def test_the_page_in_a_real_browser(tmp_path):
             driver.find_elements(By.CSS_SELECTOR, ".faces li")[0].click()
             WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "detail").is_displayed())
             assert driver.find_element(By.ID, "detail-crop").get_attribute("src").startswith("data:image/png")
+            assert "; looks " in driver.find_element(By.ID, "detail-text").text  # the apparent age beside the age
             assert not driver.find_element(By.ID, "download-json").get_property("disabled")
             # what the page drew: the boxes' colours are on the canvas
             png = driver.get_screenshot_as_png()

@@ -377,3 +377,50 @@ def test_calibrate_unsure_only_keeps_the_calibration(clap_cache, tmp_path, capsy
     assert 0.5 <= after["calibration"]["gender_unsure_below"] <= 0.99 and after["age_estimate"] == before["age_estimate"]
     assert all(torch.equal(after["model"][k], before["model"][k]) for k in before["model"])
     assert AgeGenderPredictor(out, "cpu").unsure_below == after["calibration"]["gender_unsure_below"]
+
+
+def test_age_ranges_flow_through_the_cache_and_the_loader(range_cache, tmp_path, capsys):
+    """FairFace-style labels (age_min, age_max, race by name): the cache keeps the ranges and the race, says
+    its ages are apparent, and the loader hands each face's range to training."""
+    from data_gen import SeededBatch
+
+    with open(os.path.join(range_cache, "meta.csv"), newline="") as f:
+        meta = list(csv.DictReader(f))
+    with open(os.path.join(range_cache, "cache.json")) as f:
+        assert json.load(f)["age_kind"] == "apparent"
+    assert len(meta) >= 155 and {"age_min", "age_max", "race"} <= set(meta[0])
+    for r in meta:
+        lo, hi = int(r["age_min"]), int(r["age_max"])
+        assert lo < hi and lo <= int(r["age"]) <= hi  # the group's middle, kept for grouping only
+    assert "Black" in {r["race"] for r in meta}
+    train_set = FaceCache(range_cache, split="train", train=True)
+    assert train_set.age_kind == "apparent"
+    rows = train_set.rows()
+    assert train_set.spans.tolist() == [[int(r["age_min"]), int(r["age_max"])] for r in rows]
+    x, age, gender, source, span = MixedFaces([train_set]).__getitems__(SeededBatch(list(range(8)), seed=1))
+    assert x.shape == (8, 3, config.IMAGE_H, config.IMAGE_W) and span.tolist() == train_set.spans[:8].tolist()
+    # a CSV with neither an age nor a range: one line, exit 2
+    bad = write_csv([{"file": "a.jpg", "gender": 1}], tmp_path / "bad.csv", cols=("file", "gender"))
+    code, _, err = run_main(pre_process.main, ["--dataset", "csv", "--labels", bad, "--data-dir", str(tmp_path), "--out",
+                                               str(tmp_path / "o")], capsys)
+    assert code == 2 and "age_min" in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_scores_age_groups_on_the_apparent_age_and_reports_gaps(range_cache, two_age_release, tmp_path, capsys):
+    import evaluate
+
+    js = tmp_path / "e.json"
+    code, out, _ = run_main(evaluate.main, ["--checkpoint", two_age_release, "--cache", range_cache, "--split", "val", "--json", str(js)], capsys)
+    assert code == 0 and "apparent ages, scored on the model's `apparent_age` output" in out
+    report = json.load(open(js))
+    assert report["age_output"] == "apparent_age" and 0 <= report["age_group_acc"] <= 1
+    assert set(report["by"]["race"]) == {"Black", "White"} and "gender_acc" in report["gaps"]["race"]
+    gap = report["gaps"]["race"]["gender_acc"]
+    by = report["by"]["race"]
+    assert gap["gap"] == pytest.approx(by[gap["best"]]["gender_acc"] - by[gap["worst"]]["gender_acc"], abs=1e-3)
+    assert "by race, gender accuracy: best" in out
+    # the same faces scored on the real age (a one-age model has nothing else): its head reads five years younger
+    code, out, _ = run_main(evaluate.main, ["--checkpoint", two_age_release, "--cache", range_cache, "--split", "val",
+                                            "--age-kind", "real", "--json", str(js)], capsys)
+    real = json.load(open(js))
+    assert code == 0 and real["age_output"] == "age" and real["age_bias"] < report["age_bias"] - 2

@@ -252,33 +252,71 @@ def test_export_averages_the_weights_of_several_checkpoints(tmp_path, capsys):
 def test_distill_loss_is_zero_at_the_teachers_distribution():
     cfg = config.TrainConfig(age_weight=0.5)
     g_logits, a_logits = torch.tensor([[0.3, -1.0], [2.0, 0.0]]), torch.randn(2, config.NUM_AGES)
-    same = train.distill_loss(g_logits, a_logits, g_logits.softmax(1), a_logits.softmax(1), cfg)
+    same = train.distill_loss((g_logits, a_logits), (g_logits.softmax(1), a_logits.softmax(1)), cfg)
     assert abs(same.item()) < 1e-6
     # by hand: gender KL of [0.5, 0.5] from softmax([0, log 3]) = [0.25, 0.75] is 0.5 log(0.5/0.25) + 0.5 log(0.5/0.75)
     g = torch.tensor([[0.0, float(np.log(3))]])
     uniform_age = torch.full((1, config.NUM_AGES), 1 / config.NUM_AGES)
-    got = train.distill_loss(g, torch.zeros(1, config.NUM_AGES), torch.tensor([[0.5, 0.5]]), uniform_age, cfg)
+    got = train.distill_loss((g, torch.zeros(1, config.NUM_AGES)), (torch.tensor([[0.5, 0.5]]), uniform_age), cfg)
     assert got.item() == pytest.approx(0.5 * np.log(2) + 0.5 * np.log(2 / 3), abs=1e-6)
+    # a one-age teacher teaches a two-age network both of its ages the one it has
+    two = train.distill_loss((g, torch.zeros(1, config.NUM_AGES), torch.zeros(1, config.NUM_AGES)), (torch.tensor([[0.5, 0.5]]), uniform_age), cfg)
+    assert two.item() == pytest.approx(got.item(), abs=1e-6)
+
+
+def _spans(ages):
+    return torch.tensor([[a, a] for a in ages])
 
 
 def test_joint_loss_distils_only_the_faces_given_a_share():
     cfg = config.TrainConfig(age_weight=0.5, age_loss="dldl")
     torch.manual_seed(0)
     g, a = torch.randn(4, 2), torch.randn(4, config.NUM_AGES)
-    age, gender = torch.tensor([3, 30, 60, 90]), torch.tensor([0, 1, -1, 1])
+    span, gender = _spans([3, 30, 60, 90]), torch.tensor([0, 1, -1, 1])
     soft = torch.randn(4, 2).softmax(1), torch.randn(4, config.NUM_AGES).softmax(1)
-    labels = train.joint_loss(g, a, age, gender, cfg)
-    kd = train.distill_loss(g, a, *soft, cfg)
+    labels = train.joint_loss((g, a), span, gender, cfg)
+    kd = train.distill_loss((g, a), soft, cfg)
     # the same share everywhere: (1 - w) * the labels' loss + w * the distillation term, as before shares
-    uniform = train.joint_loss(g, a, age, gender, cfg, soft, torch.full((4,), 0.3))
+    uniform = train.joint_loss((g, a), span, gender, cfg, soft=soft, share=torch.full((4,), 0.3))
     assert uniform.item() == pytest.approx((0.7 * labels + 0.3 * kd).item(), rel=1e-5)
     # share 0 on the last two faces: what the teachers say of them does not count
     share = torch.tensor([0.5, 0.5, 0.0, 0.0])
     other = soft[0].clone(), soft[1].clone()
     other[0][2:], other[1][2:] = other[0][2:].flip(1), other[1][2:].roll(40, 1)
-    got = train.joint_loss(g, a, age, gender, cfg, soft, share)
-    assert got.item() == pytest.approx(train.joint_loss(g, a, age, gender, cfg, other, share).item(), rel=1e-6)
-    assert got.item() != pytest.approx(train.joint_loss(g, a, age, gender, cfg, other, torch.full((4,), 0.5)).item(), rel=1e-3)
+    got = train.joint_loss((g, a), span, gender, cfg, soft=soft, share=share)
+    assert got.item() == pytest.approx(train.joint_loss((g, a), span, gender, cfg, soft=other, share=share).item(), rel=1e-6)
+    assert got.item() != pytest.approx(train.joint_loss((g, a), span, gender, cfg, soft=other, share=torch.full((4,), 0.5)).item(), rel=1e-3)
+
+
+def test_an_age_range_loss_rewards_mass_inside_the_range():
+    """FairFace's labels are age groups: -log P(age in range), checked by hand, not the group's middle age."""
+    ages = torch.arange(config.NUM_AGES)
+    span = torch.tensor([[20, 29]])
+    inside = torch.where((ages >= 20) & (ages <= 29), 0.0, -30.0)[None]  # all the mass on 20-29, spread evenly
+    at_edge = torch.where(ages == 29, 0.0, -30.0)[None]  # all of it on 29: still inside, as good
+    outside = torch.where((ages >= 40) & (ages <= 49), 0.0, -30.0)[None]
+    half = torch.where((ages >= 25) & (ages <= 34), 0.0, -30.0)[None]  # half inside: -log 0.5
+    loss = {name: train.range_loss(logits, span).item() for name, logits in
+            (("inside", inside), ("edge", at_edge), ("outside", outside), ("half", half))}
+    assert loss["inside"] == pytest.approx(0, abs=1e-6) and loss["edge"] == pytest.approx(0, abs=1e-6)
+    assert loss["half"] == pytest.approx(np.log(2), abs=1e-5)
+    assert loss["outside"] > 25
+    # in age_loss a range gets the range loss and an exact age (min = max) the Gaussian one
+    cfg = config.TrainConfig(age_loss="dldl")
+    both = train.age_loss(torch.cat([inside, inside]), torch.tensor([[20, 29], [25, 25]]), cfg, reduce=False)
+    assert both[0].item() == pytest.approx(0, abs=1e-6) and both[1].item() > 0.5
+
+
+def test_each_label_trains_the_age_of_its_kind():
+    """With two age outputs a face of an apparent-age source moves only the apparent age, a real one only the age."""
+    cfg = config.TrainConfig()
+    torch.manual_seed(0)
+    g = torch.randn(2, 2)
+    real, apparent = torch.randn(2, config.NUM_AGES, requires_grad=True), torch.randn(2, config.NUM_AGES, requires_grad=True)
+    loss = train.joint_loss((g, real, apparent), _spans([30, 40]), torch.tensor([0, 1]), cfg, apparent=torch.tensor([False, True]))
+    loss.backward()
+    assert real.grad[0].abs().sum() > 0 and real.grad[1].abs().sum() == 0
+    assert apparent.grad[1].abs().sum() > 0 and apparent.grad[0].abs().sum() == 0
 
 
 def test_distill_shares_per_source():
@@ -363,3 +401,25 @@ def test_cpu_without_native_bf16_trains_in_fp32(monkeypatch, capsys):
     monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
     assert train.setup_processes(cfg)[4] is torch.bfloat16
     assert train.setup_processes(config.TrainConfig(device="cpu", amp="none"))[4] is None
+
+
+def test_a_two_age_run_validates_each_source_on_its_own_age(two_age_checkpoint, utk_cache, range_cache):
+    net, ckpt = load_checkpoint(two_age_checkpoint)
+    assert net.two_ages and ckpt["config"]["two_ages"]
+    row = ckpt["history"][-1]
+    assert 0 <= row["val_fairface_like_age_group_acc"] <= 1 and row["val_cache_age_mae"] > 0
+    assert "val_cache_age_group_acc" not in row  # exact real ages: an MAE, no group to be inside
+    out = net.predict(torch.zeros(2, 3, config.IMAGE_H, config.IMAGE_W))
+    assert out["apparent_age_prob"].shape == (2, config.NUM_AGES) and out["apparent_age"].shape == (2,)
+
+
+def test_a_two_age_network_starts_from_a_one_age_checkpoint_with_both_heads_its_age_head(tmp_path):
+    net = AgeGenderNet("sface", pretrained=config.RELEASED_MODEL, two_ages=True).eval()
+    x = torch.randn(3, 3, config.IMAGE_H, config.IMAGE_W, generator=torch.Generator().manual_seed(0))
+    out = net.predict(x)
+    assert torch.equal(out["age_prob"], out["apparent_age_prob"])
+    # a soup of a one-age and a two-age checkpoint: the one-age side lends its age head to both
+    two = tmp_path / "two.pt"
+    torch.save({"model": net.state_dict(), "config": {"arch": "sface"}}, two)
+    soup = models.average_checkpoints([config.RELEASED_MODEL, str(two)])
+    assert "apparent_head.weight" in soup["model"]
