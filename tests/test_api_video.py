@@ -185,7 +185,8 @@ def test_folder_with_two_workers_gives_the_same_output(tmp_path, capsys):
     assert outs[1] == outs[2]
     rows = list(csv.DictReader(open(tmp_path / "w1.csv")))
     assert len(rows) == sum(len(r["faces"]) for r in outs[1][0]) >= 5
-    assert set(rows[0]) == {"file", "frame", "face", "track", "x1", "y1", "x2", "y2", "score", "gender", "gender_prob", "gender_unsure", "age", "age_std"}
+    assert set(rows[0]) == {"file", "frame", "face", "track", "x1", "y1", "x2", "y2", "score", "gender", "gender_prob", "gender_unsure", "age", "age_std",
+                            "apparent_age", "apparent_age_std"}
 
 
 def test_every_option_of_every_script_has_a_help_line():

@@ -284,7 +284,8 @@ def test_aaf_layout_flows_through_cache_and_loader(tmp_path):
     assert (balanced.repeats == np.tile(balance_repeats(train.ages, train.genders, train.races, 1.0), 2)
             * np.where(np.tile(train.turn, 2) >= conditions.TURNED, 3, 1)).all()
     loader, _ = make_loader(mixed, 4, workers=0, source_weights=[0.5, 0.5])
-    x, ages, genders, source = next(iter(loader))
+    x, ages, genders, source, span = next(iter(loader))
+    assert torch.equal(span[:, 0], ages) and torch.equal(span[:, 1], ages)  # exact ages: ranges of one year
     assert set(source.tolist()) <= {0, 1}
     assert x.shape == (4, 3, config.IMAGE_H, config.IMAGE_W)
     assert set(zip(ages.tolist(), genders.tolist())) <= set(truth.values())

@@ -5,6 +5,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 
 import torch
 
@@ -66,7 +67,7 @@ def test_release_chain_runs_end_to_end(tmp_path):
     caches = [_tiny_cache(tmp_path, name, utk_rows("train", 16, seed=k) + utk_rows("val", 4, seed=k))
               for k, name in enumerate(("utk", "clap", "aaf"))]
     out = tmp_path / "chain"
-    env = {**os.environ, "QUICK": "1", "UTK": caches[0], "CLAP": caches[1], "AAF": caches[2], "OUT": str(out)}
+    env = {**os.environ, "QUICK": "1", "UTK": caches[0], "CLAP": caches[1], "AAF": caches[2], "OUT": str(out), "PYTHON": sys.executable}
     run = subprocess.run(["bash", os.path.join(config.ROOT, "recipes", "release.sh")], env=env, capture_output=True, text=True,
                          timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -123,9 +123,9 @@ def test_mixed_faces_serve_both_sources(utk_cache, clap_cache):
     mix = MixedFaces([u, c], fill_outside=1.0)
     loader, sampler = make_loader(mix, 16, seed=0, workers=0, source_weights=[1, 1])
     batches = list(loader)
-    genders = torch.cat([g for _, _, g, _ in batches])
+    genders = torch.cat([g for _, _, g, _, _ in batches])
     # each face's source index: CLAP2016 (1) is the source without gender labels
-    assert torch.equal(torch.cat([s for *_, s in batches]) == 1, genders == -1)
+    assert torch.equal(torch.cat([s for _, _, _, s, _ in batches]) == 1, genders == -1)
     assert (genders == -1).float().mean() == pytest.approx(0.5, abs=0.07) and set(genders.tolist()) <= {-1, 0, 1}
 
 

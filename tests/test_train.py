@@ -156,7 +156,7 @@ def test_frozen_stages_keep_their_weights_and_statistics(utk_cache, tmp_path):
     from demo import views_of
     assert views_of(torch.load(out / "last.pt", weights_only=True)) == (False, config.TTA_ZOOM)  # validated with one view, predicts with one
     torch.manual_seed(0)  # train.py seeds with --seed 0 before it builds the network
-    init = AgeGenderNet("mobilenet_v2", pretrained="").state_dict()
+    init = AgeGenderNet("mobilenet_v2", pretrained="", two_ages=True).state_dict()
     trained = torch.load(out / "last.pt", weights_only=True)["model"]
     assert set(trained) == set(init)  # a frozen run's checkpoint loads like any other
     frozen = [k for k in init if k.startswith("trunk.features.") and int(k.split(".")[2]) < 12]
@@ -370,9 +370,9 @@ def test_distillation_learns_from_the_teachers_not_the_labels(utk_cache, tmp_pat
     net, _ = load_checkpoint(str(teacher / "last.pt"))
     x = torch.randn(3, 3, config.IMAGE_H, config.IMAGE_W)
     for own_views in (True, False):
-        gender, age = train.Teachers([str(teacher / "last.pt")] * 2, [1, 3], "cpu", own_views)(x)
+        gender, age, _ = train.Teachers([str(teacher / "last.pt")] * 2, [1, 3], "cpu", own_views)(x)
         with torch.no_grad():
-            want_gender, want_age = net.probabilities(x, own_views)
+            want_gender, want_age, _ = net.probabilities(x, own_views)
         assert torch.allclose(gender, want_gender, atol=1e-5) and torch.allclose(age, want_age, atol=1e-5)
     assert not torch.allclose(net.probabilities(x, True)[1], net.probabilities(x, False)[1], atol=1e-5)
 
