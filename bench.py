@@ -38,6 +38,7 @@ serve: `python serve.py` started as a user would (its own defaults), --clients c
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -508,7 +509,7 @@ def bench_serve(args):
         port = sock.getsockname()[1]
     # the server as a user starts it: its own defaults, no raised limits
     server = subprocess.Popen([sys.executable, os.path.join(config.ROOT, "serve.py"), "--port", str(port), "--checkpoint", args.checkpoint,
-                               "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               "--log-level", "warning", *shlex.split(args.server_args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     runs = []
     try:
@@ -536,14 +537,29 @@ def bench_serve(args):
                             latencies.append(time.perf_counter() - t0)
                             statuses.append(status)
 
-            threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+            def health():  # /api/health polled throughout: (its slowest answer, how often it failed)
+                while not done.is_set():
+                    t0 = time.perf_counter()
+                    try:
+                        ok = httpx.get(url + "/api/health", timeout=10).status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    health_times.append(time.perf_counter() - t0)
+                    health_failures.append(not ok)
+                    time.sleep(0.2)
+
+            done = threading.Event()
+            threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)] + [threading.Thread(target=health)]
             t = time.perf_counter()
             for th in threads:
                 th.start()
-            for th in threads:
+            for th in threads[:-1]:
                 th.join()
+            done.set()
+            threads[-1].join()
             return latencies, statuses, time.perf_counter() - t
 
+        health_times, health_failures = [], []
         for clients in args.clients:
             load(clients, 200)  # warm-up at full load: the model's graph, every thread's buffers and allocator arenas
             rss_before = _rss_mb(server.pid)
@@ -551,24 +567,28 @@ def bench_serve(args):
             rss_half = _rss_mb(server.pid)
             second = load(clients, args.requests - args.requests // 2)
             rss_after = _rss_mb(server.pid)
-            runs.append((clients, first[0] + second[0], first[1] + second[1], first[2] + second[2], rss_before, rss_half, rss_after))
+            runs.append((clients, first[0] + second[0], first[1] + second[1], first[2] + second[2], rss_before, rss_half, rss_after,
+                         max(health_times), sum(health_failures)))
+            health_times.clear()
+            health_failures.clear()
     finally:
         server.terminate()
         server.wait(10)
     results = []
-    for clients, latencies, statuses, elapsed, rss_before, rss_half, rss_after in runs:
+    for clients, latencies, statuses, elapsed, rss_before, rss_half, rss_after, health_max, health_failed in runs:
         lat = np.array(latencies) * 1000
         res = {"clients": clients, "requests": len(latencies), "answered_200": statuses.count(200), "refused_503": statuses.count(503),
                "errors": len(statuses) - statuses.count(200), "requests_s": round(len(latencies) / elapsed, 2),
                "p50_ms": round(float(np.percentile(lat, 50)), 1), "p95_ms": round(float(np.percentile(lat, 95)), 1),
                "p99_ms": round(float(np.percentile(lat, 99)), 1), "rss_before_mb": round(rss_before, 1), "rss_half_mb": round(rss_half, 1),
-               "rss_after_mb": round(rss_after, 1),
-               "predict_many_photos_s": round(baseline, 2), "ratio_to_predict_many": round(len(latencies) / elapsed / baseline, 3)}
-        print(f"serve.py with its defaults, {clients} clients, {res['requests']} requests of real photos: {res['requests_s']} requests/s "
+               "rss_after_mb": round(rss_after, 1), "health_slowest_ms": round(1000 * health_max, 1), "health_failed": health_failed,
+               "server_args": args.server_args, "predict_many_photos_s": round(baseline, 2), "ratio_to_predict_many": round(len(latencies) / elapsed / baseline, 3)}
+        print(f"serve.py {args.server_args or 'with its defaults'}, {clients} clients, {res['requests']} requests of real photos: {res['requests_s']} requests/s "
               f"(predict_many in the same run: {res['predict_many_photos_s']} photos/s; ratio {res['ratio_to_predict_many']}), "
               f"latency p50 {res['p50_ms']} / p95 {res['p95_ms']} / p99 {res['p99_ms']} ms, {res['answered_200']} answered, "
               f"{res['refused_503']} refused (503), {res['errors'] - res['refused_503']} other errors, "
-              f"server memory after a 200-request warm-up {res['rss_before_mb']} MB, halfway {res['rss_half_mb']} MB, at the end {res['rss_after_mb']} MB")
+              f"server memory after a 200-request warm-up {res['rss_before_mb']} MB, halfway {res['rss_half_mb']} MB, at the end {res['rss_after_mb']} MB; "
+              f"/api/health meanwhile: slowest {res['health_slowest_ms']} ms, {health_failed} failed")
         results.append(res)
     return results
 
@@ -592,6 +612,8 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=120, help="video: frames in the timed 640x480 clip")
     p.add_argument("--clients", type=int, nargs="+", default=[8, 32], help="serve: concurrent clients, one run per number")
     p.add_argument("--requests", type=int, default=2000, help="serve: requests posted in all")
+    p.add_argument("--server-args", default="", help="serve: options for serve.py (default: none, its own defaults), "
+                                                      "e.g. '--queue-size 8' to see what past the queue gets")
     args = p.parse_args(argv)
     res = {"data": bench_data, "train": bench_train, "infer": bench_infer, "folder": bench_folder, "video": bench_video, "small": bench_small, "landmarks": bench_landmarks, "serve": bench_serve}[args.what](args)
     if args.json:

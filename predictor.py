@@ -218,17 +218,24 @@ class AgeGenderPredictor:
 
     def analyse_many(self, rgbs, batch_size=64, pad_fraction=0.0, distribution=False):
         """(FaceRecords, aligned crops) of each RGB photo, the faces of all of them through the network in
-        batches of `batch_size`: each photo's records are those it gets alone (serve.py batches requests so)."""
-        found, crops = [], []
-        for rgb in rgbs:
-            faces = self.detector.detect(rgb, pad_fraction=pad_fraction)
-            found.append(faces)
-            crops += [align_face(rgb, f.landmarks) for f in faces]
+        batches of `batch_size`: each photo's records are those it gets alone."""
+        return self.predict_found([self.find_faces(rgb, pad_fraction) for rgb in rgbs], batch_size, distribution)
+
+    def find_faces(self, rgb, pad_fraction=0.0, detector=None):
+        """(detected faces, their aligned crops) of one RGB photo; `detector`: another instance than the
+        predictor's own (make_detector), for a thread of its own (serve.py finds faces in several at once)."""
+        faces = (detector or self.detector).detect(rgb, pad_fraction=pad_fraction)
+        return faces, [align_face(rgb, f.landmarks) for f in faces]
+
+    def predict_found(self, found, batch_size=64, distribution=False):
+        """(FaceRecords, crops) of each photo's find_faces() result, the faces of all of them through the
+        network together, in batches of `batch_size` (serve.py batches requests so)."""
+        crops = [c for _, photo_crops in found for c in photo_crops]
         parts = [self.predict_crops(crops[s : s + batch_size]) for s in range(0, len(crops), batch_size)]
         pred = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else self.predict_crops([])
         out, start = [], 0
-        for faces in found:
-            out.append((self._records(faces, pred, start, distribution, self.unsure_below), crops[start : start + len(faces)]))
+        for faces, photo_crops in found:
+            out.append((self._records(faces, pred, start, distribution, self.unsure_below), photo_crops))
             start += len(faces)
         return out
 

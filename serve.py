@@ -28,10 +28,12 @@ project are loaded, with weights_only=True.
 import argparse
 import asyncio
 import base64
+import ctypes
 import io
 import logging
 import os
 import sys
+import threading
 import time
 from collections import OrderedDict
 
@@ -46,54 +48,61 @@ WEB = os.path.join(config.ROOT, "web")
 LOG = logging.getLogger("serve")
 # the queue's defaults: room for 64 requests waiting per process (32 clients at once are served without a
 # refusal), none waiting longer than 30 s, and up to 16 photos' faces through the network together, a batch
-# waiting at most 5 ms for more once its first request is in (bench.py serve measures them)
-QUEUE_SIZE, QUEUE_TIMEOUT_S, MAX_BATCH, MAX_WAIT_MS = 64, 30.0, 16, 5.0
+# waiting at most 2 ms for more once its first request is in (bench.py serve measures them)
+QUEUE_SIZE, QUEUE_TIMEOUT_S, MAX_BATCH, MAX_WAIT_MS = 64, 30.0, 16, 2.0
 MAX_SESSIONS = 32  # webcam sessions (a tracker each) kept at once; the least recently used goes first
 SESSION_IDLE_S = 120  # a session unused this long is dropped
 
 
 class Pipelines:
-    """One AgeGenderPredictor per (detector, views) asked for, built on first use, and the batches of
-    requests run on them: one batch at a time (cv2's networks are not thread-safe, and two at once would
-    only share the same cores), each photo's faces found one photo after another, then the faces of the
-    whole batch through the network together (AgeGenderPredictor.analyse_many)."""
+    """One AgeGenderPredictor per (detector, views) asked for, built on first use. Each request's faces are
+    found in the request's own thread, by one of a few detectors kept for the purpose (a detector serves one
+    thread at a time); the network runs one batch of requests at a time (run_batch: cv2's networks are not
+    thread-safe), the faces of the whole batch together (AgeGenderPredictor.predict_found)."""
 
-    def __init__(self, checkpoint, detector, device="cpu"):
+    def __init__(self, checkpoint, detector, device="cpu", detectors=2):
         from models import load_checkpoint
 
         self.checkpoint, self.detector, self.device = checkpoint, detector, device
         load_checkpoint(checkpoint)  # a bad checkpoint fails at start, in one line, not at the first request
-        self.predictors = {}
+        self.predictors, self.lock = {}, threading.Lock()
+        self.free_detectors, self.detector_slots = {}, threading.BoundedSemaphore(detectors)
         self.sessions = OrderedDict()
 
     def get(self, detector, tta):
         from predictor import AgeGenderPredictor
 
         key = (detector or self.detector, tta)
-        if key not in self.predictors:
-            self.predictors[key] = AgeGenderPredictor(self.checkpoint, self.device, tta=tta, detector=key[0])
-        return self.predictors[key]
+        with self.lock:
+            if key not in self.predictors:
+                self.predictors[key] = AgeGenderPredictor(self.checkpoint, self.device, tta=tta, detector=key[0])
+            return self.predictors[key]
+
+    def find_faces(self, key, rgb):
+        """(faces, aligned crops) of one photo, by a detector of the key's kind that no other thread is using."""
+        from detector import make_detector
+
+        predictor = self.get(*key)
+        with self.detector_slots:
+            with self.lock:
+                pool = self.free_detectors.setdefault(key[0], [])
+                detector = pool.pop() if pool else None
+            detector = detector or make_detector(**predictor._detector_args)
+            try:
+                return predictor.find_faces(rgb, detector=detector)
+            finally:
+                with self.lock:
+                    pool.append(detector)
 
     def run_batch(self, key, requests):
-        """The records of a batch of requests (rgb, distribution, crops, session) of one (detector, views)
-        key: each exactly what its photo gets alone. A photo that fails gets its exception, the rest go on."""
+        """The records of a batch of requests (rgb, found faces, distribution, crops, session) of one
+        (detector, views) key: each exactly what its photo gets alone."""
         predictor = self.get(*key)
-        try:
-            analysed = predictor.analyse_many([r[0] for r in requests], distribution=True)
-        except Exception:  # find the photo at fault: the others are answered
-            analysed = []
-            for r in requests:
-                try:
-                    analysed += predictor.analyse_many([r[0]], distribution=True)
-                except Exception as e:
-                    analysed.append(e)
         out = []
-        for (rgb, distribution, crops, session), result in zip(requests, analysed):
-            if isinstance(result, Exception):
-                out.append(result)
-                continue
+        for (rgb, _, distribution, crops, session), found in zip(requests, predictor.predict_found([r[1] for r in requests],
+                                                                                                   distribution=True)):
             state = self.tracker(session, predictor) if session is not None else None
-            out.append(record_of(rgb, *result, distribution, crops, state))
+            out.append(record_of(rgb, *found, distribution, crops, state))
         return out
 
     def tracker(self, session, predictor):
@@ -142,7 +151,7 @@ def create_app(checkpoint=config.RELEASED_MODEL, detector=config.DETECTOR, max_u
                queue_size=QUEUE_SIZE, queue_timeout=QUEUE_TIMEOUT_S, max_batch=MAX_BATCH, max_wait_ms=MAX_WAIT_MS, device="cpu",
                pipelines=None):
     """The FastAPI app (serve.py's main runs it under uvicorn; tests call it directly, and may hand it their
-    own `pipelines`: anything with get(detector, tta) and run_batch(key, requests))."""
+    own `pipelines`: anything with a `detector` name, find_faces(key, rgb) and run_batch(key, requests))."""
     from fastapi import FastAPI, Query, Request
 
     limit = int(max_upload_mb * 2**20)
@@ -166,8 +175,12 @@ def create_app(checkpoint=config.RELEASED_MODEL, detector=config.DETECTOR, max_u
         rgb, bad = await asyncio.to_thread(decode, data, max_pixels)
         if bad is not None:
             return bad
+        key = (detector or pipelines.detector, tta)
         try:
-            record = await queue.submit((detector or pipelines.detector, tta), (rgb, distribution, crops, session))
+            if queue.full():  # refused before any work is spent on it
+                raise QueueFull(f"{queue.depth} requests already waiting (the queue holds {queue_size})")
+            found = await asyncio.to_thread(pipelines.find_faces, key, rgb)  # the network's part waits for a batch
+            record = await queue.submit(key, (rgb, found, distribution, crops, session))
         except (QueueFull, QueueTimeout) as e:
             return error(503, f"busy: {e}; try again in a moment", headers={"Retry-After": str(queue.retry_after())})
         return {"file": name, **record}
@@ -282,7 +295,7 @@ class ServerMetrics:
 
 def add_plumbing(app, metrics):
     """The page, its static files, /metrics, the access log and the JSON answer to anything unexpected."""
-    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.responses import FileResponse, Response
     from fastapi.staticfiles import StaticFiles
     from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -296,23 +309,53 @@ def add_plumbing(app, metrics):
     async def prometheus():
         return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.middleware("http")
-    async def access_log(request, call_next):
-        started = time.perf_counter()
+    app.add_middleware(AccessLog, metrics=metrics)
+
+
+class AccessLog:
+    """ASGI middleware: one access-log line per request (method, route, status, ms) and its counts in
+    /metrics; an exception that escapes a route becomes one JSON line with a 500, and the server goes on.
+    Plain ASGI rather than Starlette's BaseHTTPMiddleware, which costs a task and a stream per request."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
         try:
-            response = await call_next(request)
-        except Exception as e:  # never a bare 500 page: one JSON line, and the server goes on
-            response = JSONResponse({"error": f"internal error ({type(e).__name__})"}, status_code=500)
+            await self.app(scope, receive, send_and_note)
+        except Exception as e:
+            from fastapi.responses import JSONResponse
+
+            await JSONResponse({"error": f"internal error ({type(e).__name__})"}, status_code=500)(scope, receive, send)
         seconds = time.perf_counter() - started
-        route = getattr(request.scope.get("route"), "path", None) or ("/static" if request.url.path.startswith("/static") else "other")
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        metrics.latency.labels(route).observe(seconds)
-        LOG.info("%s %s %d %.1f ms", request.method, request.url.path, response.status_code, 1000 * seconds)
-        return response
+        path = scope["path"]
+        route = getattr(scope.get("route"), "path", None) or ("/static" if path.startswith("/static") else "other")
+        self.metrics.requests.labels(route, str(status[0])).inc()
+        self.metrics.latency.labels(route).observe(seconds)
+        LOG.info("%s %s %d %.1f ms", scope["method"], path, status[0], 1000 * seconds)
+
+
+def limit_malloc_arenas(arenas=2):
+    """glibc gives every thread that allocates its own malloc arena, and a server that decodes photos in a pool
+    of threads grows by the arenas' unreturned pages; a couple of arenas keep its memory flat under load."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc: nothing to limit
+        pass
 
 
 def app_from_env():
     """The app uvicorn's worker processes build (--workers > 1): its settings come through the environment."""
+    limit_malloc_arenas()
     env = os.environ
     if env.get("SERVE_THREADS"):
         import torch
