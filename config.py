@@ -32,11 +32,10 @@ SHARED_DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
 MAX_IMAGE_PIXELS = 80_000_000
 # Test-time augmentation (--tta in demo.py, evaluate.py, calibrate.py; validation in train.py): besides
 # each face and its mirror image the network also sees the aligned crop enlarged by this factor about
-# its centre (and that view's mirror), and the four predictions are averaged. Chosen on the two val
-# splits (README, row 11): mean val MAE 3.942 -> 3.832 for the MobileNetV2 release; 3.973 -> 3.885 /
-# 3.866 / 3.879 at 1.06 / 1.08 / 1.10 for the one before. 1.0 keeps the mirror pass only. The SFace
-# release runs one view (its calibration was fitted for one: calibrate.py --no-tta): one view of SFace
-# already costs 1.6-1.8 times the MobileNetV2 release's four (README, Speed).
+# its centre (and that view's mirror), and the four predictions are averaged; the factor was chosen on
+# validation (docs/EXPERIMENTS.md). 1.0 keeps the mirror pass only. The SFace release runs one view (its
+# calibration is fitted for one: calibrate.py --no-tta), since one view of SFace already costs more than
+# four of MobileNetV2 (docs/SPEED.md).
 TTA_ZOOM = 1.08
 # Training augmentation scales each face by a factor drawn uniformly from this range (> 1 enlarges it:
 # a tighter crop); train.py --aug-scale LO HI overrides it.
@@ -134,7 +133,7 @@ class TrainConfig:
     # == model and loss
     arch: str = "sface"  # the trunk under the two heads (sface: a face-recognition trunk, the release's; see models.py)
     # a second age output: `age` learns the real ages (UTKFace, AAF, IMDB-WIKI), `apparent_age` the apparent ones
-    # (CLAP2016, FairFace: cache.json's age_kind); --no-two-ages: one output learns both (the earlier releases)
+    # (CLAP2016, FairFace: cache.json's age_kind); --no-two-ages: one output learns both
     two_ages: bool = True
     # keep the first N stages of the trunk as initialised (weights and BatchNorm statistics): cheaper steps,
     # and a pretrained trunk's early features kept (sface has 28 stages, mobilenet_v2 19, the resnets 5)
@@ -182,7 +181,7 @@ class TrainConfig:
     teacher: tuple[str, ...] = ()
     teacher_weights: tuple[float, ...] = ()  # share of each --teacher in their average (empty = equal shares)
     # each teacher predicts with the test-time views it predicts with in the demo (SFace runs: one; the
-    # MobileNetV2 runs: four); --no-teacher-tta: one view each (how row 22 of the README was trained)
+    # MobileNetV2 runs: four); --no-teacher-tta: one view each
     teacher_tta: bool = True
     # loss = (1 - w) * the labels' loss + w * KL(the teachers' gender and age distributions || the network's);
     # one w for every source, or one per --cache (e.g. 0.8 1.0 0.3: hold the release's answers on the sources
@@ -194,7 +193,7 @@ class TrainConfig:
     # what the teachers see of each training face: "same" = the network's augmented face; "clean" = the same
     # face before the real conditions and the other damage of data_gen.augment (not turned, full resolution,
     # no JPEG, blur, patch or colour change), so that the network learns to read a turned or damaged face
-    # as the teachers read the clean one (docs/EXPERIMENTS.md, row 44)
+    # as the teachers read the clean one
     teacher_view: str = "same"
     # == running: devices, speed, checkpoints
     device: str = ""  # '' = cuda when present, else cpu
@@ -237,10 +236,10 @@ class EvalConfig:
     # average the four views of test-time augmentation (see TTA_ZOOM); unset: the views the checkpoint's
     # calibration was fitted for (calibrate.py stores them), else all four
     tta: bool = None
-    # the enlarged view's factor; 1.0 = the mirror pass only (how rows 1-10 were measured); unset: the checkpoint's, else TTA_ZOOM
+    # the enlarged view's factor; 1.0 = the mirror pass only; unset: the checkpoint's, else TTA_ZOOM
     tta_zoom: float = None
     calibrated: bool = True  # apply the checkpoint's calibration (age std scale, gender temperature) if it has one
     # read each age off its predicted distribution as its mean or its median; unset: what calibrate.py chose
-    # on validation for the checkpoint, else the mean (README rows 1-27 were measured with the mean)
+    # on validation for the checkpoint, else the mean
     age_estimate: str = None
     device: str = ""  # '' = cuda when present, else cpu

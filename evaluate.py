@@ -313,7 +313,7 @@ def main(argv=None):
               "gender": [{0: "F", 1: "M"}.get(int(g), "unknown") for g in genders]}
     if any(races):
         groups["race"] = [RACES.get(str(r), str(r) or "unknown") for r in races]
-    if turn is not None:  # the measure: from 0.3 eye distances of nose offset, a face is turned away
+    if turn is not None:  # from 0.3 eye distances of nose offset, a face counts as turned away
         groups["pose"] = ["turned" if t >= TURNED else "frontal" for t in turn]
     if cfg.conditions:
         groups["condition"] = list(condition)

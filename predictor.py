@@ -80,11 +80,9 @@ def as_rgb(image):
     raise InputError(f"cannot read an image from a {type(image).__name__}")
 
 
-# trunks that runtime "auto" runs in OpenCV's dnn module on a CPU rather than in onnxruntime: SFace's
-# full-resolution stages with PReLU took 15-19 ms a face in onnxruntime, 10-14 ms in PyTorch's eager mode
-# and 8-11 ms as a frozen TorchScript graph (one face, 2 threads, BatchNorm folded; bench.py infer times
-# them); cv2.dnn, which fuses PReLU into its depthwise convolutions, ran one face 1.4-1.8x faster than the
-# frozen graph and a batch of 64 faces 2.7x faster (an AVX2 CPU: 10.0 against 14.2 ms, 631 against 1,698 ms)
+# trunks that runtime "auto" runs in OpenCV's dnn module on a CPU rather than in onnxruntime: cv2.dnn fuses
+# SFace's PReLU into its depthwise convolutions, which makes it the fastest of the runtimes for SFace, one
+# face or a batch (bench.py infer times them; docs/SPEED.md has the figures)
 OPENCV_ON_CPU = ("sface",)
 
 

@@ -11,7 +11,7 @@ Loss = CE(gender) + age_weight * age loss (`--age-loss ce` or `dldl`: KL diverge
 label distribution around the true age plus an L1 term on the expected age). With `--teacher A.pt B.pt`
 (knowledge distillation) a share `--distill-weight` of the loss instead follows the teachers' averaged
 gender and age distributions on the same batch: one network learns what several predict together,
-for the run-time cost of one (docs/EXPERIMENTS.md: rows 22-24); `--teacher-sources data/utkface ...` keeps
+for the run-time cost of one; `--teacher-sources data/utkface ...` keeps
 that term to some sources' faces, so a source the teachers never saw learns from its labels, and
 `--distill-weight 0.8 1.0 0.3` sets it per --cache. Every default lives in
 config.py (TrainConfig). Writes to --out-dir: last.pt (every --ckpt-every steps and every epoch),
