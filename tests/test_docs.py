@@ -71,8 +71,9 @@ def test_release_chain_runs_end_to_end(tmp_path):
     run = subprocess.run(["bash", os.path.join(config.ROOT, "recipes", "release.sh")], env=env, capture_output=True, text=True,
                          timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
+    recipe = re.findall(r"^train (\S+)", open(os.path.join(config.ROOT, "recipes", "release.sh")).read(), re.M)
     stages = re.findall(r"^== stage (\S+)", run.stdout, re.M)
-    assert len(stages) == 17 and stages[0] == "mnv2_utk" and stages[-1] == "kd_nb52"
+    assert stages == recipe and len(stages) >= 10  # every stage the recipe names ran, in its order
     ckpt = torch.load(out / "release.pt", map_location="cpu", weights_only=True)
     assert {"age_std_scale", "gender_temperature", "gender_unsure_below"} <= set(ckpt["calibration"])
     assert len(ckpt["calibration"]["fitted_on"]) == 3 and ckpt["age_estimate"] == "median"
@@ -83,7 +84,7 @@ def test_release_chain_runs_end_to_end(tmp_path):
     # a second run resumes: every stage is found finished, nothing is trained again
     again = subprocess.run(["bash", os.path.join(config.ROOT, "recipes", "release.sh")], env=env, capture_output=True, text=True,
                            timeout=900)
-    assert again.returncode == 0 and again.stdout.count("already complete") == 17, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count("already complete") == len(recipe), again.stdout[-2000:]
     from predictor import AgeGenderPredictor
 
     faces = AgeGenderPredictor(str(out / "release.pt"), "cpu")(os.path.join(config.ROOT, "images", "astronaut.jpg"))
