@@ -75,7 +75,7 @@ def fit_unsure_only(args):
     from predictor import AgeGenderPredictor
 
     try:
-        predictor = AgeGenderPredictor(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
+        predictor = AgeGenderPredictor(args.checkpoint)
         sets = [predictions(predictor, c, args.split, args.batch_size) for c in args.cache]
     except (CheckpointError, CacheError, ValueError) as e:
         fail(str(e))
@@ -123,7 +123,7 @@ def main(argv=None):
     if args.unsure_only:
         return fit_unsure_only(args)
     try:
-        predictor = AgeGenderPredictor(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu", tta=args.tta, calibrated=False,
+        predictor = AgeGenderPredictor(args.checkpoint, tta=args.tta, calibrated=False,
                                        tta_zoom=args.tta_zoom)
         sets = [predictions(predictor, c, args.split, args.batch_size) for c in args.cache]
     except (CheckpointError, CacheError, ValueError) as e:

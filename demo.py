@@ -39,7 +39,7 @@ from detector import DETECTORS, make_detector
 from metrics import AGE_ESTIMATES
 from models import CheckpointError, load_checkpoint, views_of
 # the pipeline lives in predictor.py; demo.AgeGenderPredictor and demo.FaceRecord still work
-from predictor import RUNTIMES, AgeGenderPredictor, FaceRecord, as_rgb  # noqa: F401
+from predictor import RUNTIMES, AgeGenderPredictor, FaceRecord, as_rgb, default_device  # noqa: F401
 from utils import InputError, cores, fail, list_images, read_image, use_all_cores_for_cv2
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -235,7 +235,7 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, default=cores(),
                    help="processes for photos, each on one thread (processes x threads <= the cores; videos run in the main one)")
     p.add_argument("--verbose", action="store_true", help="one line per photo instead of a progress bar")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", default="", help="cpu or cuda (default: cuda when present, else cpu)")
     p.add_argument("--runtime", default="auto", choices=RUNTIMES,
                    help="what runs the network: auto = on a CPU onnxruntime (MobileNetV2 several times faster than eager PyTorch) or OpenCV's dnn module (SFace, faster than a frozen TorchScript graph: bench.py infer), on a GPU PyTorch; torch = eager PyTorch")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
@@ -266,6 +266,7 @@ def parse_args(argv):
 def main(argv=None, use_all_cores=False):
     """use_all_cores: let cv2 use every core in this process (a command-line run), once no worker will fork."""
     args = parse_args(argv)
+    args.device = args.device or default_device()
     predictor_args = dict(checkpoint=args.checkpoint, device=args.device, tta=args.tta, min_face_size=args.min_face_size, threshold=args.threshold,
                           detector=args.detector, runtime=args.runtime, tta_zoom=args.tta_zoom, age_estimate=args.age_estimate,
                           unsure_below=args.unsure_below)

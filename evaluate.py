@@ -193,7 +193,7 @@ def main(argv=None):
     cfg = parse_config(config.EvalConfig, argv, description="Evaluate an AgeGenderNet checkpoint",
                        choices={"detector": sorted(DETECTORS), "age_estimate": AGE_ESTIMATES, "conditions": ("", "hard", "neighbour"),
                                 "age_kind": ("", "real", "apparent")})
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = cfg.device or None  # the predictor's default: CUDA when present, else the CPU
     if not 0 < cfg.downscale <= 1:
         fail(f"--downscale {cfg.downscale}: give a factor in (0, 1]")
     if cfg.downscale != 1.0 and not cfg.detect:

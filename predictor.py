@@ -30,6 +30,11 @@ from utils import InputError, read_image, to_rgb8
 RUNTIMES = ("auto", "onnxruntime", "opencv", "torchscript", "torch")
 
 
+def default_device():
+    """Where the network runs unless told: CUDA when present, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclasses.dataclass
 class FaceRecord:
     """One face: where it is and what the model says about it."""
@@ -99,7 +104,7 @@ class AgeGenderPredictor:
 
     def __init__(self, checkpoint=config.RELEASED_MODEL, device=None, tta=None, min_face_size=20, threshold=None, calibrated=True,
                  detector=config.DETECTOR, detector_threads=0, runtime="auto", tta_zoom=None, age_estimate=None, unsure_below=None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device or default_device())
         net, self.ckpt = load_checkpoint(checkpoint, self.device)
         tta, tta_zoom = views_of(self.ckpt, tta, tta_zoom)
         self.net = fuse_batchnorm(net).set_tta_zoom(tta_zoom)
