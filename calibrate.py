@@ -34,9 +34,10 @@ from utils import atomic_torch_save, fail
 
 
 def predictions(predictor, cache, split, batch_size):
-    """(name, gender probs, age probs, true ages, genders, age kind) of a cache's split. The age probs are
-    those of the output the cache's labels describe (a two-age model's apparent age for apparent labels), and
-    a label that is an age range (FairFace) counts as the point of the range nearest the predicted age."""
+    """(name, gender probs, age probs, true ages, genders, age kind, whether its labels are age ranges) of a
+    cache's split. The age probs are those of the output the cache's labels describe (a two-age model's
+    apparent age for apparent labels), and a label that is an age range (FairFace) counts as the point of
+    the range nearest the predicted age."""
     ds = FaceCache(cache, split=split)
     two = predictor.net.two_ages
     kind = ds.age_kind if two else "real"
@@ -48,10 +49,11 @@ def predictions(predictor, cache, split, batch_size):
         ap.append(out[key])
     ap = np.concatenate(ap)
     ages = effective_age(predicted_age(ap, predictor.age_estimate), ds.ages.numpy(), ds.spans.numpy())
-    return ds.name, np.concatenate(gp), ap, ages, ds.genders.numpy(), kind
+    ranged = bool((ds.spans[:, 0] != ds.spans[:, 1]).any())
+    return ds.name, np.concatenate(gp), ap, ages, ds.genders.numpy(), kind, ranged
 
 
-def show(name, gp, ap, ages, genders, kind, calibration, estimate):
+def show(name, gp, ap, ages, genders, kind, ranged, calibration, estimate):
     scale = calibration.get(f"{'apparent_' * (kind == 'apparent')}age_std_scale", 1.0) if calibration else 1.0
     if calibration:
         gp, _ = apply_calibration(gp, np.zeros(len(gp)), calibration)
@@ -86,8 +88,8 @@ def fit_unsure_only(args):
     calibration = {**predictor.calibration, "gender_unsure_below": fit_unsure_threshold(gp, genders, weights, args.unsure_accuracy)}
     print(f"kept: {predictor.calibration}; fitted on {len(genders):,} {args.split} faces: gender_unsure_below {calibration['gender_unsure_below']}")
     shown = {k: calibration[k] for k in ("age_std_scale", "apparent_age_std_scale", "gender_unsure_below") if k in calibration}
-    for name, g, a, ages, gt, kind in sets:  # the gender probabilities come calibrated already: no temperature again
-        show(name, g, a, ages, gt, kind, shown, predictor.age_estimate)
+    for s in sets:  # the gender probabilities come calibrated already: no temperature again
+        show(*s, shown, predictor.age_estimate)
     if args.dry_run:
         return 0
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
@@ -135,13 +137,16 @@ def main(argv=None):
     estimate = estimate if args.age_estimate == "auto" else args.age_estimate
     print("age MAE, each cache weighing the same: " + ", ".join(f"{e} {v:.4f}" for e, v in mae.items()) + f"; ages shown as the {estimate}")
     calibration = fit_calibration(*pooled, weights=weights, estimate=estimate)
-    if predictor.net.two_ages:  # each age's ± is fitted on the sources that label that age
-        for kind, key in (("real", "age_std_scale"), ("apparent", "apparent_age_std_scale")):
-            of_kind = [s for s in sets if s[5] == kind]
-            if of_kind:
-                fit = fit_calibration(*[np.concatenate([s[k] for s in of_kind]) for k in range(1, 5)],
-                                      weights=per_cache_weights(of_kind), estimate=estimate)
-                calibration[key] = fit["age_std_scale"]
+    # each age's ± is fitted on the sources that label that age (a one-age model: all of them) with one number:
+    # an age range says little of the spread (an age inside it is no error at all), unless it is all there is
+    kinds = (("real", "age_std_scale"), ("apparent", "apparent_age_std_scale")) if predictor.net.two_ages else ((None, "age_std_scale"),)
+    for kind, key in kinds:
+        of_kind = [s for s in sets if kind in (None, s[5])]
+        of_kind = [s for s in of_kind if not s[6]] or of_kind
+        if of_kind:
+            fit = fit_calibration(*[np.concatenate([s[k] for s in of_kind]) for k in range(1, 5)],
+                                  weights=per_cache_weights(of_kind), estimate=estimate)
+            calibration[key] = fit["age_std_scale"]
     calibrated_gp, _ = apply_calibration(pooled[0], np.zeros(len(pooled[0])), calibration)
     calibration["gender_unsure_below"] = fit_unsure_threshold(calibrated_gp, pooled[3], weights, args.unsure_accuracy)
     print("before (the model's own std and probability):")

@@ -2,14 +2,14 @@
 # Rebuild the released model, weights/age_gender_sface_112x96.pt, from the data: every stage of
 # docs/EXPERIMENTS.md that leads to it, in order, with the commands of its rows.
 #
-#     bash recipes/release.sh                      # the caches data/utkface, data/clap2016, data/aaf first (README)
+#     bash recipes/release.sh                      # the caches data/utkface, data/clap2016, data/aaf, data/fairface first (README)
 #     OUT=checkpoints/rebuild bash recipes/release.sh
-#     QUICK=1 UTK=... CLAP=... AAF=... OUT=... bash recipes/release.sh   # a plumbing check: one short epoch a stage
+#     QUICK=1 UTK=... CLAP=... AAF=... FAIR=... OUT=... bash recipes/release.sh   # a plumbing check: one short epoch a stage
 #
 # Each stage is resumable: a training stage is `train.py ... --resume` (a finished run is left as it is,
 # an interrupted one goes on where it stopped), and an export or calibration is skipped when its file
 # exists. So after a stop, run the same command again. The times are the stages' on this project's
-# machine: 2 cores of an AMD EPYC CPU, no GPU (log.csv's epoch_s); about 9 hours in all.
+# machine: 2 cores of an AMD EPYC CPU, no GPU (log.csv's epoch_s); about 10 hours in all.
 #
 # Stages 2-28 were trained before the real-conditions augmentation existed, so they turn it off
 # (OLD below), as they were run; so do rows 38-39, which measured better without it; rows 46-52 keep it on.
@@ -19,6 +19,7 @@ cd "$(dirname "$0")/.."
 UTK=${UTK:-data/utkface}
 CLAP=${CLAP:-data/clap2016}
 AAF=${AAF:-data/aaf}
+FAIR=${FAIR:-data/fairface}
 OUT=${OUT:-checkpoints/release}
 RELEASE=${RELEASE:-$OUT/release.pt}
 QUICK=${QUICK:-0}
@@ -104,5 +105,11 @@ train kd_nb50    $KD4 --neighbour-aug 0.2 --pretrained "$OUT/row48.pt" --seed 23
 train kd_nb52    $KD4 --neighbour-aug 0.2 --pretrained "$OUT/kd_nb50/best.pt" --seed 24                               # row 52: 26 min
 release "$OUT/row54.pt" "$OUT/row41.pt" "$OUT/kd_nb50/best.pt" "$OUT/kd_nb52/best.pt" --soup-weights 0.6 0.2 0.2    # row 54
 calibrate "$OUT/row54.pt" --cache "$UTK" "$CLAP" "$AAF" --no-tta --age-estimate median
-[ -f "$RELEASE" ] || cp "$OUT/row54.pt" "$RELEASE"
+# two age outputs (real and apparent) and FairFace as a fourth source; the apparent-age head starts as row 54's age head
+train ff62       --cache "$UTK" "$CLAP" "$AAF" "$FAIR" --source-weights 0.25 0.15 0.2 0.4 --balance 0 0 0 0.5 --arch sface \
+                 --pretrained "$OUT/row54.pt" --epochs 1 --lr 2e-4 --warmup-epochs 0.1 --neighbour-aug 0.2 --workers 1 \
+                 --no-eval-tta --seed 30                                                                            # row 62: 61 min
+release "$OUT/row63.pt" "$OUT/ff62/best.pt" "$OUT/row54.pt" --soup-weights 0.5 0.5                                  # row 63
+calibrate "$OUT/row63.pt" --cache "$UTK" "$CLAP" "$AAF" "$FAIR" --no-tta --age-estimate median
+[ -f "$RELEASE" ] || cp "$OUT/row63.pt" "$RELEASE"
 echo "done: $RELEASE (python demo.py --checkpoint $RELEASE; cp it to weights/age_gender_sface_112x96.pt to make it the default)"

@@ -53,21 +53,22 @@ def test_each_readme_command_parses():
     assert {"demo", "pre_process", "train", "evaluate", "calibrate", "bench", "serve"} <= seen
 
 
-def _tiny_cache(tmp_path, name, split_rows):
+def _tiny_cache(tmp_path, name, split_rows, age_kind="real"):
     labels = write_csv(split_rows, tmp_path / f"{name}.csv")
     out = tmp_path / name
     assert pre_process.main(["--dataset", "csv", "--labels", labels, "--data-dir", UTK, "--out", str(out), "--workers", "1",
-                             "--pad-fraction", "0.25"]) == 0
+                             "--pad-fraction", "0.25", "--age-kind", age_kind]) == 0
     return str(out)
 
 
 def test_release_chain_runs_end_to_end(tmp_path):
-    """Every stage of recipes/release.sh, one epoch of a few batches each, on three tiny caches of real
-    faces; then the result is a calibrated release that the demo's predictor loads."""
-    caches = [_tiny_cache(tmp_path, name, utk_rows("train", 16, seed=k) + utk_rows("val", 4, seed=k))
-              for k, name in enumerate(("utk", "clap", "aaf"))]
+    """Every stage of recipes/release.sh, one epoch of a few batches each, on four tiny caches of real
+    faces; then the result is a calibrated two-age release that the demo's predictor loads."""
+    caches = [_tiny_cache(tmp_path, name, utk_rows("train", 16, seed=k) + utk_rows("val", 4, seed=k), kind)
+              for k, (name, kind) in enumerate((("utk", "real"), ("clap", "apparent"), ("aaf", "real"), ("fair", "apparent")))]
     out = tmp_path / "chain"
-    env = {**os.environ, "QUICK": "1", "UTK": caches[0], "CLAP": caches[1], "AAF": caches[2], "OUT": str(out), "PYTHON": sys.executable}
+    env = {**os.environ, "QUICK": "1", "UTK": caches[0], "CLAP": caches[1], "AAF": caches[2], "FAIR": caches[3], "OUT": str(out),
+           "PYTHON": sys.executable}
     run = subprocess.run(["bash", os.path.join(config.ROOT, "recipes", "release.sh")], env=env, capture_output=True, text=True,
                          timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -76,11 +77,14 @@ def test_release_chain_runs_end_to_end(tmp_path):
     assert stages == recipe and len(stages) >= 10  # every stage the recipe names ran, in its order
     ckpt = torch.load(out / "release.pt", map_location="cpu", weights_only=True)
     assert {"age_std_scale", "gender_temperature", "gender_unsure_below"} <= set(ckpt["calibration"])
-    assert len(ckpt["calibration"]["fitted_on"]) == 3 and ckpt["age_estimate"] == "median"
-    assert ckpt["soup_weights"] == [0.6, 0.2, 0.2] and ckpt["averaged_from"][2].endswith(os.path.join("kd_nb52", "best.pt"))
-    last = torch.load(out / "kd_nb52" / "best.pt", map_location="cpu", weights_only=True)
-    assert list(last["config"]["cache"]) == caches and len(last["config"]["teacher"]) == 3  # three sources, three teachers
-    assert last["config"]["neighbour_aug"] == 0.2 and last["config"]["teacher_view"] == "clean"
+    assert len(ckpt["calibration"]["fitted_on"]) == 4 and ckpt["age_estimate"] == "median"
+    assert ckpt["soup_weights"] == [0.5, 0.5] and ckpt["averaged_from"][0].endswith(os.path.join("ff62", "best.pt"))
+    assert "apparent_head.weight" in ckpt["model"] and "apparent_age_std_scale" in ckpt["calibration"]
+    nb52 = torch.load(out / "kd_nb52" / "best.pt", map_location="cpu", weights_only=True)
+    assert len(nb52["config"]["teacher"]) == 3 and nb52["config"]["teacher_view"] == "clean"  # three teachers, the clean view
+    last = torch.load(out / "ff62" / "best.pt", map_location="cpu", weights_only=True)
+    assert list(last["config"]["cache"]) == caches and last["config"]["two_ages"]  # four sources, two ages
+    assert list(last["config"]["balance"]) == [0, 0, 0, 0.5] and last["config"]["neighbour_aug"] == 0.2
     # a second run resumes: every stage is found finished, nothing is trained again
     again = subprocess.run(["bash", os.path.join(config.ROOT, "recipes", "release.sh")], env=env, capture_output=True, text=True,
                            timeout=900)
