@@ -127,7 +127,7 @@ def age_output(predictor, age_kind):
 def labels_age_kind(rows):
     """The age a labels CSV gives, where --age-kind does not say: apparent where its rows carry the votes'
     std (CLAP2016) or age ranges (FairFace's annotated groups), else real."""
-    return "apparent" if rows and any(r.get("age_std") or r.get("age_min") for r in rows) else "real"
+    return "apparent" if any(r.get("age_std") or r["age_min"] != r["age_max"] for r in rows) else "real"
 
 
 def gaps(table, min_faces=20):

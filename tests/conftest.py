@@ -130,18 +130,29 @@ def two_age_checkpoint(utk_cache, range_cache, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def two_age_release(tmp_path_factory):
-    """The released model with a second age output whose head is its age head moved up five years (its
-    apparent age reads every face about five years older than its age): a two-age checkpoint that finds
-    and reads real faces, for the demo, the API and the page."""
+    """The released model with an apparent-age head that is its age head moved up five years (its apparent
+    age reads every face about five years older than its age): a two-age checkpoint that finds and reads
+    real faces, for the demo, the API and the page."""
     import torch
 
-    from models import with_apparent_head
-
     ckpt = torch.load(config.RELEASED_MODEL, map_location="cpu", weights_only=True)
-    state = with_apparent_head({k: v.float() for k, v in ckpt["model"].items()})
-    state["apparent_head.weight"] = state["apparent_head.weight"].roll(5, 0)
-    state["apparent_head.bias"] = state["apparent_head.bias"].roll(5, 0)
+    state = {k: v.float() for k, v in ckpt["model"].items()}
+    state["apparent_head.weight"] = state["age_head.weight"].roll(5, 0)
+    state["apparent_head.bias"] = state["age_head.bias"].roll(5, 0)
     ckpt["model"] = state
     path = tmp_path_factory.mktemp("two_age_release") / "two_ages.pt"
+    torch.save(ckpt, path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def one_age_release(tmp_path_factory):
+    """The released model without its apparent-age head: a checkpoint as they were made before two ages."""
+    import torch
+
+    ckpt = torch.load(config.RELEASED_MODEL, map_location="cpu", weights_only=True)
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("apparent_head.")}
+    ckpt["calibration"] = {k: v for k, v in ckpt["calibration"].items() if k != "apparent_age_std_scale"}
+    path = tmp_path_factory.mktemp("one_age_release") / "one_age.pt"
     torch.save(ckpt, path)
     return str(path)

@@ -413,13 +413,13 @@ def test_a_two_age_run_validates_each_source_on_its_own_age(two_age_checkpoint, 
     assert out["apparent_age_prob"].shape == (2, config.NUM_AGES) and out["apparent_age"].shape == (2,)
 
 
-def test_a_two_age_network_starts_from_a_one_age_checkpoint_with_both_heads_its_age_head(tmp_path):
-    net = AgeGenderNet("sface", pretrained=config.RELEASED_MODEL, two_ages=True).eval()
+def test_a_two_age_network_starts_from_a_one_age_checkpoint_with_both_heads_its_age_head(tmp_path, one_age_release):
+    net = AgeGenderNet("sface", pretrained=one_age_release, two_ages=True).eval()
     x = torch.randn(3, 3, config.IMAGE_H, config.IMAGE_W, generator=torch.Generator().manual_seed(0))
     out = net.predict(x)
     assert torch.equal(out["age_prob"], out["apparent_age_prob"])
     # a soup of a one-age and a two-age checkpoint: the one-age side lends its age head to both
     two = tmp_path / "two.pt"
     torch.save({"model": net.state_dict(), "config": {"arch": "sface"}}, two)
-    soup = models.average_checkpoints([config.RELEASED_MODEL, str(two)])
+    soup = models.average_checkpoints([one_age_release, str(two)])
     assert "apparent_head.weight" in soup["model"]
