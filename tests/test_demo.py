@@ -67,7 +67,8 @@ def test_demo_on_good_and_bad_files(tmp_path, capsys):
         faces = records[name]["faces"]
         assert len(faces) == 1 and "error" not in records[name]
         f = faces[0]
-        assert set(f) == {"box", "score", "landmarks", "gender", "gender_prob", "gender_unsure", "age", "age_std"}
+        assert set(f) == {"box", "score", "landmarks", "gender", "gender_prob", "gender_unsure", "age", "age_std",
+                          "apparent_age", "apparent_age_std"}  # the released model has two ages
         assert f["gender"] in ("F", "M") and 0.5 <= f["gender_prob"] <= 1 and 0 <= f["age"] <= 100 and f["age_std"] > 0
         assert f["gender_unsure"] == (f["gender_prob"] < AgeGenderPredictor().unsure_below)
         assert 150 < f["box"][0] < f["box"][2] < 300  # the astronaut's face
