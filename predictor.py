@@ -130,6 +130,10 @@ class AgeGenderPredictor:
         return FaceTracker(max_lost=max_lost, age_std_scale=calibration.get("age_std_scale", 1.0), age_estimate=self.age_estimate,
                            unsure_below=self.unsure_below, apparent_age_std_scale=calibration.get("apparent_age_std_scale", 1.0))
 
+    def new_detector(self):
+        """Another detector like the predictor's own, for a thread of its own (detectors are not thread-safe)."""
+        return make_detector(**self._detector_args)
+
     @property
     def detector(self):
         """The face detector, built on first use: predicting crops already aligned (evaluate.py --cache,

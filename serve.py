@@ -80,14 +80,12 @@ class Pipelines:
 
     def find_faces(self, key, rgb):
         """(faces, aligned crops) of one photo, by a detector of the key's kind that no other thread is using."""
-        from detector import make_detector
-
         predictor = self.get(*key)
         with self.detector_slots:
             with self.lock:
                 pool = self.free_detectors.setdefault(key[0], [])
                 detector = pool.pop() if pool else None
-            detector = detector or make_detector(**predictor._detector_args)
+            detector = detector or predictor.new_detector()
             try:
                 return predictor.find_faces(rgb, detector=detector)
             finally:
