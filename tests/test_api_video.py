@@ -206,27 +206,6 @@ def test_every_option_of_every_script_has_a_help_line():
     assert set(arch.choices) == {"resnet18", "resnet34", "resnet50", "mobilenet_v2", "sface"}
 
 
-SMALL = ["--arch", "resnet18", "--pretrained", "", "--batch-size", "16", "--workers", "0", "--ckpt-every", "100", "--epochs", "2"]
-
-
-def test_resume_of_a_finished_run_changes_nothing(utk_cache, tmp_path, capsys):
-    args = ["--cache", utk_cache, "--out-dir", str(tmp_path), "--max-steps", "4"] + SMALL
-    assert train.main(args) == 0
-    before = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert train.main(args + ["--resume"]) == 0
-    assert "already complete" in capsys.readouterr().out
-    after = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert after["step"] == before["step"] == 4
-    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
-
-
-def test_resume_without_a_checkpoint_starts_fresh(utk_cache, tmp_path, capsys):
-    args = ["--cache", utk_cache, "--out-dir", str(tmp_path / "new"), "--max-steps", "2", "--resume"] + SMALL
-    assert train.main(args) == 0
-    assert "starts a fresh run" in capsys.readouterr().out
-    assert torch.load(tmp_path / "new" / "last.pt", weights_only=True)["step"] == 2
-
-
 def test_command_line_folder_run_with_workers_does_not_hang(tmp_path):
     """The command line lets cv2 use every core in the main process; workers must fork before that
     (a process forked after cv2 started its thread pool deadlocks), so run it as users do."""

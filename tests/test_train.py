@@ -120,6 +120,24 @@ def test_bad_input_exits_2_with_one_line(utk_cache, tmp_path, capsys):
             load_checkpoint(str(out / bad))
 
 
+def test_resume_of_a_finished_run_changes_nothing(utk_cache, tmp_path, capsys):
+    args = ["--cache", utk_cache, "--out-dir", str(tmp_path), "--max-steps", "4"] + SMALL + ["--epochs", "2"]
+    assert train.main(args) == 0
+    before = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert train.main(args + ["--resume"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    after = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert after["step"] == before["step"] == 4
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+def test_resume_without_a_checkpoint_starts_fresh(utk_cache, tmp_path, capsys):
+    args = ["--cache", utk_cache, "--out-dir", str(tmp_path / "new"), "--max-steps", "2", "--resume"] + SMALL + ["--epochs", "2"]
+    assert train.main(args) == 0
+    assert "starts a fresh run" in capsys.readouterr().out
+    assert torch.load(tmp_path / "new" / "last.pt", weights_only=True)["step"] == 2
+
+
 def test_resume_with_another_config_is_refused(utk_cache, tmp_path, capsys):
     base = ["--cache", utk_cache, "--out-dir", str(tmp_path), "--epochs", "1", "--max-steps", "2"] + SMALL
     assert run_train(base, capsys)[0] == 0
