@@ -74,7 +74,9 @@ def age_std_of(age_prob):
 
 def effective_age(pred, age_true, age_span=None):
     """The true age to measure each prediction against: the label's age, or for a label that is an age
-    range the point of the range nearest the prediction, so that |pred - effective age| is range_error."""
+    range the point of the range nearest the prediction, so that |pred - effective age| is how far the
+    prediction lies outside the range (0 inside it): the error of a source labelled with age groups
+    (FairFace), which never pretends a group's middle is the age."""
     if age_span is None:
         return np.asarray(age_true, dtype=np.float64)
     span = np.asarray(age_span, dtype=np.float64)
@@ -82,20 +84,13 @@ def effective_age(pred, age_true, age_span=None):
     return np.where(ranged, np.clip(pred, span[:, 0] - 0.5, span[:, 1] + 0.5), np.asarray(age_true, dtype=np.float64))
 
 
-def range_error(pred, span):
-    """How far each predicted age lies outside its labelled range [min, max] (0 inside it): the MAE of a
-    source labelled with age groups (FairFace), which never pretends a group's middle is the age."""
-    span = np.asarray(span, dtype=np.float64)
-    return np.maximum(0, np.maximum(span[:, 0] - 0.5 - pred, pred - span[:, 1] - 0.5))
-
-
 def compute_metrics(gender_prob, age_prob, age_true, gender_true, age_std_true=None, estimate="mean", age_span=None):
     """Gender accuracy (over faces whose gender is known, i.e. not -1), age MAE of the predicted age
     (`estimate`: the mean or the median of the distribution), CS@5, exact-age top-1/top-5, and with
     the labels' std (apparent age) the epsilon error mean(1 - exp(-(pred - age)^2 / (2 std^2))).
     With `age_span` (N x 2: the [min, max] each label allows) where some labels are age ranges: the
-    errors are distances to the range (range_error), and `age_group_acc` is the share whose predicted
-    age, rounded, falls inside its range."""
+    errors of those are distances to the range (effective_age), and `age_group_acc` is the share of them
+    whose predicted age, rounded, falls inside its range."""
     gender_prob, age_prob = np.asarray(gender_prob, dtype=np.float64), np.asarray(age_prob, dtype=np.float64)
     age_true, gender_true = np.asarray(age_true), np.asarray(gender_true)
     n = len(age_true)
@@ -103,10 +98,10 @@ def compute_metrics(gender_prob, age_prob, age_true, gender_true, age_std_true=N
     if n == 0:
         return out
     pred = predicted_age(age_prob, estimate)
-    ranges = age_span is not None and (np.asarray(age_span)[:, 0] != np.asarray(age_span)[:, 1]).any()
-    err = range_error(pred, age_span) if ranges else np.abs(pred - age_true)
-    if ranges:
-        out["age_group_acc"] = float(np.mean(err == 0))
+    err = np.abs(pred - effective_age(pred, age_true, age_span))
+    ranged = np.zeros(n, bool) if age_span is None else np.asarray(age_span)[:, 0] != np.asarray(age_span)[:, 1]
+    if ranged.any():
+        out["age_group_acc"] = float(np.mean(err[ranged] == 0))
     top5 = np.argsort(-age_prob, axis=1)[:, :5]
     known = gender_true >= 0
     out.update({
