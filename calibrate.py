@@ -34,27 +34,26 @@ from utils import atomic_torch_save, fail
 
 
 def predictions(predictor, cache, split, batch_size):
-    """(name, gender probs, age probs, true ages, genders, age kind, whether its labels are age ranges) of a
-    cache's split. The age probs are those of the output the cache's labels describe (a two-age model's
-    apparent age for apparent labels), and a label that is an age range (FairFace) counts as the point of
-    the range nearest the predicted age."""
+    """(name, gender probs, age probs, true ages, genders, the calibration factor of the output read, whether
+    its labels are age ranges) of a cache's split. The age probs are those of the output the cache's labels
+    describe (predictor.age_output: a two-age model's apparent age for apparent labels), and a label that is
+    an age range (FairFace) counts as the point of the range nearest the predicted age."""
     ds = FaceCache(cache, split=split)
-    two = predictor.net.two_ages
-    kind = ds.age_kind if two else "real"
-    key = "apparent_age_prob" if kind == "apparent" else "age_prob"
+    output, scale_key = predictor.age_output(ds.age_kind)
     gp, ap = [], []
     for x, _, _ in make_loader(ds, batch_size, workers=0)[0]:
         out = predictor.predict_tensor(x)
         gp.append(out["gender_prob"])
-        ap.append(out[key])
+        ap.append(out[output + "_prob"])
     ap = np.concatenate(ap)
     ages = effective_age(predicted_age(ap, predictor.age_estimate), ds.ages.numpy(), ds.spans.numpy())
     ranged = bool((ds.spans[:, 0] != ds.spans[:, 1]).any())
-    return ds.name, np.concatenate(gp), ap, ages, ds.genders.numpy(), kind, ranged
+    return ds.name, np.concatenate(gp), ap, ages, ds.genders.numpy(), scale_key, ranged
 
 
-def show(name, gp, ap, ages, genders, kind, ranged, calibration, estimate):
-    scale = calibration.get(f"{'apparent_' * (kind == 'apparent')}age_std_scale", 1.0) if calibration else 1.0
+def show(name, gp, ap, ages, genders, scale_key, ranged, calibration, estimate):
+    scale = calibration.get(scale_key, 1.0) if calibration else 1.0
+    kind = "apparent" if scale_key.startswith("apparent") else "real"
     if calibration:
         gp, _ = apply_calibration(gp, np.zeros(len(gp)), calibration)
     r = calibration_report(gp, ap, ages, genders, std_scale=scale, estimate=estimate)
@@ -137,11 +136,10 @@ def main(argv=None):
     estimate = estimate if args.age_estimate == "auto" else args.age_estimate
     print("age MAE, each cache weighing the same: " + ", ".join(f"{e} {v:.4f}" for e, v in mae.items()) + f"; ages shown as the {estimate}")
     calibration = fit_calibration(*pooled, weights=weights, estimate=estimate)
-    # each age's ± is fitted on the sources that label that age (a one-age model: all of them) with one number:
-    # an age range says little of the spread (an age inside it is no error at all), unless it is all there is
-    kinds = (("real", "age_std_scale"), ("apparent", "apparent_age_std_scale")) if predictor.net.two_ages else ((None, "age_std_scale"),)
-    for kind, key in kinds:
-        of_kind = [s for s in sets if kind in (None, s[5])]
+    # each output's ± is fitted on the sources it reads (a one-age model's: all of them) with one number: an
+    # age range says little of the spread (an age inside it is no error at all), unless it is all there is
+    for key in ("age_std_scale", "apparent_age_std_scale"):
+        of_kind = [s for s in sets if s[5] == key]
         of_kind = [s for s in of_kind if not s[6]] or of_kind
         if of_kind:
             fit = fit_calibration(*[np.concatenate([s[k] for s in of_kind]) for k in range(1, 5)],

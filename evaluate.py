@@ -113,15 +113,7 @@ def plot(pred_age, ages, folder, gender_prob=None, genders=None):
 def _append_prediction(predictor, x, gender_probs, age_probs, age_kind="real"):
     out = predictor.predict_tensor(x)
     gender_probs.append(out["gender_prob"])
-    age_probs.append(out[age_output(predictor, age_kind)[0] + "_prob"])
-
-
-def age_output(predictor, age_kind):
-    """(the output scored, the calibration factor of its ±) for labels of `age_kind`: a two-age model's
-    apparent age for apparent labels, else its age (a one-age model has only that)."""
-    if age_kind == "apparent" and predictor.net.two_ages:
-        return "apparent_age", "apparent_age_std_scale"
-    return "age", "age_std_scale"
+    age_probs.append(out[predictor.age_output(age_kind)[0] + "_prob"])
 
 
 def labels_age_kind(rows):
@@ -277,7 +269,7 @@ def main(argv=None):
         for s in range(0, len(crops), cfg.batch_size):
             out = predictor.predict_crops(crops[s : s + cfg.batch_size])
             gp.append(out["gender_prob"])
-            ap.append(out[age_output(predictor, age_kind)[0] + "_prob"])
+            ap.append(out[predictor.age_output(age_kind)[0] + "_prob"])
         spans = np.array([[r["age_min"], r["age_max"]] for r in keep]).reshape(-1, 2)
         ages = [np.array([r["age"] for r in keep])]
         genders = [np.array([r["gender"] for r in keep])]
@@ -297,7 +289,7 @@ def main(argv=None):
     pred_age = predicted_age(ap, estimate)
     metrics = compute_metrics(gp, ap, ages, genders, label_stds(kept), estimate=estimate, age_span=spans)
     # the shown ±std is the model's std times the checkpoint's calibration factor (if any and --calibrated)
-    output, scale_key = age_output(predictor, age_kind)
+    output, scale_key = predictor.age_output(age_kind)
     scale = predictor.calibration.get(scale_key, 1.0) if predictor.calibration else 1.0
     calib = calibration_report(gp, ap, effective_age(pred_age, ages, spans), genders, std_scale=scale, estimate=estimate)
     views = predictor.views

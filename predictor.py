@@ -130,6 +130,13 @@ class AgeGenderPredictor:
         return FaceTracker(max_lost=max_lost, age_std_scale=calibration.get("age_std_scale", 1.0), age_estimate=self.age_estimate,
                            unsure_below=self.unsure_below, apparent_age_std_scale=calibration.get("apparent_age_std_scale", 1.0))
 
+    def age_output(self, age_kind):
+        """(the output that reads labels of `age_kind`, the calibration factor of its ±): a two-age model's
+        apparent age for apparent labels, else its age (a one-age model has only that)."""
+        if age_kind == "apparent" and self.net.two_ages:
+            return "apparent_age", "apparent_age_std_scale"
+        return "age", "age_std_scale"
+
     def new_detector(self):
         """Another detector like the predictor's own, for a thread of its own (detectors are not thread-safe)."""
         return make_detector(**self._detector_args)
