@@ -30,6 +30,7 @@ from data_gen import CacheError, FaceCache, make_loader
 from metrics import (AGE_ESTIMATES, apply_calibration, calibration_report, choose_age_estimate, effective_age, fit_calibration,
                      fit_unsure_threshold, predicted_age, unsure_figures)
 from models import CheckpointError
+from predictor import AgeGenderPredictor, predict_batches
 from utils import atomic_torch_save, fail
 
 
@@ -40,15 +41,10 @@ def predictions(predictor, cache, split, batch_size):
     an age range (FairFace) counts as the point of the range nearest the predicted age."""
     ds = FaceCache(cache, split=split)
     output, scale_key = predictor.age_output(ds.age_kind)
-    gp, ap = [], []
-    for x, _, _ in make_loader(ds, batch_size, workers=0)[0]:
-        out = predictor.predict_tensor(x)
-        gp.append(out["gender_prob"])
-        ap.append(out[output + "_prob"])
-    ap = np.concatenate(ap)
+    gp, ap = predict_batches(predictor.predict_tensor, make_loader(ds, batch_size, workers=0)[0], output)
     ages = effective_age(predicted_age(ap, predictor.age_estimate), ds.ages.numpy(), ds.spans.numpy())
     ranged = bool((ds.spans[:, 0] != ds.spans[:, 1]).any())
-    return ds.name, np.concatenate(gp), ap, ages, ds.genders.numpy(), scale_key, ranged
+    return ds.name, gp, ap, ages, ds.genders.numpy(), scale_key, ranged
 
 
 def show(name, gp, ap, ages, genders, scale_key, ranged, calibration, estimate):
@@ -73,8 +69,6 @@ def per_cache_weights(sets):
 
 def fit_unsure_only(args):
     """--unsure-only: the checkpoint's own calibration and views stay; only gender_unsure_below is fitted."""
-    from predictor import AgeGenderPredictor
-
     try:
         predictor = AgeGenderPredictor(args.checkpoint)
         sets = [predictions(predictor, c, args.split, args.batch_size) for c in args.cache]
@@ -119,8 +113,6 @@ def main(argv=None):
     p.add_argument("--tta-zoom", type=float, default=None,
                    help=f"the enlarged view of test-time augmentation the fit is for (1.0: the mirror pass only; unset: the checkpoint's, else {config.TTA_ZOOM})")
     args = p.parse_args(argv)
-    from predictor import AgeGenderPredictor
-
     if args.unsure_only:
         return fit_unsure_only(args)
     try:

@@ -77,11 +77,6 @@ class PreprocessConfig:
     # for --dataset clap2016 (this repository's annotation of its photos), none otherwise; "" = none
     gender_labels: str = "auto"
     metadata_only: bool = False  # stop after cleaning the labels: write meta.csv without opening a photo
-    # IMDB-WIKI cleaning rules (the original recipe's, made explicit)
-    min_face_score: float = 1.0  # keep an entry when its face_score is finite and at least this
-    require_single_face: bool = True  # keep an entry only when second_face_score is NaN (one face)
-    min_age: int = 0  # youngest age kept
-    max_age: int = 100  # oldest age kept
     max_per_age: int = 5000  # at most this many images per age, drawn at random with --seed
     split_fractions: str = "0.9,0.05,0.05"  # train,val,test shares, split by identity
     # clap2016: this share of the challenge's train split becomes our val (choosing the epoch); its own
@@ -101,6 +96,12 @@ class PreprocessConfig:
 AGE_GROUPS = ((0, 2), (3, 9), (10, 19), (20, 29), (30, 39), (40, 49), (50, 59), (60, 69), (70, 200))
 # --balance: no face is drawn more than this many times as often as a face of its source's largest group
 BALANCE_MAX_REPEATS = 6
+# The fixed parts of the training recipe (train.py), not options: no run changes them.
+DROPOUT = 0.2  # before the heads
+L1_WEIGHT = 0.05  # weight of the expected-age L1 term inside the dldl age loss
+WEIGHT_DECAY = 0.05  # AdamW's, on weights only, not on biases and norms
+MIN_LR_RATIO = 0.01  # the cosine schedule decays to lr * this
+GRAD_CLIP = 5.0  # the gradient norm is clipped to this
 
 
 @dataclass
@@ -144,16 +145,10 @@ class TrainConfig:
     # range, FairFace's groups, gets -log P(age in range) instead)
     age_weight: float = 1.0  # loss = CE(gender) + age_weight * age loss
     label_sigma: float = 2.0  # std (years) of the Gaussian label distribution for dldl
-    l1_weight: float = 0.05  # weight of the expected-age L1 term inside dldl
-    dropout: float = 0.2  # dropout before the two heads
     # == optimisation
     batch_size: int = 128  # faces per step, per process
     lr: float = 1e-3  # peak learning rate, reached after the warm-up
     warmup_epochs: float = 0.3  # linear warm-up of the learning rate, in epochs
-    optimizer: str = "adamw"  # adamw, or sgd with Nesterov momentum 0.9
-    weight_decay: float = 0.05  # on weights only, not on biases and norms
-    min_lr_ratio: float = 0.01  # cosine decays to lr * this
-    grad_clip: float = 5.0  # clip the gradient norm to this (0 = off)
     # validate and release an exponential moving average of the weights (0 = off): smoother than the
     # last step's weights on a small, noisy dataset; per optimizer step, warmed up as min(d, (1+t)/(10+t))
     ema_decay: float = 0.998
@@ -180,9 +175,6 @@ class TrainConfig:
     # run, whose average predicts better than either (README) but costs two networks at run time
     teacher: tuple[str, ...] = ()
     teacher_weights: tuple[float, ...] = ()  # share of each --teacher in their average (empty = equal shares)
-    # each teacher predicts with the test-time views it predicts with in the demo (SFace runs: one; the
-    # MobileNetV2 runs: four); --no-teacher-tta: one view each
-    teacher_tta: bool = True
     # loss = (1 - w) * the labels' loss + w * KL(the teachers' gender and age distributions || the network's);
     # one w for every source, or one per --cache (e.g. 0.8 1.0 0.3: hold the release's answers on the sources
     # it was trained on, hardly on a new one)
@@ -198,8 +190,6 @@ class TrainConfig:
     # == running: devices, speed, checkpoints
     device: str = ""  # '' = cuda when present, else cpu
     workers: int = min(8, os.cpu_count() or 1)  # data loader processes
-    amp: str = "bf16"  # autocast precision (the CPU autocasts to bf16 only)
-    channels_last: bool = True  # NHWC memory layout: faster convolutions with bf16
     compile: bool = False  # torch.compile the model
     eval_tta: bool = True  # average the four views of test-time augmentation (see TTA_ZOOM) on validation
     ckpt_every: int = 200  # steps between checkpoints (besides one per epoch)

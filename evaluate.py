@@ -31,7 +31,6 @@ import sys
 
 import cv2
 import numpy as np
-import torch
 from tqdm import tqdm
 
 import config
@@ -41,6 +40,7 @@ from models import CheckpointError
 from metrics import (AGE_ESTIMATES, age_group, age_group_figures, calibration_report, compute_metrics, coverage_curve, effective_age,
                      label_stds, paired_difference, predicted_age, unsure_figures)
 from detector import align_face
+from predictor import predict_batches
 from utils import InputError, fail, parse_config, read_image, read_label_rows, use_all_cores_for_cv2
 
 RACES = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}
@@ -110,12 +110,6 @@ def plot(pred_age, ages, folder, gender_prob=None, genders=None):
         plt.close(fig)
 
 
-def _append_prediction(predictor, x, gender_probs, age_probs, age_kind="real"):
-    out = predictor.predict_tensor(x)
-    gender_probs.append(out["gender_prob"])
-    age_probs.append(out[predictor.age_output(age_kind)[0] + "_prob"])
-
-
 def labels_age_kind(rows):
     """The age a labels CSV gives, where --age-kind does not say: apparent where its rows carry the votes'
     std (CLAP2016) or age ranges (FairFace's annotated groups), else real."""
@@ -179,111 +173,10 @@ def read_labels(path, split, gender_labels=""):
     return apply_gender_labels(good, genders, gender_labels) if genders is not None else good
 
 
-def main(argv=None):
-    from detector import DETECTORS
-
-    cfg = parse_config(config.EvalConfig, argv, description="Evaluate an AgeGenderNet checkpoint",
-                       choices={"detector": sorted(DETECTORS), "age_estimate": AGE_ESTIMATES, "conditions": ("", "hard", "neighbour"),
-                                "age_kind": ("", "real", "apparent")})
-    device = cfg.device or None  # the predictor's default: CUDA when present, else the CPU
-    if not 0 < cfg.downscale <= 1:
-        fail(f"--downscale {cfg.downscale}: give a factor in (0, 1]")
-    if cfg.downscale != 1.0 and not cfg.detect:
-        fail("--downscale applies to raw photos: add --detect")
-    if cfg.conditions and not cfg.cache:
-        fail(f"--conditions {cfg.conditions} is made from a cache's faces: add --cache")
-    if cfg.versus and not cfg.cache:
-        fail("--versus compares two checkpoints on a cache's faces: add --cache")
-    from predictor import AgeGenderPredictor
-
-    try:
-        predictor = AgeGenderPredictor(cfg.checkpoint, device, cfg.tta, calibrated=cfg.calibrated, detector=cfg.detector,
-                                       tta_zoom=cfg.tta_zoom, age_estimate=cfg.age_estimate)
-        other = AgeGenderPredictor(cfg.versus, device, cfg.tta, calibrated=cfg.calibrated, tta_zoom=cfg.tta_zoom,
-                                   age_estimate=cfg.age_estimate, detector=cfg.detector) if cfg.versus else None
-    except (CheckpointError, ValueError) as e:
-        fail(str(e))
-    gp, ap, ages, genders = [], [], [], []
-    other_ap, other_gp = [], []
-    turn = None  # how far each face is turned away (conditions.turn_of), where its landmarks are known
-    if cfg.cache:
-        try:
-            ds = FaceCache(cfg.cache, split=cfg.split or None)
-        except CacheError as e:
-            fail(str(e))
-        age_kind = cfg.age_kind or ds.age_kind
-        spans = ds.spans.numpy()
-        if cfg.conditions:
-            raw, age, gender, _ = ds.read(np.arange(len(ds)))
-            try:
-                raw, condition = hard_conditions(raw, ds.turn) if cfg.conditions == "hard" else neighbour_conditions(raw)
-            except ValueError as e:  # a split of one face: nobody to stand beside it
-                fail(f"{cfg.cache}: --conditions {cfg.conditions}: {e}")
-            for s in tqdm(range(0, len(raw), cfg.batch_size), desc="evaluate", unit="batch"):
-                x = normalize(raw[s : s + cfg.batch_size])
-                _append_prediction(predictor, x, gp, ap, age_kind)
-                if other is not None:
-                    _append_prediction(other, x, other_gp, other_ap, age_kind)
-            ages, genders = [age.numpy()], [gender.numpy()]
-        else:
-            loader, _ = make_loader(ds, cfg.batch_size, workers=0)
-            for x, age, gender in tqdm(loader, desc="evaluate", unit="batch"):
-                _append_prediction(predictor, x, gp, ap, age_kind)
-                if other is not None:
-                    _append_prediction(other, x, other_gp, other_ap, age_kind)
-                ages.append(age.numpy())
-                genders.append(gender.numpy())
-        kept = ds.rows()
-        n = faces_found = len(ds)
-        turn = ds.turn if ds.has_landmarks else None
-    elif cfg.labels:
-        try:
-            rows = read_labels(cfg.labels, cfg.split, cfg.gender_labels)
-        except InputError as e:
-            fail(str(e))
-        if not rows:
-            fail(f"{cfg.labels}: no rows" + (f" in split '{cfg.split}'" if cfg.split else ""))
-        age_kind = cfg.age_kind or labels_age_kind(rows)
-        n, unreadable = len(rows), 0
-        crops, keep, turns = [], [], []
-        for r in tqdm(rows, desc="detect+align" if cfg.detect else "read", unit="img"):
-            path = os.path.join(cfg.root, r["file"])
-            try:
-                rgb = read_image(path)
-            except InputError as e:
-                print(f"error: {path}: {e}", file=sys.stderr)
-                unreadable += 1
-                continue
-            if cfg.detect:
-                if cfg.downscale != 1.0:
-                    rgb = cv2.resize(rgb, None, fx=cfg.downscale, fy=cfg.downscale, interpolation=cv2.INTER_AREA)
-                faces = predictor.detector.detect(rgb, pad_fraction=cfg.pad_fraction)
-                if not faces:
-                    continue
-                crop = align_face(rgb, faces[0].landmarks)  # the most confident face is the labelled one
-                turns.append(turn_of(faces[0].landmarks[None])[0])
-            else:
-                crop = cv2.resize(rgb, (config.IMAGE_W, config.IMAGE_H), interpolation=cv2.INTER_AREA) if rgb.shape[:2] != (config.IMAGE_H, config.IMAGE_W) else rgb
-            crops.append(crop)
-            keep.append(r)
-        for s in range(0, len(crops), cfg.batch_size):
-            out = predictor.predict_crops(crops[s : s + cfg.batch_size])
-            gp.append(out["gender_prob"])
-            ap.append(out[predictor.age_output(age_kind)[0] + "_prob"])
-        spans = np.array([[r["age_min"], r["age_max"]] for r in keep]).reshape(-1, 2)
-        ages = [np.array([r["age"] for r in keep])]
-        genders = [np.array([r["gender"] for r in keep])]
-        kept = keep
-        faces_found = len(keep)
-        turn = np.array(turns) if cfg.detect else None
-        if unreadable:
-            print(f"{unreadable} of {n} images could not be read", file=sys.stderr)
-    else:
-        fail("give --cache DIR or --labels CSV")
-    if faces_found == 0:
-        fail("no face to evaluate")
-    gp, ap = np.concatenate(gp), np.concatenate(ap)
-    ages, genders = np.concatenate(ages), np.concatenate(genders)
+def build_report(cfg, predictor, other, faces):
+    """Every figure evaluate.py reports (printed and in --json), from the predictions on the faces."""
+    (gp, ap), *others = faces["predictions"]
+    ages, genders, spans, kept, age_kind, turn = (faces[k] for k in ("ages", "genders", "spans", "rows", "age_kind", "turn"))
     races = [r.get("race", "") for r in kept]
     estimate = predictor.age_estimate
     pred_age = predicted_age(ap, estimate)
@@ -294,7 +187,7 @@ def main(argv=None):
     calib = calibration_report(gp, ap, effective_age(pred_age, ages, spans), genders, std_scale=scale, estimate=estimate)
     views = predictor.views
     report = {"checkpoint": cfg.checkpoint, "views": views, "detector": cfg.detector if cfg.detect else None, "downscale": cfg.downscale,
-              "age_kind": age_kind, "age_output": output, "age_estimate": estimate, "n": n, "faces_found": faces_found,
+              "age_kind": age_kind, "age_output": output, "age_estimate": estimate, "n": faces["n"], "faces_found": len(kept),
               "calibration_applied": predictor.calibration or None,
               **{k: round(v, 4) for k, v in metrics.items() if k != "n"}, **{k: round(v, 4) for k, v in calib.items()}}
     report.update({k: round(v, 4) for k, v in unsure_figures(gp, genders, predictor.unsure_below).items()})
@@ -308,18 +201,23 @@ def main(argv=None):
     if turn is not None:  # from 0.3 eye distances of nose offset, a face counts as turned away
         groups["pose"] = ["turned" if t >= TURNED else "frontal" for t in turn]
     if cfg.conditions:
-        groups["condition"] = list(condition)
+        groups["condition"] = list(faces["condition"])
     report["by"] = breakdown(gp, ap, ages, genders, groups, estimate, predictor.unsure_below, spans)
     report["gaps"] = {name: gaps(report["by"][name]) for name in ("race", "age_group") if name in report["by"]}
     if other is not None:
-        report["versus"] = versus_report(cfg.versus, (gp, pred_age), (np.concatenate(other_gp),
-                                         predicted_age(np.concatenate(other_ap), other.age_estimate)), ages, genders)
+        other_gp, other_ap = others[0]
+        report["versus"] = versus_report(cfg.versus, (gp, pred_age), (other_gp, predicted_age(other_ap, other.age_estimate)), ages, genders)
+    return report, metrics
 
+
+def print_report(report, metrics, predictor):
+    """The report in words and tables: the overall figures, then the gaps between groups, then each group."""
+    calib, views, estimate = report, report["views"], report["age_estimate"]
     gender_text = f"gender accuracy {100 * metrics['gender_acc']:.2f}%" if metrics["n_gender"] else "gender not labelled"
-    print(f"{age_kind} ages, scored on the model's `{output}` output"
+    print(f"{report['age_kind']} ages, scored on the model's `{report['age_output']}` output"
           + ("; the labels are age ranges: an age inside its range counts as right, the MAE is the distance to the range"
              if "age_group_acc" in metrics else ""))
-    print(f"faces {faces_found} of {n}   {gender_text}   age MAE {metrics['age_mae']:.3f}   "
+    print(f"faces {report['faces_found']} of {report['n']}   {gender_text}   age MAE {metrics['age_mae']:.3f}   "
           f"CS@5 {100 * metrics['age_cs5']:.1f}%   exact age top-1 {100 * metrics['age_top1']:.1f}%   top-5 {100 * metrics['age_top5']:.1f}%"
           + (f"   epsilon {metrics['age_epsilon']:.4f}" if "age_epsilon" in metrics else "") + f"   ({views} view{'s' * (views > 1)} per face, age = the distribution's {estimate})")
     print(f"calibration: true age within ±1 std {100 * calib['age_within_1std']:.1f}% (ideal ~68%), ±2 std "
@@ -330,7 +228,7 @@ def main(argv=None):
               f"the others right {100 * report['sure_acc']:.2f}%")
     print(f"age group right {100 * report['age_group_acc']:.1f}% (each age group weighing the same: "
           f"{100 * report['age_group_acc_balanced']:.1f}%); mean error {report['age_bias']:+.2f} years (predicted - true)")
-    if other is not None:
+    if "versus" in report:
         print(versus_text(report["versus"]))
     for name, table in report["gaps"].items():
         for key, g in table.items():
@@ -342,15 +240,135 @@ def main(argv=None):
         for g, r in table.items():
             print(f"  {g:<12} {r['n']:>6} {100 * r['gender_acc']:>8.2f} {r['age_mae']:>6.2f} {100 * r['age_cs5']:>6.1f}"
                   f" {100 * r['unsure']:>8.1f} {100 * r['sure_acc']:>7.2f} {100 * r['age_group_acc']:>7.1f} {r['age_bias']:>+6.2f}")
+
+
+def load_predictors(cfg):
+    """The checkpoint's predictor, and --versus's (or None)."""
+    from predictor import AgeGenderPredictor
+
+    device = cfg.device or None  # the predictor's default: CUDA when present, else the CPU
+    common = dict(calibrated=cfg.calibrated, detector=cfg.detector, tta_zoom=cfg.tta_zoom, age_estimate=cfg.age_estimate)
+    try:
+        predictor = AgeGenderPredictor(cfg.checkpoint, device, cfg.tta, **common)
+        other = AgeGenderPredictor(cfg.versus, device, cfg.tta, **common) if cfg.versus else None
+    except (CheckpointError, ValueError) as e:
+        fail(str(e))
+    return predictor, other
+
+
+def predict_cache(cfg, predictors):
+    """Each predictor's (gender probs, age probs) on a cache's faces, or on the hard-conditions or
+    neighbour set made of them, and what is known of the faces."""
+    try:
+        ds = FaceCache(cfg.cache, split=cfg.split or None)
+    except CacheError as e:
+        fail(str(e))
+    age_kind = cfg.age_kind or ds.age_kind
+    condition = None
+    if cfg.conditions:
+        raw = ds.read(np.arange(len(ds)))[0]
+        try:
+            raw, condition = hard_conditions(raw, ds.turn) if cfg.conditions == "hard" else neighbour_conditions(raw)
+        except ValueError as e:  # a split of one face: nobody to stand beside it
+            fail(f"{cfg.cache}: --conditions {cfg.conditions}: {e}")
+
+        def batches():
+            return (normalize(raw[s : s + cfg.batch_size]) for s in range(0, len(raw), cfg.batch_size))
+    else:
+        def batches():
+            return make_loader(ds, cfg.batch_size, workers=0)[0]
+    total = -(-len(ds) // cfg.batch_size)
+    predictions = [predict_batches(p.predict_tensor, tqdm(batches(), desc="evaluate", unit="batch", total=total), p.age_output(age_kind)[0])
+                   for p in predictors]
+    return dict(predictions=predictions, ages=ds.ages.numpy(), genders=ds.genders.numpy(), spans=ds.spans.numpy(), rows=ds.rows(),
+                n=len(ds), age_kind=age_kind, turn=ds.turn if ds.has_landmarks else None, condition=condition)
+
+
+def read_crops(cfg, predictor, rows):
+    """The aligned crop of each labelled photo (with --detect: its most confident face, and how far it is
+    turned) and the rows that have one; an unreadable photo is reported and skipped."""
+    crops, keep, turns, unreadable = [], [], [], 0
+    for r in tqdm(rows, desc="detect+align" if cfg.detect else "read", unit="img"):
+        path = os.path.join(cfg.root, r["file"])
+        try:
+            rgb = read_image(path)
+        except InputError as e:
+            print(f"error: {path}: {e}", file=sys.stderr)
+            unreadable += 1
+            continue
+        if cfg.detect:
+            if cfg.downscale != 1.0:
+                rgb = cv2.resize(rgb, None, fx=cfg.downscale, fy=cfg.downscale, interpolation=cv2.INTER_AREA)
+            faces = predictor.detector.detect(rgb, pad_fraction=cfg.pad_fraction)
+            if not faces:
+                continue
+            crop = align_face(rgb, faces[0].landmarks)  # the most confident face is the labelled one
+            turns.append(turn_of(faces[0].landmarks[None])[0])
+        elif rgb.shape[:2] != (config.IMAGE_H, config.IMAGE_W):
+            crop = cv2.resize(rgb, (config.IMAGE_W, config.IMAGE_H), interpolation=cv2.INTER_AREA)
+        else:
+            crop = rgb
+        crops.append(crop)
+        keep.append(r)
+    if unreadable:
+        print(f"{unreadable} of {len(rows)} images could not be read", file=sys.stderr)
+    return crops, keep, np.array(turns) if cfg.detect else None
+
+
+def predict_labelled_photos(cfg, predictor):
+    """The predictor's (gender probs, age probs) on the photos of a labels CSV, and what is known of the faces."""
+    try:
+        rows = read_labels(cfg.labels, cfg.split, cfg.gender_labels)
+    except InputError as e:
+        fail(str(e))
+    if not rows:
+        fail(f"{cfg.labels}: no rows" + (f" in split '{cfg.split}'" if cfg.split else ""))
+    age_kind = cfg.age_kind or labels_age_kind(rows)
+    crops, keep, turn = read_crops(cfg, predictor, rows)
+    batches = (normalize(np.stack(crops[s : s + cfg.batch_size])) for s in range(0, len(crops), cfg.batch_size))
+    gp, ap = predict_batches(predictor.predict_tensor, batches, predictor.age_output(age_kind)[0]) if crops else (None, None)
+    return dict(predictions=[(gp, ap)], ages=np.array([r["age"] for r in keep]), genders=np.array([r["gender"] for r in keep]),
+                spans=np.array([[r["age_min"], r["age_max"]] for r in keep]).reshape(-1, 2), rows=keep, n=len(rows),
+                age_kind=age_kind, turn=turn, condition=None)
+
+
+def check_options(cfg):
+    if not 0 < cfg.downscale <= 1:
+        fail(f"--downscale {cfg.downscale}: give a factor in (0, 1]")
+    if cfg.downscale != 1.0 and not cfg.detect:
+        fail("--downscale applies to raw photos: add --detect")
+    if cfg.conditions and not cfg.cache:
+        fail(f"--conditions {cfg.conditions} is made from a cache's faces: add --cache")
+    if cfg.versus and not cfg.cache:
+        fail("--versus compares two checkpoints on a cache's faces: add --cache")
+    if not (cfg.cache or cfg.labels):
+        fail("give --cache DIR or --labels CSV")
+
+
+def main(argv=None):
+    from detector import DETECTORS
+
+    cfg = parse_config(config.EvalConfig, argv, description="Evaluate an AgeGenderNet checkpoint",
+                       choices={"detector": sorted(DETECTORS), "age_estimate": AGE_ESTIMATES, "conditions": ("", "hard", "neighbour"),
+                                "age_kind": ("", "real", "apparent")})
+    check_options(cfg)
+    predictor, other = load_predictors(cfg)
+    if cfg.cache:
+        faces = predict_cache(cfg, [predictor] + ([other] if other is not None else []))
+    else:
+        faces = predict_labelled_photos(cfg, predictor)
+    if len(faces["rows"]) == 0:
+        fail("no face to evaluate")
+    report, metrics = build_report(cfg, predictor, other, faces)
+    print_report(report, metrics, predictor)
     if cfg.json:
-        report = _nan_to_none(report)  # JSON has no NaN: unknown is null
         os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
         with open(cfg.json, "w") as f:
-            json.dump(report, f, indent=1)
+            json.dump(_nan_to_none(report), f, indent=1)  # JSON has no NaN: unknown is null
     if cfg.plots:
-        plot(pred_age, ages, cfg.plots, gp, genders)
+        plot(predicted_age(faces["predictions"][0][1], predictor.age_estimate), faces["ages"], cfg.plots,
+             faces["predictions"][0][0], faces["genders"])
     return 0
-
 
 if __name__ == "__main__":
     use_all_cores_for_cv2()  # a command-line run never forks, so cv2 may use every core

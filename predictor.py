@@ -59,6 +59,22 @@ class FaceRecord:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+def predict_batches(predict, batches, output="age"):
+    """(gender probabilities, probabilities of the age output `output`) of every face in `batches`, as
+    predict(x) gives them: the one loop over a cache's faces (train.py's validation, calibrate.py,
+    evaluate.py). A batch is a normalised N x 3 x 112 x 96 tensor, or a cache loader's (x, age, gender)."""
+    gender_probs, age_probs = [], []
+    for batch in batches:
+        out = predict(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        gender_probs.append(_numpy(out["gender_prob"]))
+        age_probs.append(_numpy(out[output + "_prob"]))
+    return np.concatenate(gender_probs), np.concatenate(age_probs)
+
+
+def _numpy(a):
+    return a.float().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
 def as_rgb(image):
     """A path, an RGB (or grayscale / RGBA) numpy array or a PIL image -> upright RGB uint8 array."""
     if isinstance(image, (str, os.PathLike)):

@@ -38,12 +38,12 @@ import config
 from data_gen import CacheError, FaceCache, MixedFaces, make_loader
 from metrics import compute_metrics, label_stds
 from models import ARCHS, AgeGenderNet, CheckpointError, age_mean_std, fuse_batchnorm, load_checkpoint, views_of
+from predictor import predict_batches
 from utils import atomic_torch_save, fail, parse_config
 
 # Options that may differ between a run and its --resume: they do not change what is learned.
 RESUME_MAY_CHANGE = {"resume", "workers", "max_steps", "ckpt_every", "device", "compile", "cache", "out_dir"}
-CHOICES = {"arch": ARCHS, "age_loss": ("ce", "dldl"), "optimizer": ("adamw", "sgd"), "amp": ("bf16", "fp16", "none"),
-           "teacher_view": ("same", "clean")}
+CHOICES = {"arch": ARCHS, "age_loss": ("ce", "dldl"), "teacher_view": ("same", "clean")}
 
 
 def gender_loss(gender_logits, gender, weight=None):
@@ -87,7 +87,7 @@ def _age_loss_per_face(age_logits, age, cfg):
     log_p = F.log_softmax(age_logits.float(), 1)
     kl = (target * (torch.log(target.clamp_min(1e-12)) - log_p)).sum(1)
     expected = log_p.exp() @ ages
-    return kl + cfg.l1_weight * (expected - age.float()).abs()
+    return kl + config.L1_WEIGHT * (expected - age.float()).abs()
 
 
 def check_shares(option, shares, count, of_what):
@@ -154,7 +154,7 @@ class Teachers(torch.nn.Module):
     ones, whose average is better than one view; the network still sees one).
     predict() makes them one model to validate like the network (train.py prints their figures)."""
 
-    def __init__(self, paths, weights, device, own_views=True):
+    def __init__(self, paths, weights, device):
         super().__init__()
         check_shares("--teacher-weights", weights, len(paths), "teacher(s)")
         weights = list(weights) or [1.0] * len(paths)
@@ -167,7 +167,7 @@ class Teachers(torch.nn.Module):
                 fail(f"--teacher {e}")
             tta, tta_zoom = views_of(ckpt)
             self.nets.append(fuse_batchnorm(net).set_tta_zoom(tta_zoom).requires_grad_(False))
-            self.tta.append(tta and own_views)
+            self.tta.append(tta)
         self.nets = torch.nn.ModuleList(self.nets)
 
     def train(self, mode=True):
@@ -214,35 +214,34 @@ class WeightAverage:
 
 
 def lr_at(step, total_steps, warmup_steps, cfg):
-    """Linear warm-up, then cosine decay to lr * min_lr_ratio (a multiplier for LambdaLR)."""
+    """Linear warm-up, then cosine decay to lr * MIN_LR_RATIO (a multiplier for LambdaLR)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return config.MIN_LR_RATIO + (1 - config.MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
-def evaluate(net, loader, device, amp_dtype, tta, channels_last=False, age_std=None, age_kind="real", spans=None):
-    """Predictions on a loader -> metrics dict (gender accuracy, MAE, CS@5, exact-age top-1/top-5, the
-    epsilon error where the labels' std `age_std` is given, and the age group's accuracy where `spans`
-    holds age ranges). The age scored is the output of the labels' `age_kind`: the apparent age of a
-    two-age network on apparent labels, else its age."""
-    was_training = net.training
-    net.eval()
-    gp, ap, ages, genders = [], [], [], []
-    for x, age, gender in loader:
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+def evaluate(net, val_set, device, amp_dtype, tta):
+    """Metrics of a network on a cache's faces (gender accuracy, MAE, CS@5, exact-age top-1/top-5, the
+    epsilon error where the labels carry their std, and the age group's accuracy where they are age
+    ranges). The age scored is the output of the labels' age_kind: the apparent age of a two-age network
+    on apparent labels, else its age."""
+    def predict(x):
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = net.predict(x, tta=tta)
-        gp.append(out["gender_prob"].cpu())
-        ap.append(out["apparent_age_prob" if age_kind == "apparent" and "apparent_age_prob" in out else "age_prob"].cpu())
-        ages.append(age)
-        genders.append(gender)
+        if val_set.age_kind == "apparent" and "apparent_age_prob" in out:  # a two-age network (or teachers)
+            out["age_prob"] = out["apparent_age_prob"]
+        return out
+
+    was_training = net.training
+    net.eval()
+    loader = make_loader(val_set, 256, workers=min(2, os.cpu_count() or 1))[0]
+    gender_prob, age_prob = predict_batches(predict, loader)
     net.train(was_training)
-    return compute_metrics(torch.cat(gp).numpy(), torch.cat(ap).numpy(), torch.cat(ages).numpy(), torch.cat(genders).numpy(), age_std,
-                           age_span=None if spans is None else spans.numpy())
+    return compute_metrics(gender_prob, age_prob, val_set.ages.numpy(), val_set.genders.numpy(), label_stds(val_set.rows()),
+                           age_span=val_set.spans.numpy())
 
 
 def plot_curves(history, path):
@@ -293,15 +292,20 @@ def setup_processes(cfg):
         torch.backends.cudnn.allow_tf32 = True
     elif distributed:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[cfg.amp]
-    if amp_dtype == torch.float16 and not want_cuda:
-        amp_dtype = torch.bfloat16  # the CPU autocasts to bf16 only
-    if amp_dtype is not None and not want_cuda and not cpu_has_bf16():
-        # without AVX-512 bf16 / AMX, oneDNN emulates bf16: an SFace step took 2 minutes instead of 13 s in fp32 (AVX2 CPU)
-        if rank == 0:
-            print(f"--amp {cfg.amp}: this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}), so training runs in fp32")
-        amp_dtype = None
-    return distributed, rank, world, device, amp_dtype
+    return distributed, rank, world, device, autocast_dtype(device, verbose=rank == 0)
+
+
+def autocast_dtype(device, verbose=False):
+    """bf16 autocast where the hardware runs bf16 natively (a recent GPU; a CPU with AVX-512 bf16 or AMX),
+    fp16 on an older GPU (with a gradient scaler), else None: fp32. A CPU without native bf16 emulates it,
+    many times slower than fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if cpu_has_bf16():
+        return torch.bfloat16
+    if verbose:
+        print(f"this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}), so training runs in fp32")
+    return None
 
 
 def cpu_has_bf16():
@@ -347,10 +351,7 @@ def build_data(cfg, rank, world, main_proc):
         fail(f"{', '.join(cfg.cache)}: only {len(train_set)} training faces, fewer than one batch of {cfg.batch_size * world}")
     train_loader, train_sampler = make_loader(train_set, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
                                               workers=cfg.workers, source_weights=list(cfg.source_weights) or None)
-    val = []
-    if main_proc:  # rank 0 validates
-        for name, v in zip(names, val_sets):
-            val.append((name, make_loader(v, 256, workers=min(2, cfg.workers))[0], label_stds(v.rows()), v.age_kind, v.spans))
+    val = list(zip(names, val_sets)) if main_proc else []  # rank 0 validates
     return train_set, train_loader, train_sampler, val, sum(len(v) for v in val_sets)
 
 
@@ -360,8 +361,8 @@ def validate(model, val, device, amp_dtype, cfg):
     so the small in-the-wild set weighs as much as the large one), gender_acc the mean over the sources
     that have gender labels."""
     flat, maes, accs = {}, [], []
-    for name, loader, stds, age_kind, spans in val:
-        m = evaluate(model, loader, device, amp_dtype, cfg.eval_tta, cfg.channels_last, stds, age_kind, spans)
+    for name, val_set in val:
+        m = evaluate(model, val_set, device, amp_dtype, cfg.eval_tta)
         flat.update({f"{name}_{k}": v for k, v in m.items() if k not in ("n", "n_gender")})
         maes.append(m["age_mae"])
         if m["n_gender"]:
@@ -399,7 +400,7 @@ def main(argv=None):
 
     # --- model, optimizer, schedule
     try:
-        net = AgeGenderNet(cfg.arch, pretrained=cfg.pretrained if not resuming else "", dropout=cfg.dropout,
+        net = AgeGenderNet(cfg.arch, pretrained=cfg.pretrained if not resuming else "", dropout=config.DROPOUT,
                            two_ages=cfg.two_ages).to(device)
     except (ValueError, OSError, RuntimeError) as e:
         fail(f"--pretrained {cfg.pretrained}: {str(e).splitlines()[0]}")
@@ -414,22 +415,18 @@ def main(argv=None):
         net.freeze_stages(cfg.freeze_stages)
     except ValueError as e:
         fail(str(e))
-    if cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+    net = net.to(memory_format=torch.channels_last)  # the faces come NHWC: no layout conversions
     trained = [p for p in net.parameters() if p.requires_grad]
     decay = [p for p in trained if p.ndim > 1]
     no_decay = [p for p in trained if p.ndim <= 1]  # biases and norms
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    else:
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    groups = [{"params": decay, "weight_decay": config.WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, warmup_steps, cfg))
     ema = WeightAverage(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
     distill_share = distill_shares(cfg).to(device)
     # which sources' labels are apparent ages (per --cache): with two ages they train the apparent output
     apparent_source = torch.tensor([s.age_kind == "apparent" for s in train_set.sources], device=device)
-    teachers = Teachers(cfg.teacher, cfg.teacher_weights, device, cfg.teacher_tta) if cfg.teacher else None
+    teachers = Teachers(cfg.teacher, cfg.teacher_weights, device) if cfg.teacher else None
     teacher_metrics = {}
     if teachers is not None and main_proc:  # what the network is to learn, on the same validation
         teacher_metrics = validate(teachers, val, device, amp_dtype, cfg)
@@ -480,9 +477,8 @@ def main(argv=None):
             x = x.to(device, non_blocking=True)
             # --teacher-view clean: the teachers read the faces before the real conditions
             x_teacher = clean[0].to(device, non_blocking=True) if clean else x
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-                x_teacher = x_teacher.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+            x_teacher = x_teacher.contiguous(memory_format=torch.channels_last)
             span, gender, source = (t.to(device, non_blocking=True) for t in (span, gender, source))
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = model(x)
@@ -494,9 +490,8 @@ def main(argv=None):
                 stop_on_bad_loss(loss.item())
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), config.GRAD_CLIP)
             scaler.step(opt)
             scaler.update()
             sched.step()

@@ -412,13 +412,12 @@ def test_distillation_learns_from_the_teachers_not_the_labels(utk_cache, tmp_pat
 
 
 def test_cpu_without_native_bf16_trains_in_fp32(monkeypatch, capsys):
-    cfg = config.TrainConfig(device="cpu", amp="bf16")
+    cpu = torch.device("cpu")
     monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
-    assert train.setup_processes(cfg)[4] is None  # emulated bf16 made a step 60x slower on an AVX2 CPU
+    assert train.autocast_dtype(cpu, verbose=True) is None  # emulated bf16 made a step 60x slower on an AVX2 CPU
     assert "no native bf16" in capsys.readouterr().out
     monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
-    assert train.setup_processes(cfg)[4] is torch.bfloat16
-    assert train.setup_processes(config.TrainConfig(device="cpu", amp="none"))[4] is None
+    assert train.autocast_dtype(cpu) is torch.bfloat16
 
 
 def test_a_two_age_run_validates_each_source_on_its_own_age(two_age_checkpoint, utk_cache, range_cache):
