@@ -41,7 +41,8 @@ from metrics import (AGE_ESTIMATES, age_group, age_group_figures, calibration_re
                      label_stds, paired_difference, predicted_age, unsure_figures)
 from detector import align_face
 from predictor import predict_batches
-from utils import InputError, fail, parse_config, read_image, read_label_rows, use_all_cores_for_cv2
+from sources import labels_age_kind, read_labels
+from utils import InputError, fail, parse_config, read_image, use_all_cores_for_cv2
 
 RACES = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}
 
@@ -110,12 +111,6 @@ def plot(pred_age, ages, folder, gender_prob=None, genders=None):
         plt.close(fig)
 
 
-def labels_age_kind(rows):
-    """The age a labels CSV gives, where --age-kind does not say: apparent where its rows carry the votes'
-    std (CLAP2016) or age ranges (FairFace's annotated groups), else real."""
-    return "apparent" if any(r.get("age_std") or r["age_min"] != r["age_max"] for r in rows) else "real"
-
-
 def gaps(table, min_faces=20):
     """The best and worst group's gender and age-group accuracy, and the gap between them, over the groups
     of at least `min_faces` faces with a known label (a group of three faces says nothing)."""
@@ -153,24 +148,6 @@ def _nan_to_none(obj):
     if isinstance(obj, dict):
         return {k: _nan_to_none(v) for k, v in obj.items()}
     return None if isinstance(obj, float) and obj != obj else obj
-
-
-def read_labels(path, split, gender_labels=""):
-    """Rows of the labels CSV in `split`, with int age and gender; `gender_labels` (a file,gender CSV)
-    fills in the genders the CSV leaves empty."""
-    from pre_process import apply_gender_labels, parse_age, parse_gender, read_gender_labels
-
-    genders = read_gender_labels(gender_labels) if gender_labels else None
-    rows = [r for r in read_label_rows(path, required=("file", "gender")) if not split or r.get("split") == split]
-    good = []
-    for r in rows:
-        try:
-            (r["age"], r["age_min"], r["age_max"]), r["gender"] = parse_age(r), parse_gender(r["gender"])
-        except (KeyError, ValueError):
-            print(f"warning: {path}: row for {r['file']}: age/gender not a number, skipped", file=sys.stderr)
-            continue
-        good.append(r)
-    return apply_gender_labels(good, genders, gender_labels) if genders is not None else good
 
 
 def build_report(cfg, predictor, other, faces):

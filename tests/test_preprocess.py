@@ -8,6 +8,7 @@ import pytest
 import scipy.io
 
 import pre_process
+import sources
 from conftest import WIKI_MAT, run_main
 
 
@@ -132,10 +133,10 @@ def test_corrupt_and_missing_mat(tmp_path, capsys):
 
 
 def test_age_formula():
-    assert pre_process.age_at_photo(ordinal(1981, 5, 5), 2009) == 28
-    assert pre_process.age_at_photo(ordinal(1981, 7, 1), 2009) == 27
-    assert pre_process.age_at_photo(0, 2009) is None
-    assert pre_process.age_at_photo(np.inf, 2009) is None
+    assert sources.age_at_photo(ordinal(1981, 5, 5), 2009) == 28
+    assert sources.age_at_photo(ordinal(1981, 7, 1), 2009) == 27
+    assert sources.age_at_photo(0, 2009) is None
+    assert sources.age_at_photo(np.inf, 2009) is None
 
 
 def test_imdb_layout_end_to_end_keeps_the_face_at_face_location(tmp_path, capsys):

@@ -12,6 +12,7 @@ import config
 from predictor import AgeGenderPredictor
 import evaluate
 import pre_process
+import sources
 import train
 from conftest import run_main, write_csv
 from data_gen import EpochBatchSampler, FaceCache, MixedFaces, augment, make_loader
@@ -50,7 +51,7 @@ def test_missing_gender_is_stored_as_unknown_and_splits_are_honest(clap_cache):
     assert (ds.genders == -1).all() and ds[0][2] == -1
 
 
-GENDER_LABELS = pre_process.GENDER_LABELS["clap2016"]
+GENDER_LABELS = sources.GENDER_LABELS["clap2016"]
 
 
 def test_shipped_gender_labels_cover_every_clap2016_photo():
@@ -67,7 +68,7 @@ def test_shipped_gender_labels_cover_every_clap2016_photo():
 def test_gender_labels_fill_in_unknown_genders_only(tmp_path, capsys):
     with open(os.path.join(CLAP, "labels.csv"), newline="") as f:
         rows = list(csv.DictReader(f))[:40]
-    shipped = pre_process.read_gender_labels(GENDER_LABELS)
+    shipped = sources.read_gender_labels(GENDER_LABELS)
     first = rows[0]["file"]
     rows[0]["gender"] = str(1 - shipped[first])  # a source's own gender wins over the annotation
     labels = write_csv(rows, tmp_path / "labels.csv", cols=("file", "age", "gender", "age_std", "split"))
@@ -76,7 +77,7 @@ def test_gender_labels_fill_in_unknown_genders_only(tmp_path, capsys):
     with open(tmp_path / "auto" / "meta.csv", newline="") as f:
         meta = {r["file"]: int(r["gender"]) for r in csv.DictReader(f)}
     assert meta[first] == 1 - shipped[first]
-    assert all(meta[r["file"]] == shipped.get(r["file"], pre_process.UNKNOWN_GENDER) for r in rows[1:])
+    assert all(meta[r["file"]] == shipped.get(r["file"], sources.UNKNOWN_GENDER) for r in rows[1:])
     assert -1 in meta.values() and {0, 1} <= set(meta.values())  # the annotator was unsure of a few (-1)
 
     # a broken gender file: one line naming the file and the line, exit 2, before any photo is opened
@@ -94,7 +95,7 @@ def test_evaluate_reads_gender_labels_for_photos_without_gender(tmp_path):
     labels = write_csv(rows, tmp_path / "labels.csv", cols=("file", "age", "gender"))
     genders = tmp_path / "g.csv"
     genders.write_text("file,gender\na.jpg,0\nb.jpg,0\nc.jpg,\n")
-    got = evaluate.read_labels(labels, "", str(genders))
+    got = sources.read_labels(labels, "", str(genders))
     assert [(r["file"], r["gender"]) for r in got] == [("a.jpg", 0), ("b.jpg", 1), ("c.jpg", -1)]
 
 
