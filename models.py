@@ -11,7 +11,6 @@ The predicted age is the expectation of the age softmax (DEX); the standard devi
 distribution is returned as a per-face uncertainty. `age` is the real age (years since birth); a
 two-age network also reads the apparent age (how old people judge the face) from a head of its own.
 """
-import math
 import os
 
 import numpy as np
@@ -304,6 +303,16 @@ def age_mean_std(age_prob, ages):
     return mean, torch.sqrt(torch.clamp(age_prob @ ages**2 - mean**2, min=0))
 
 
+OUTPUTS = ["gender_prob", "age_prob", "age", "age_std"]
+# a two-age network's outputs that follow OUTPUTS: the apparent age's distribution, mean and std
+APPARENT_OUTPUTS = ["apparent_age_prob", "apparent_age", "apparent_age_std"]
+
+
+def outputs_of(net):
+    """The names of the network's exported outputs, in ExportWrapper's order."""
+    return OUTPUTS + (APPARENT_OUTPUTS if net.two_ages else [])
+
+
 class ExportWrapper(nn.Module):
     """What export_onnx.py exports and demo.py runs in onnxruntime: probabilities, the expected age and its
     std (export_onnx.outputs_of names them; with two ages the apparent age's three follow), no Python dicts; `tta` averages the views of probabilities() inside the graph, as predict() does."""
@@ -381,14 +390,14 @@ def load_checkpoint(path, device="cpu"):
 
 def views_of(ckpt, tta=None, tta_zoom=None):
     """The test-time views to predict with: those asked for, else those the checkpoint's calibration was
-    fitted for (calibrate.py stores them), else all four (config.TTA_ZOOM), as for checkpoints before."""
+    fitted for (calibrate.py stores them), else all four (config.TTA_ZOOM): an uncalibrated checkpoint was validated on four."""
     tta = ckpt.get("tta", True) if tta is None else tta
     return tta, ckpt.get("tta_zoom", config.TTA_ZOOM) if tta_zoom is None else tta_zoom
 
 
 def age_estimate_of(ckpt, estimate=None):
     """How a face's age is read off its distribution (metrics.AGE_ESTIMATES): the one asked for, else the
-    one calibrate.py chose on validation and stored, else the mean, as for checkpoints before."""
+    one calibrate.py chose on validation and stored, else the mean (the network's own output)."""
     return estimate or ckpt.get("age_estimate", "mean")
 
 
@@ -404,47 +413,9 @@ def network_of(ckpt, path="checkpoint", device="cpu"):
     return net.to(device).eval()
 
 
-def average_checkpoints(paths, weights=None):
-    """One checkpoint whose weights are the mean of several (a "model soup", Wortsman et al. 2022).
-
-    Meant for runs fine-tuned from one another (train.py --pretrained a checkpoint), which stay in one
-    basin of the loss, so their average is a network of its own, often better than each, at the cost of
-    one. Runs trained from different starts average to garbage: validate the result (evaluate.py).
-    BatchNorm statistics are averaged too. The config, views and history are the first checkpoint's.
-    `weights`: one share per path (positive, normalised to sum 1), for a soup that leans to one side of the
-    line between two runs; None = equal shares."""
-    shares = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
-    if len(shares) != len(paths) or not all(w > 0 and math.isfinite(w) for w in shares):
-        raise CheckpointError(f"soup weights {list(weights)}: need one positive number per checkpoint ({len(paths)})")
-    shares = [w / sum(shares) for w in shares]
-    ckpts = []
-    for path in paths:
-        _, ckpt = load_checkpoint(path)  # one line for a missing or foreign file, or weights that do not fit
-        ckpts.append(ckpt)
-    first, states = ckpts[0], [inference_weights(c) for c in ckpts]
-    if any("apparent_head.weight" in state for state in states):
-        states = [with_apparent_head(state) for state in states]
-    for path, ckpt in zip(paths[1:], ckpts[1:]):
-        if ckpt["config"].get("arch") != first["config"].get("arch"):
-            raise CheckpointError(f"{path}: a {ckpt['config'].get('arch')} checkpoint cannot be averaged with "
-                                  f"{first['config'].get('arch')} ({paths[0]})")
-    averaged = {k: (sum(share * state[k] for share, state in zip(shares, states)) if v.is_floating_point() else v)
-                for k, v in states[0].items()}
-    return {**{k: first[k] for k in ("config", "history", "tta", "tta_zoom") if k in first},
-            "model": averaged, "metrics": {}, "epoch": None, "averaged_from": [_repo_relative(p) for p in paths],
-            **({"soup_weights": [round(w, 6) for w in shares]} if weights is not None else {})}
-
-
 def with_apparent_head(state):
     """A state dict with an apparent-age head: a one-age network's gets a copy of its age head, which
     learned from both kinds of age (how a two-age run fine-tuned from it starts)."""
     if "apparent_head.weight" in state:
         return state
     return {**state, **{k.replace("age_head", "apparent_head"): v.clone() for k, v in state.items() if k.startswith("age_head.")}}
-
-
-def _repo_relative(path):
-    """A path as the README's commands write it (relative to the repository) when it lies inside it."""
-    path = os.path.abspath(path)
-    inside = os.path.commonpath([path, config.ROOT]) == os.path.abspath(config.ROOT)
-    return os.path.relpath(path, config.ROOT) if inside else path

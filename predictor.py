@@ -13,7 +13,6 @@ On a CPU the network runs in OpenCV's dnn module (SFace, the released model) or 
 """
 import dataclasses
 import os
-import threading
 
 import numpy as np
 import torch
@@ -21,14 +20,10 @@ import torch
 import config
 from data_gen import normalize
 from detector import align_face, make_detector
-from export_onnx import frozen_network, network_session, opencv_network, outputs_of, run_opencv_network
 from metrics import apply_calibration, check_age_estimate, gender_unsure, predicted_age
-from models import age_estimate_of, fuse_batchnorm, load_checkpoint, views_of
+from models import age_estimate_of, fuse_batchnorm, load_checkpoint, outputs_of, views_of
+from runtimes import NetworkRuntime
 from utils import InputError, read_image, to_rgb8
-
-# what runs the network: auto = onnxruntime on a CPU, or opencv (cv2.dnn) for OPENCV_ON_CPU, torch (eager) on a GPU
-RUNTIMES = ("auto", "onnxruntime", "opencv", "torchscript", "torch")
-
 
 def default_device():
     """Where the network runs unless told: CUDA when present, else the CPU."""
@@ -101,12 +96,6 @@ def as_rgb(image):
     raise InputError(f"cannot read an image from a {type(image).__name__}")
 
 
-# trunks that runtime "auto" runs in OpenCV's dnn module on a CPU rather than in onnxruntime: cv2.dnn fuses
-# SFace's PReLU into its depthwise convolutions, which makes it the fastest of the runtimes for SFace, one
-# face or a batch (bench.py infer times them; docs/SPEED.md has the figures)
-OPENCV_ON_CPU = ("sface",)
-
-
 class AgeGenderPredictor:
     """Detect, align and predict: the whole pipeline, shared by demo.py, evaluate.py and bench.py.
 
@@ -125,7 +114,8 @@ class AgeGenderPredictor:
         tta, tta_zoom = views_of(self.ckpt, tta, tta_zoom)
         self.net = fuse_batchnorm(net).set_tta_zoom(tta_zoom)
         self.outputs = outputs_of(self.net)  # what the network gives: with the apparent age for a two-age model
-        self.runtime = self._start_runtime(runtime, tta)
+        self.network = NetworkRuntime(self.net, runtime, self.device, tta)  # what runs it: onnxruntime, cv2.dnn, ...
+        self.runtime = self.network.name
         self._detector_args = dict(name=detector, min_face_size=min_face_size, threshold=threshold, threads=detector_threads)
         self._detector = make_detector(**self._detector_args, build=False)  # None until first used; a wrong name fails now
         self.tta = tta
@@ -170,48 +160,10 @@ class AgeGenderPredictor:
         """How many views of each face are averaged: 1 (the crop), 2 (and its mirror) or 4 (and the enlarged crop)."""
         return (4 if self.net.zoom_view else 2) if self.tta else 1
 
-    def _start_runtime(self, runtime, tta):
-        """What runs the network (RUNTIMES): sets the onnxruntime session, the cv2.dnn graph or the frozen
-        TorchScript graph, and returns the runtime's name. auto on a CPU: onnxruntime (MobileNetV2 runs 3-6x
-        faster there than in eager mode), or cv2.dnn for the trunks in OPENCV_ON_CPU; eager PyTorch on a GPU."""
-        if runtime not in RUNTIMES:
-            raise ValueError(f"unknown runtime '{runtime}' (choose from {', '.join(RUNTIMES)})")
-        self.session, self.frozen, self.dnn, requested = None, None, None, runtime
-        self._dnn_lock = threading.Lock()  # cv2.dnn keeps its input and outputs inside the net
-        if runtime == "auto":
-            runtime = "torch" if self.device.type != "cpu" else "opencv" if self.net.arch in OPENCV_ON_CPU else "onnxruntime"
-        elif runtime != "torch" and self.device.type != "cpu":
-            raise ValueError(f"--runtime {runtime} runs on the CPU: use --device cpu")
-        if runtime == "onnxruntime":
-            try:
-                self.session = network_session(self.net, tta=tta)
-            except ImportError:
-                if requested == "onnxruntime":
-                    raise ValueError("--runtime onnxruntime needs `pip install onnx onnxruntime`")
-                runtime = "torch"
-        if runtime == "opencv":
-            self.dnn = opencv_network(self.net, tta=tta)
-            if self.dnn is None:  # an OpenCV that cannot read the graph: the next fastest for SFace
-                runtime = "torchscript"
-        if runtime == "torchscript":
-            self.frozen = frozen_network(self.net, tta=tta)
-            runtime = "torchscript" if self.frozen is not None else "torch"  # eager mode computes the same
-        return runtime
-
     @torch.no_grad()
     def predict_tensor(self, x):
         """Normalised faces (N x 3 x 112 x 96 tensor) -> dict of numpy arrays, calibrated."""
-        names = self.outputs
-        if self.session is not None:
-            out = dict(zip(names, self.session.run(names, {"input": x.cpu().numpy()})))
-        elif self.dnn is not None:
-            with self._dnn_lock:
-                out = dict(zip(names, (a.copy() for a in run_opencv_network(self.dnn, x.cpu().numpy(), names))))
-        elif self.frozen is not None:
-            with torch.inference_mode():
-                out = dict(zip(names, (t.numpy() for t in self.frozen(x.cpu()))))
-        else:
-            out = {k: v.cpu().numpy() for k, v in self.net.predict(x.to(self.device), tta=self.tta).items() if k in names}
+        out = self.network(x)
         if self.age_estimate != "mean":  # the network's own output is the mean
             for age in ("age", "apparent_age") if self.net.two_ages else ("age",):
                 out[age] = predicted_age(out[f"{age}_prob"], self.age_estimate).astype(out[age].dtype)

@@ -372,6 +372,29 @@ def validate(model, val, device, amp_dtype, cfg):
     return flat
 
 
+def build_model(cfg, device, from_pretrained=True):
+    """The network, its first --freeze-stages stages frozen, in channels_last (the faces come NHWC)."""
+    try:
+        net = AgeGenderNet(cfg.arch, pretrained=cfg.pretrained if from_pretrained else "", dropout=config.DROPOUT,
+                           two_ages=cfg.two_ages).to(device)
+    except (ValueError, OSError, RuntimeError) as e:
+        fail(f"--pretrained {cfg.pretrained}: {str(e).splitlines()[0]}")
+    try:
+        net.freeze_stages(cfg.freeze_stages)
+    except ValueError as e:
+        fail(str(e))
+    return net.to(memory_format=torch.channels_last)
+
+
+def build_optimizer(cfg, net, total_steps, warmup_steps):
+    """AdamW over the trained parameters (weight decay on weights, not on biases and norms) and its schedule."""
+    trained = [p for p in net.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trained if p.ndim > 1], "weight_decay": config.WEIGHT_DECAY},
+              {"params": [p for p in trained if p.ndim <= 1], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, warmup_steps, cfg))
+
+
 def main(argv=None):
     cfg = parse_config(config.TrainConfig, argv, description=__doc__.split("\n")[0], choices=CHOICES)
     distributed, rank, world, device, amp_dtype = setup_processes(cfg)
@@ -399,11 +422,7 @@ def main(argv=None):
     warmup_steps = max(1, int(cfg.warmup_epochs * steps_per_epoch))
 
     # --- model, optimizer, schedule
-    try:
-        net = AgeGenderNet(cfg.arch, pretrained=cfg.pretrained if not resuming else "", dropout=config.DROPOUT,
-                           two_ages=cfg.two_ages).to(device)
-    except (ValueError, OSError, RuntimeError) as e:
-        fail(f"--pretrained {cfg.pretrained}: {str(e).splitlines()[0]}")
+    net = build_model(cfg, device, from_pretrained=not resuming)
     if main_proc:  # what this run trains, in one line
         shares = (" in shares " + " / ".join(f"{w:g}" for w in cfg.source_weights)) if cfg.source_weights else " (shares by size)"
         mix = ", ".join(f"{s.name} {len(s):,}" for s in train_set.sources)
@@ -411,17 +430,7 @@ def main(argv=None):
               f"first {cfg.freeze_stages} trunk stages frozen) on train faces {mix}{shares}; {n_val:,} val faces; "
               f"{cfg.epochs} epochs of {steps_per_epoch} steps of {cfg.batch_size * world}, lr {cfg.lr:g}; "
               f"{world} process(es) on {device}; writing to {cfg.out_dir}")
-    try:
-        net.freeze_stages(cfg.freeze_stages)
-    except ValueError as e:
-        fail(str(e))
-    net = net.to(memory_format=torch.channels_last)  # the faces come NHWC: no layout conversions
-    trained = [p for p in net.parameters() if p.requires_grad]
-    decay = [p for p in trained if p.ndim > 1]
-    no_decay = [p for p in trained if p.ndim <= 1]  # biases and norms
-    groups = [{"params": decay, "weight_decay": config.WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, warmup_steps, cfg))
+    opt, sched = build_optimizer(cfg, net, total_steps, warmup_steps)
     ema = WeightAverage(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
     distill_share = distill_shares(cfg).to(device)
     # which sources' labels are apparent ages (per --cache): with two ages they train the apparent output

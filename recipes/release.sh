@@ -39,7 +39,8 @@ train() {  # train NAME ARGS...: one stage into $OUT/NAME, resumable
 release() {  # release FILE CHECKPOINT...: the checkpoints' weights (averaged if several), slim fp16
     local file=$1; shift
     [ -f "$file" ] && { echo "== $file exists"; return; }
-    "$PYTHON" export_onnx.py --checkpoint "$@" --release "$file.tmp" --out "$OUT/export.onnx" && mv "$file.tmp" "$file"
+    "$PYTHON" release.py --checkpoint "$@" --out "$file.tmp" &&
+        "$PYTHON" export_onnx.py --checkpoint "$file.tmp" --out "$OUT/export.onnx" && mv "$file.tmp" "$file"
 }
 calibrate() {  # calibrate FILE ARGS...: fit the shown ± and gender probability on validation, in place, once
     local file=$1; shift

@@ -1,8 +1,11 @@
 """Shared fixtures: real UTKFace data from ../shared, and a small real cache built once per session."""
 import argparse
 import csv
+import datetime
 import os
+import struct
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -156,3 +159,40 @@ def one_age_release(tmp_path_factory):
     path = tmp_path_factory.mktemp("one_age_release") / "one_age.pt"
     torch.save(ckpt, path)
     return str(path)
+
+
+CLAP = os.path.join(config.SHARED_DATA, "clap2016")
+
+
+@pytest.fixture(scope="session")
+def clap_cache(tmp_path_factory):
+    """~60 real CLAP2016 photos (48 of its train split, 12 of its val split) through pre_process.py."""
+    import pre_process
+
+    tmp = tmp_path_factory.mktemp("clap")
+    with open(os.path.join(CLAP, "labels.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    pick = [r for r in rows if r["split"] == "train"][:48] + [r for r in rows if r["split"] == "val"][:12]
+    labels = write_csv(pick, tmp / "labels.csv", cols=("file", "age", "gender", "age_std", "split"))
+    out = tmp / "cache"
+    assert pre_process.main(["--dataset", "clap2016", "--labels", labels, "--data-dir", CLAP, "--out", str(out),
+                             "--pad-fraction", "0.1", "--clap-holdout", "0.25", "--workers", "2",
+                             "--gender-labels", ""]) == 0  # kept without gender: the unknown-gender path
+    return str(out)
+
+
+ASTRONAUT = os.path.join(config.ROOT, "images", "astronaut.jpg")
+
+
+def ordinal(y, m, d):
+    """A date as a MATLAB datenum (IMDB-WIKI's dob)."""
+    return datetime.date(y, m, d).toordinal() + 366
+
+
+def png_header(width, height):
+    """The first bytes of a PNG that claims width x height pixels: a decompression bomb's header."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    raw = zlib.compress(b"\x00\x00\x00\x00")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")

@@ -1,8 +1,5 @@
-"""Real conditions (conditions.py): training augmentation, the hard-conditions set, turned faces, the
-unsure rule, and a third source in the AAF layout flowing through the cache and the loader."""
-import json
+"""conditions.py: the real-condition damage, turned faces and neighbours."""
 import os
-import shutil
 
 import cv2
 import numpy as np
@@ -11,11 +8,9 @@ import torch
 
 import conditions
 import config
-import pre_process
-from conftest import UTK, utk_rows, write_csv
-from data_gen import EpochBatchSampler, FaceCache, MixedFaces, augment, balance_repeats, make_loader
+from conftest import UTK, utk_rows
+from data_gen import augment
 from detector import FaceDetector, align_face
-from metrics import coverage_curve, fit_unsure_threshold, gender_unsure
 from utils import read_image
 
 REF = np.asarray(config.REFERENCE_LANDMARKS)
@@ -196,96 +191,3 @@ def test_augment_with_neighbours(real_faces):
     # the teachers' clean view has nobody beside the face, and without the option nothing is drawn
     assert torch.equal(clean, clean_plain)
     assert torch.equal(plain, augment(raw, np.random.default_rng(1), neighbour=0.0))
-
-
-def test_evaluate_with_a_neighbour_beside_each_face(utk_cache, tmp_path, capsys):
-    import evaluate
-
-    reports = {}
-    for name, extra in (("clean", []), ("neighbour", ["--conditions", "neighbour"]), ("again", ["--conditions", "neighbour"])):
-        assert evaluate.main(["--cache", utk_cache, "--split", "val", "--json", str(tmp_path / f"{name}.json")] + extra) == 0
-        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
-    capsys.readouterr()
-    clean, nb = reports["clean"], reports["neighbour"]
-    assert nb["n"] == clean["n"] == 30 and nb["conditions"] == "neighbour"
-    assert list(nb["by"]["condition"]) == ["neighbour"] and nb["by"]["condition"]["neighbour"]["n"] == 30
-    assert nb["age_mae"] != clean["age_mae"] and nb["age_mae"] == reports["again"]["age_mae"]
-    # the cache's landmarks say which faces are turned away (conditions.turn_of), as the issue measured them
-    ds = FaceCache(utk_cache, split="val")
-    turned = int((ds.turn >= conditions.TURNED).sum())
-    assert {k: v["n"] for k, v in clean["by"]["pose"].items()} == {k: n for k, n in (("frontal", 30 - turned), ("turned", turned)) if n}
-
-
-def test_unsure_rule_by_hand():
-    # confidences 0.55 (2 right of 4), 0.65 (3 of 4), 0.9 (4 of 4), 0.99 (4 of 4), the gender shown being 1
-    conf = np.repeat([0.55, 0.65, 0.9, 0.99], 4)
-    gp = np.stack([1 - conf, conf], 1)
-    truth = np.array([1, 1, 0, 0, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1])
-    # below 0.56: 2 of 4 right (50%); below 0.66: 5 of 8 (62.5%); below 0.91 to 0.99: 9 of 12 (75%), and
-    # of the thresholds that mark the same faces the lowest is kept
-    assert fit_unsure_threshold(gp, truth, accuracy=0.75) == 0.91
-    assert fit_unsure_threshold(gp, truth, accuracy=0.7) == 0.66
-    assert fit_unsure_threshold(gp, truth, accuracy=0.4) == 0.5  # even the least sure are right more often
-    assert list(gender_unsure(gp, 0.66)) == [True] * 8 + [False] * 8
-    # unknown genders (-1) are left out; weights let a source count more
-    assert fit_unsure_threshold(np.vstack([gp, [[0.4, 0.6]]]), np.r_[truth, -1], accuracy=0.75) == 0.91
-    w = np.r_[np.full(4, 3.0), np.ones(12)]  # the 0.55 faces (2 of 4 right) weigh 3x: below 0.91, 13 of 20
-    assert fit_unsure_threshold(gp, truth, w, accuracy=0.7) == 0.91
-    coverage, acc, threshold = coverage_curve(gp, truth, points=16)
-    assert [coverage[k] for k in (3, 7, 11, 15)] == [0.25, 0.5, 0.75, 1.0]
-    assert [acc[k] for k in (3, 7, 11, 15)] == [1.0, 1.0, 11 / 12, 13 / 16] and threshold[15] == 0.55
-
-
-def test_turned_faces_are_drawn_more_often():
-    sampler = EpochBatchSampler(10, 5, repeats=np.r_[np.ones(9, int), 5])
-    counts = np.zeros(10)
-    for epoch in range(100):
-        sampler.set_epoch(epoch)
-        for batch in sampler:
-            np.add.at(counts, batch, 1)  # a batch may hold the same face twice
-    assert 4 < counts[9] / counts[:9].mean() < 6
-    assert counts.sum() == 100 * 10  # an epoch keeps its length
-
-
-def test_balance_draws_rare_groups_more_often():
-    # 8 men in their twenties, 2 girls of 3-9, 1 woman of 70+ with a race, 1 infant of unknown gender
-    ages = [25] * 8 + [5, 7, 80, 1]
-    genders = [1] * 8 + [0, 0, 0, -1]
-    races = [""] * 10 + ["2", ""]
-    assert balance_repeats(ages, genders, races, 1.0).tolist() == [1] * 8 + [4, 4, 6, 6]  # 8/1 capped at 6
-    assert balance_repeats(ages, genders, races, 0.5).tolist() == [1] * 8 + [2, 2, 3, 3]  # sqrt(8) = 2.83
-    assert balance_repeats(ages, genders, ["0"] * 6 + ["1"] * 2 + [""] * 4, 1.0)[:8].tolist() == [1] * 6 + [3, 3]
-    assert balance_repeats(ages, genders, races, 0.0).tolist() == [1] * 12
-    assert balance_repeats(ages, genders, races, 1.0, max_repeats=10).tolist()[-2:] == [8, 8]
-
-
-def test_aaf_layout_flows_through_cache_and_loader(tmp_path):
-    """A third source in the layout ../shared/tools/get_aaf.py writes (images/%05dA%02d.jpg, labels.csv
-    file,age,gender,split; gender 0 female 1 male), cached by pre_process.py --dataset csv and served
-    with UTKFace-like faces of the other sources (real UTKFace photos stand in for AAF's here)."""
-    root = tmp_path / "aaf_photos"
-    os.makedirs(root / "images")
-    rows = []
-    for k, r in enumerate(utk_rows("train", 8, seed=11) + utk_rows("val", 4, seed=11)):
-        name = f"images/{k:05d}A{int(r['age']):02d}.jpg"
-        shutil.copy(os.path.join(UTK, r["file"]), root / name)
-        rows.append({"file": name, "age": r["age"], "gender": r["gender"], "split": r["split"]})
-    write_csv(rows, root / "labels.csv", cols=("file", "age", "gender", "split"))
-    out = tmp_path / "aaf"
-    assert pre_process.main(["--dataset", "csv", "--data-dir", str(root), "--out", str(out), "--pad-fraction", "0.25", "--workers", "1"]) == 0
-    train = FaceCache(str(out), split="train", train=True)
-    truth = {r["file"]: (int(r["age"]), int(r["gender"])) for r in rows}
-    assert len(train) >= 6 and len(FaceCache(str(out), split="val")) >= 2
-    for row, age, gender in zip(train.rows(), train.ages.tolist(), train.genders.tolist()):
-        assert truth[row["file"]] == (age, gender) == (int(row["age"]), int(row["gender"]))
-    assert train.turn.shape == (len(train),) and (train.turn < 1).all()
-    mixed = MixedFaces([train, train], hard_aug=0.5, pose_aug=0.5, turned_weight=3)
-    balanced = MixedFaces([train, train], turned_weight=3, balance=1.0)  # the two weights multiply
-    assert (balanced.repeats == np.tile(balance_repeats(train.ages, train.genders, train.races, 1.0), 2)
-            * np.where(np.tile(train.turn, 2) >= conditions.TURNED, 3, 1)).all()
-    loader, _ = make_loader(mixed, 4, workers=0, source_weights=[0.5, 0.5])
-    x, ages, genders, source, span = next(iter(loader))
-    assert torch.equal(span[:, 0], ages) and torch.equal(span[:, 1], ages)  # exact ages: ranges of one year
-    assert set(source.tolist()) <= {0, 1}
-    assert x.shape == (4, 3, config.IMAGE_H, config.IMAGE_W)
-    assert set(zip(ages.tolist(), genders.tolist())) <= set(truth.values())

@@ -1,4 +1,4 @@
-"""The cache built from ~200 real UTKFace photos, served by data_gen."""
+"""data_gen.py: the cache served fast, augmented, mixed across sources and sampled as asked."""
 import csv
 import json
 import os
@@ -9,45 +9,33 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import pre_process
-from conftest import UTK, utk_rows, write_csv
-from data_gen import CacheError, EpochBatchSampler, FaceCache, make_loader
+from conftest import run_main, write_csv
+from data_gen import CacheError, EpochBatchSampler, FaceCache, MixedFaces, augment, balance_repeats, make_loader
 
 
-def test_cache_layout(utk_cache):
-    faces = np.load(os.path.join(utk_cache, "faces.npy"), mmap_mode="r")
-    with open(os.path.join(utk_cache, "meta.csv")) as f:
-        meta = list(csv.DictReader(f))
-    assert faces.shape[1:] == (112, 96, 3) and faces.dtype == np.uint8
-    assert len(meta) == len(faces) >= 190  # MTCNN misses a few tight crops at most
-    assert np.load(os.path.join(utk_cache, "landmarks.npy")).shape == (len(faces), 5, 2)
-    with open(os.path.join(utk_cache, "rejects.csv")) as f:
-        assert len(list(csv.DictReader(f))) == 200 - len(meta)
-    assert faces[:, 40:80, 30:70].std() > 20  # real faces, not blank crops
+def test_turned_faces_are_drawn_more_often():
+    sampler = EpochBatchSampler(10, 5, repeats=np.r_[np.ones(9, int), 5])
+    counts = np.zeros(10)
+    for epoch in range(100):
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            np.add.at(counts, batch, 1)  # a batch may hold the same face twice
+    assert 4 < counts[9] / counts[:9].mean() < 6
+    assert counts.sum() == 100 * 10  # an epoch keeps its length
 
 
-def test_rerun_resumes_and_bad_images_are_rejected(tmp_path, capsys):
-    rows = utk_rows("val", 6, seed=5)
-    root = tmp_path / "photos"
-    for r in rows:
-        os.makedirs(root / os.path.dirname(r["file"]), exist_ok=True)
-        shutil.copy(os.path.join(UTK, r["file"]), root / r["file"])
-    (root / "images" / "empty.jpg").write_bytes(b"")
-    (root / "images" / "text.jpg").write_text("hello")
-    bad = [dict(file="images/empty.jpg", age=30, gender=1, split="train"), dict(file="images/text.jpg", age=30, gender=1, split="train"),
-           dict(file="images/missing.jpg", age=30, gender=1, split="train")]
-    labels = write_csv(rows + bad, tmp_path / "labels.csv")
-    args = ["--dataset", "csv", "--labels", labels, "--data-dir", str(root), "--out", str(tmp_path / "c"), "--workers", "1"]
-    assert pre_process.main(args) == 0
-    with open(tmp_path / "c" / "rejects.csv") as f:
-        reasons = {r["file"]: r["reason"] for r in csv.DictReader(f)}
-    assert reasons["images/empty.jpg"].startswith("empty file") and reasons["images/text.jpg"].startswith("not an image")
-    assert reasons["images/missing.jpg"] == "file not found"
-    first = np.load(tmp_path / "c" / "faces.npy")
-    capsys.readouterr()
-    assert pre_process.main(args) == 0
-    assert "resuming: 9 of 9 already done" in capsys.readouterr().out
-    assert np.array_equal(first, np.load(tmp_path / "c" / "faces.npy"))
+def test_balance_draws_rare_groups_more_often():
+    # 8 men in their twenties, 2 girls of 3-9, 1 woman of 70+ with a race, 1 infant of unknown gender
+    ages = [25] * 8 + [5, 7, 80, 1]
+    genders = [1] * 8 + [0, 0, 0, -1]
+    races = [""] * 10 + ["2", ""]
+    assert balance_repeats(ages, genders, races, 1.0).tolist() == [1] * 8 + [4, 4, 6, 6]  # 8/1 capped at 6
+    assert balance_repeats(ages, genders, races, 0.5).tolist() == [1] * 8 + [2, 2, 3, 3]  # sqrt(8) = 2.83
+    assert balance_repeats(ages, genders, ["0"] * 6 + ["1"] * 2 + [""] * 4, 1.0)[:8].tolist() == [1] * 6 + [3, 3]
+    assert balance_repeats(ages, genders, races, 0.0).tolist() == [1] * 12
+    assert balance_repeats(ages, genders, races, 1.0, max_repeats=10).tolist()[-2:] == [8, 8]
 
 
 def test_dataset_serves_normalised_tensors(utk_cache):
@@ -122,3 +110,69 @@ def test_bad_caches(tmp_path, utk_cache):
         FaceCache(str(other))
     with pytest.raises(CacheError, match="no faces in split"):
         FaceCache(utk_cache, split="nope")
+
+
+def test_weighted_sampling_honours_the_weights():
+    s = EpochBatchSampler(1000, 50, seed=0, sizes=[900, 100], weights=[0.5, 0.5])
+    order = np.concatenate([list(b) for b in s])
+    assert len(order) == 1000
+    assert (order >= 900).mean() == pytest.approx(0.5, abs=0.01)
+    small = order[order >= 900]
+    assert np.bincount(small - 900, minlength=100).min() == 5  # the small source cycled 5 times, evenly
+    s.set_epoch(0, start_batch=3)
+    assert np.array_equal(np.concatenate([list(b) for b in s]), order[150:])  # resumable mid-epoch
+    with pytest.raises(ValueError):
+        EpochBatchSampler(1000, 50, sizes=[900, 100], weights=[1.0])
+
+
+def test_mixed_faces_serve_both_sources(utk_cache, clap_cache):
+    u, c = FaceCache(utk_cache, split="train", train=True), FaceCache(clap_cache, split="train", train=True)
+    mix = MixedFaces([u, c], fill_outside=1.0)
+    loader, sampler = make_loader(mix, 16, seed=0, workers=0, source_weights=[1, 1])
+    batches = list(loader)
+    genders = torch.cat([g for _, _, g, _, _ in batches])
+    # each face's source index: CLAP2016 (1) is the source without gender labels
+    assert torch.equal(torch.cat([s for _, _, _, s, _ in batches]) == 1, genders == -1)
+    assert (genders == -1).float().mean() == pytest.approx(0.5, abs=0.07) and set(genders.tolist()) <= {-1, 0, 1}
+
+
+def test_fill_outside_takes_real_pixels_from_a_donor():
+    rng = np.random.default_rng(0)
+    raw = np.zeros((2, 112, 96, 3), np.uint8)
+    raw[0] = 50  # a tight crop: its top 30 rows are replicated border
+    raw[1] = 200  # a donor that is real everywhere
+    inside = np.ones((2, 112, 96), bool)
+    inside[0, :30] = False
+    from data_gen import _fill_outside
+
+    _fill_outside(raw, inside, np.array([True, True]), rng.random(2))
+    assert (raw[0, :30] == 200).all() and (raw[0, 30:] == 50).all() and (raw[1] == 200).all()
+    x = augment(np.zeros((2, 112, 96, 3), np.uint8), np.random.default_rng(1), inside, fill_outside=0.0)
+    assert x.shape == (2, 3, 112, 96)
+
+
+def test_age_ranges_flow_through_the_cache_and_the_loader(range_cache, tmp_path, capsys):
+    """FairFace-style labels (age_min, age_max, race by name): the cache keeps the ranges and the race, says
+    its ages are apparent, and the loader hands each face's range to training."""
+    from data_gen import SeededBatch
+
+    with open(os.path.join(range_cache, "meta.csv"), newline="") as f:
+        meta = list(csv.DictReader(f))
+    with open(os.path.join(range_cache, "cache.json")) as f:
+        assert json.load(f)["age_kind"] == "apparent"
+    assert len(meta) >= 155 and {"age_min", "age_max", "race"} <= set(meta[0])
+    for r in meta:
+        lo, hi = int(r["age_min"]), int(r["age_max"])
+        assert lo < hi and lo <= int(r["age"]) <= hi  # the group's middle, kept for grouping only
+    assert "Black" in {r["race"] for r in meta}
+    train_set = FaceCache(range_cache, split="train", train=True)
+    assert train_set.age_kind == "apparent"
+    rows = train_set.rows()
+    assert train_set.spans.tolist() == [[int(r["age_min"]), int(r["age_max"])] for r in rows]
+    x, age, gender, source, span = MixedFaces([train_set]).__getitems__(SeededBatch(list(range(8)), seed=1))
+    assert x.shape == (8, 3, config.IMAGE_H, config.IMAGE_W) and span.tolist() == train_set.spans[:8].tolist()
+    # a CSV with neither an age nor a range: one line, exit 2
+    bad = write_csv([{"file": "a.jpg", "gender": 1}], tmp_path / "bad.csv", cols=("file", "gender"))
+    code, _, err = run_main(pre_process.main, ["--dataset", "csv", "--labels", bad, "--data-dir", str(tmp_path), "--out",
+                                               str(tmp_path / "o")], capsys)
+    assert code == 2 and "age_min" in err and len(err.strip().splitlines()) == 1

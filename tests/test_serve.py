@@ -18,6 +18,8 @@ import serve
 from predictor import AgeGenderPredictor
 
 IMAGES = os.path.join(config.ROOT, "images")
+
+
 PHOTOS = ["astronaut.jpg", "grace_hopper.jpg", "collage.jpg"]
 
 
@@ -34,98 +36,10 @@ def _bytes(name):
         return f.read()
 
 
-def test_api_gives_the_predictors_records(client):
-    predictor = AgeGenderPredictor(device="cpu")
-    for name in PHOTOS:
-        want = [f.to_dict() for f in predictor(os.path.join(IMAGES, name))]
-        assert want
-        multipart = client.post("/api/analyze", files={"file": (name, _bytes(name), "image/jpeg")})
-        raw = client.post("/api/analyze", content=_bytes(name), headers={"Content-Type": "image/jpeg"})
-        for r in (multipart, raw):
-            assert r.status_code == 200
-            assert r.json()["faces"] == want
-        assert multipart.json()["file"] == name and raw.json()["file"] == "upload"
-    r = client.post("/api/analyze?distribution=true&crops=true", content=_bytes("astronaut.jpg"))
-    face = r.json()["faces"][0]
-    assert len(face["age_distribution"]) == config.NUM_AGES and abs(sum(face["age_distribution"]) - 1) < 1e-3
-    crop = cv2.imdecode(np.frombuffer(__import__("base64").b64decode(face["crop"].split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
-    assert crop.shape == (config.IMAGE_H, config.IMAGE_W, 3)
-    assert client.get("/api/health").json()["status"] == "ok"
-    assert client.get("/openapi.json").json()["paths"].keys() >= {"/api/analyze", "/api/track", "/api/health"}
-
-
-def test_api_and_webcam_labels_give_a_two_age_models_apparent_age(two_age_release):
-    from fastapi.testclient import TestClient
-
-    with TestClient(serve.create_app(checkpoint=two_age_release)) as c:
-        (face,) = c.post("/api/analyze?distribution=true", content=_bytes("astronaut.jpg")).json()["faces"]
-        assert 3 < face["apparent_age"] - face["age"] < 7 and len(face["apparent_age_distribution"]) == config.NUM_AGES
-        (tracked,) = c.post("/api/track?session=s", content=_bytes("astronaut.jpg")).json()["faces"]
-        label = tracked["track_label"]
-        assert label["apparent_age"] == pytest.approx(tracked["apparent_age"], abs=0.2) and "apparent_age_distribution" not in tracked
-
-
-def test_webcam_frames_keep_one_track(client):
-    tracks = []
-    for _ in range(3):
-        r = client.post("/api/track?session=t1", content=_bytes("astronaut.jpg"))
-        assert r.status_code == 200
-        (face,) = r.json()["faces"]
-        tracks.append(face["track"])
-        assert face["track_label"]["gender"] == face["gender"] and "age_distribution" not in face
-    assert tracks == [0, 0, 0]
-    assert client.post("/api/track?session=t2", content=_bytes("astronaut.jpg")).json()["faces"][0]["track"] == 0
-
-
 def _png(array):
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def test_bad_input_gets_a_4xx_json_error_and_the_server_goes_on(client):
-    photo = _bytes("astronaut.jpg")
-    corpus = {
-        "empty": (b"", 400, "empty"),
-        "text": (b"hello, not a picture", 400, "not an image"),
-        "truncated": (photo[: len(photo) // 3], 400, "truncated"),
-        "html": (b"<html><body>hi</body></html>", 400, "not an image"),
-    }
-    for name, (body, status, words) in corpus.items():
-        for r in (client.post("/api/analyze", content=body),
-                  client.post("/api/analyze", files={"file": (name, body, "application/octet-stream")})):
-            assert r.status_code == status and words in r.json()["error"], (name, r.status_code, r.text)
-    r = client.post("/api/analyze", content=b"--x\r\nbroken", headers={"Content-Type": "multipart/form-data; boundary=x"})
-    assert 400 <= r.status_code < 500 and "error" in r.json()
-    r = client.post("/api/analyze", files={"other": ("a.jpg", photo, "image/jpeg")})
-    assert r.status_code == 400 and "'file'" in r.json()["error"]
-    r = client.post("/api/analyze?detector=../../etc/passwd", content=photo)
-    assert r.status_code == 400 and "unknown detector" in r.json()["error"]
-    r = client.post("/api/track", content=photo)  # no session
-    assert r.status_code == 422
-    # no face: a 200 with an empty list; grayscale, alpha and 16-bit photos are read
-    wall = client.post("/api/analyze", content=_png(np.full((300, 300, 3), 90, np.uint8)))
-    assert wall.status_code == 200 and wall.json()["faces"] == []
-    rgb = np.asarray(Image.open(os.path.join(IMAGES, "astronaut.jpg")).convert("RGB"))
-    for variant in (rgb.mean(2).astype(np.uint8), np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]),
-                    (rgb.mean(2) * 257).astype(np.uint16)):
-        r = client.post("/api/analyze", content=_png(variant))
-        assert r.status_code == 200 and len(r.json()["faces"]) == 1
-    assert client.get("/api/health").status_code == 200
-    assert client.post("/api/analyze", content=photo).json()["faces"][0]["gender"] in ("F", "M")
-
-
-def test_size_and_pixel_limits_answer_413():
-    from fastapi.testclient import TestClient
-
-    with TestClient(serve.create_app(max_upload_mb=0.01, max_pixels=100_000)) as c:
-        big = c.post("/api/analyze", content=_bytes("collage.jpg"))  # 40 KB > 10 KB
-        assert big.status_code == 413 and "too large" in big.json()["error"]
-        ok, small_jpg = cv2.imencode(".jpg", np.full((400, 400, 3), 128, np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 30])
-        assert len(small_jpg) < 10_000
-        r = c.post("/api/analyze", content=small_jpg.tobytes())  # 160,000 pixels > 100,000
-        assert r.status_code == 413 and "pixels" in r.json()["error"]
-        assert c.get("/api/health").status_code == 200
 
 
 class Server:
@@ -190,6 +104,110 @@ def _post_all(url, bodies, timeout=60):
     return threads, out
 
 
+def _metric(text, name, **labels):
+    """The value of one sample in Prometheus' text format."""
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    for line in text.splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{want} not in /metrics")
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name), shutil.which("chromedriver")
+    return None, None
+
+
+def test_api_gives_the_predictors_records(client):
+    predictor = AgeGenderPredictor(device="cpu")
+    for name in PHOTOS:
+        want = [f.to_dict() for f in predictor(os.path.join(IMAGES, name))]
+        assert want
+        multipart = client.post("/api/analyze", files={"file": (name, _bytes(name), "image/jpeg")})
+        raw = client.post("/api/analyze", content=_bytes(name), headers={"Content-Type": "image/jpeg"})
+        for r in (multipart, raw):
+            assert r.status_code == 200
+            assert r.json()["faces"] == want
+        assert multipart.json()["file"] == name and raw.json()["file"] == "upload"
+    r = client.post("/api/analyze?distribution=true&crops=true", content=_bytes("astronaut.jpg"))
+    face = r.json()["faces"][0]
+    assert len(face["age_distribution"]) == config.NUM_AGES and abs(sum(face["age_distribution"]) - 1) < 1e-3
+    crop = cv2.imdecode(np.frombuffer(__import__("base64").b64decode(face["crop"].split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
+    assert crop.shape == (config.IMAGE_H, config.IMAGE_W, 3)
+    assert client.get("/api/health").json()["status"] == "ok"
+    assert client.get("/openapi.json").json()["paths"].keys() >= {"/api/analyze", "/api/track", "/api/health"}
+
+
+def test_api_and_webcam_labels_give_a_two_age_models_apparent_age(two_age_release):
+    from fastapi.testclient import TestClient
+
+    with TestClient(serve.create_app(checkpoint=two_age_release)) as c:
+        (face,) = c.post("/api/analyze?distribution=true", content=_bytes("astronaut.jpg")).json()["faces"]
+        assert 3 < face["apparent_age"] - face["age"] < 7 and len(face["apparent_age_distribution"]) == config.NUM_AGES
+        (tracked,) = c.post("/api/track?session=s", content=_bytes("astronaut.jpg")).json()["faces"]
+        label = tracked["track_label"]
+        assert label["apparent_age"] == pytest.approx(tracked["apparent_age"], abs=0.2) and "apparent_age_distribution" not in tracked
+
+
+def test_webcam_frames_keep_one_track(client):
+    tracks = []
+    for _ in range(3):
+        r = client.post("/api/track?session=t1", content=_bytes("astronaut.jpg"))
+        assert r.status_code == 200
+        (face,) = r.json()["faces"]
+        tracks.append(face["track"])
+        assert face["track_label"]["gender"] == face["gender"] and "age_distribution" not in face
+    assert tracks == [0, 0, 0]
+    assert client.post("/api/track?session=t2", content=_bytes("astronaut.jpg")).json()["faces"][0]["track"] == 0
+
+
+def test_bad_input_gets_a_4xx_json_error_and_the_server_goes_on(client):
+    photo = _bytes("astronaut.jpg")
+    corpus = {
+        "empty": (b"", 400, "empty"),
+        "text": (b"hello, not a picture", 400, "not an image"),
+        "truncated": (photo[: len(photo) // 3], 400, "truncated"),
+        "html": (b"<html><body>hi</body></html>", 400, "not an image"),
+    }
+    for name, (body, status, words) in corpus.items():
+        for r in (client.post("/api/analyze", content=body),
+                  client.post("/api/analyze", files={"file": (name, body, "application/octet-stream")})):
+            assert r.status_code == status and words in r.json()["error"], (name, r.status_code, r.text)
+    r = client.post("/api/analyze", content=b"--x\r\nbroken", headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert 400 <= r.status_code < 500 and "error" in r.json()
+    r = client.post("/api/analyze", files={"other": ("a.jpg", photo, "image/jpeg")})
+    assert r.status_code == 400 and "'file'" in r.json()["error"]
+    r = client.post("/api/analyze?detector=../../etc/passwd", content=photo)
+    assert r.status_code == 400 and "unknown detector" in r.json()["error"]
+    r = client.post("/api/track", content=photo)  # no session
+    assert r.status_code == 422
+    # no face: a 200 with an empty list; grayscale, alpha and 16-bit photos are read
+    wall = client.post("/api/analyze", content=_png(np.full((300, 300, 3), 90, np.uint8)))
+    assert wall.status_code == 200 and wall.json()["faces"] == []
+    rgb = np.asarray(Image.open(os.path.join(IMAGES, "astronaut.jpg")).convert("RGB"))
+    for variant in (rgb.mean(2).astype(np.uint8), np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]),
+                    (rgb.mean(2) * 257).astype(np.uint16)):
+        r = client.post("/api/analyze", content=_png(variant))
+        assert r.status_code == 200 and len(r.json()["faces"]) == 1
+    assert client.get("/api/health").status_code == 200
+    assert client.post("/api/analyze", content=photo).json()["faces"][0]["gender"] in ("F", "M")
+
+
+def test_size_and_pixel_limits_answer_413():
+    from fastapi.testclient import TestClient
+
+    with TestClient(serve.create_app(max_upload_mb=0.01, max_pixels=100_000)) as c:
+        big = c.post("/api/analyze", content=_bytes("collage.jpg"))  # 40 KB > 10 KB
+        assert big.status_code == 413 and "too large" in big.json()["error"]
+        ok, small_jpg = cv2.imencode(".jpg", np.full((400, 400, 3), 128, np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 30])
+        assert len(small_jpg) < 10_000
+        r = c.post("/api/analyze", content=small_jpg.tobytes())  # 160,000 pixels > 100,000
+        assert r.status_code == 413 and "pixels" in r.json()["error"]
+        assert c.get("/api/health").status_code == 200
+
+
 def test_past_the_queue_a_503_with_retry_after_and_health_answers_meanwhile():
     import httpx
 
@@ -243,15 +261,6 @@ def test_photos_batched_together_get_what_each_gets_alone():
     assert photos_in_batches == 1 + len(photos) and batches < photos_in_batches  # at least one batch of several photos
 
 
-def _metric(text, name, **labels):
-    """The value of one sample in Prometheus' text format."""
-    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
-    for line in text.splitlines():
-        if line.startswith(want + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{want} not in /metrics")
-
-
 def test_metrics_count_known_requests_and_every_request_is_logged(caplog):
     from fastapi.testclient import TestClient
 
@@ -298,13 +307,6 @@ def test_on_shutdown_the_requests_in_flight_finish():
         for t in threads:
             t.join()
     assert [r.status_code for r in answers] == [200, 200]
-
-
-def _chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if shutil.which(name):
-            return shutil.which(name), shutil.which("chromedriver")
-    return None, None
 
 
 def test_the_page_in_a_real_browser(tmp_path, two_age_release):

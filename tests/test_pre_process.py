@@ -1,19 +1,18 @@
-"""pre_process.py: IMDB-WIKI cleaning rules, identity split, bad .mat files, the real wiki.mat count."""
+"""pre_process.py: IMDB-WIKI cleaning, the CSV sources, detection, the cache on disk, reruns."""
 import csv
-import datetime
 import os
+import shutil
 
 import numpy as np
 import pytest
 import scipy.io
+import torch
 
+import conditions
+import config
 import pre_process
-import sources
-from conftest import WIKI_MAT, run_main
-
-
-def ordinal(y, m, d):
-    return datetime.date(y, m, d).toordinal() + 366  # MATLAB datenum
+from conftest import UTK, WIKI_MAT, ordinal, run_main, utk_rows, write_csv
+from data_gen import FaceCache, MixedFaces, balance_repeats, make_loader
 
 
 def cells(values):
@@ -63,6 +62,74 @@ def run(args, capsys):
 def read_meta(out):
     with open(os.path.join(out, "meta.csv"), newline="") as f:
         return list(csv.DictReader(f))
+
+
+def test_aaf_layout_flows_through_cache_and_loader(tmp_path):
+    """A third source in the layout ../shared/tools/get_aaf.py writes (images/%05dA%02d.jpg, labels.csv
+    file,age,gender,split; gender 0 female 1 male), cached by pre_process.py --dataset csv and served
+    with UTKFace-like faces of the other sources (real UTKFace photos stand in for AAF's here)."""
+    root = tmp_path / "aaf_photos"
+    os.makedirs(root / "images")
+    rows = []
+    for k, r in enumerate(utk_rows("train", 8, seed=11) + utk_rows("val", 4, seed=11)):
+        name = f"images/{k:05d}A{int(r['age']):02d}.jpg"
+        shutil.copy(os.path.join(UTK, r["file"]), root / name)
+        rows.append({"file": name, "age": r["age"], "gender": r["gender"], "split": r["split"]})
+    write_csv(rows, root / "labels.csv", cols=("file", "age", "gender", "split"))
+    out = tmp_path / "aaf"
+    assert pre_process.main(["--dataset", "csv", "--data-dir", str(root), "--out", str(out), "--pad-fraction", "0.25", "--workers", "1"]) == 0
+    train = FaceCache(str(out), split="train", train=True)
+    truth = {r["file"]: (int(r["age"]), int(r["gender"])) for r in rows}
+    assert len(train) >= 6 and len(FaceCache(str(out), split="val")) >= 2
+    for row, age, gender in zip(train.rows(), train.ages.tolist(), train.genders.tolist()):
+        assert truth[row["file"]] == (age, gender) == (int(row["age"]), int(row["gender"]))
+    assert train.turn.shape == (len(train),) and (train.turn < 1).all()
+    mixed = MixedFaces([train, train], hard_aug=0.5, pose_aug=0.5, turned_weight=3)
+    balanced = MixedFaces([train, train], turned_weight=3, balance=1.0)  # the two weights multiply
+    assert (balanced.repeats == np.tile(balance_repeats(train.ages, train.genders, train.races, 1.0), 2)
+            * np.where(np.tile(train.turn, 2) >= conditions.TURNED, 3, 1)).all()
+    loader, _ = make_loader(mixed, 4, workers=0, source_weights=[0.5, 0.5])
+    x, ages, genders, source, span = next(iter(loader))
+    assert torch.equal(span[:, 0], ages) and torch.equal(span[:, 1], ages)  # exact ages: ranges of one year
+    assert set(source.tolist()) <= {0, 1}
+    assert x.shape == (4, 3, config.IMAGE_H, config.IMAGE_W)
+    assert set(zip(ages.tolist(), genders.tolist())) <= set(truth.values())
+
+
+def test_cache_layout(utk_cache):
+    faces = np.load(os.path.join(utk_cache, "faces.npy"), mmap_mode="r")
+    with open(os.path.join(utk_cache, "meta.csv")) as f:
+        meta = list(csv.DictReader(f))
+    assert faces.shape[1:] == (112, 96, 3) and faces.dtype == np.uint8
+    assert len(meta) == len(faces) >= 190  # MTCNN misses a few tight crops at most
+    assert np.load(os.path.join(utk_cache, "landmarks.npy")).shape == (len(faces), 5, 2)
+    with open(os.path.join(utk_cache, "rejects.csv")) as f:
+        assert len(list(csv.DictReader(f))) == 200 - len(meta)
+    assert faces[:, 40:80, 30:70].std() > 20  # real faces, not blank crops
+
+
+def test_rerun_resumes_and_bad_images_are_rejected(tmp_path, capsys):
+    rows = utk_rows("val", 6, seed=5)
+    root = tmp_path / "photos"
+    for r in rows:
+        os.makedirs(root / os.path.dirname(r["file"]), exist_ok=True)
+        shutil.copy(os.path.join(UTK, r["file"]), root / r["file"])
+    (root / "images" / "empty.jpg").write_bytes(b"")
+    (root / "images" / "text.jpg").write_text("hello")
+    bad = [dict(file="images/empty.jpg", age=30, gender=1, split="train"), dict(file="images/text.jpg", age=30, gender=1, split="train"),
+           dict(file="images/missing.jpg", age=30, gender=1, split="train")]
+    labels = write_csv(rows + bad, tmp_path / "labels.csv")
+    args = ["--dataset", "csv", "--labels", labels, "--data-dir", str(root), "--out", str(tmp_path / "c"), "--workers", "1"]
+    assert pre_process.main(args) == 0
+    with open(tmp_path / "c" / "rejects.csv") as f:
+        reasons = {r["file"]: r["reason"] for r in csv.DictReader(f)}
+    assert reasons["images/empty.jpg"].startswith("empty file") and reasons["images/text.jpg"].startswith("not an image")
+    assert reasons["images/missing.jpg"] == "file not found"
+    first = np.load(tmp_path / "c" / "faces.npy")
+    capsys.readouterr()
+    assert pre_process.main(args) == 0
+    assert "resuming: 9 of 9 already done" in capsys.readouterr().out
+    assert np.array_equal(first, np.load(tmp_path / "c" / "faces.npy"))
 
 
 def test_synthetic_imdb_counts_after_every_rule(tmp_path, capsys):
@@ -132,13 +199,6 @@ def test_corrupt_and_missing_mat(tmp_path, capsys):
     assert code == 2 and "wiki.mat not found" in err
 
 
-def test_age_formula():
-    assert sources.age_at_photo(ordinal(1981, 5, 5), 2009) == 28
-    assert sources.age_at_photo(ordinal(1981, 7, 1), 2009) == 27
-    assert sources.age_at_photo(0, 2009) is None
-    assert sources.age_at_photo(np.inf, 2009) is None
-
-
 def test_imdb_layout_end_to_end_keeps_the_face_at_face_location(tmp_path, capsys):
     """imdb_crop/imdb.mat beside imdb_crop/NN/*.jpg; a photo with two faces keeps the one face_location marks."""
     from PIL import Image
@@ -169,3 +229,17 @@ def test_imdb_layout_end_to_end_keeps_the_face_at_face_location(tmp_path, capsys
     assert [r["age"] for r in meta] == ["30", "31", "32"]
     lm = np.load(tmp_path / "c" / "landmarks.npy")
     assert (lm[0, :, 0] < 300).all() and (lm[1, :, 0] > 400).all() and (lm[2, :, 0] < 300).all()
+
+
+def test_missing_gender_is_stored_as_unknown_and_splits_are_honest(clap_cache):
+    with open(os.path.join(clap_cache, "meta.csv"), newline="") as f:
+        meta = list(csv.DictReader(f))
+    assert len(meta) >= 55 and {r["gender"] for r in meta} == {"-1"}  # empty in labels.csv: unknown, never guessed
+    assert all(float(r["age_std"]) >= 0 for r in meta)
+    # the challenge's val split is our test; a holdout of its train split is our val
+    assert {r["split"] for r in meta if r["source_split"] == "val"} == {"test"}
+    assert {r["split"] for r in meta if r["source_split"] == "train"} == {"train", "val"}
+    inside = np.load(os.path.join(clap_cache, "inside.npy"))
+    assert inside.shape == (len(meta), 112, 12)
+    ds = FaceCache(clap_cache, split="train")
+    assert (ds.genders == -1).all() and ds[0][2] == -1

@@ -1,0 +1,44 @@
+"""predictor.py: the Python API (paths, arrays, PIL images) and batching across photos."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import config
+import demo
+from conftest import ASTRONAUT
+from predictor import AgeGenderPredictor, FaceRecord
+from utils import read_image
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return AgeGenderPredictor(device="cpu")
+
+
+def test_api_gives_the_same_records_for_path_array_and_pil(predictor):
+    by_path = predictor(ASTRONAUT)
+    by_array = predictor(read_image(ASTRONAUT))
+    by_pil = predictor(Image.open(ASTRONAUT))
+    assert len(by_path) == 1 and by_path == by_array == by_pil
+    face = by_path[0]
+    assert isinstance(face, FaceRecord) and face.gender in ("F", "M") and 0.5 <= face.gender_prob <= 1
+    assert len(face.box) == 4 and np.asarray(face.landmarks).shape == (5, 2) and face.age_distribution is None
+    with_dist = predictor(ASTRONAUT, distribution=True)[0]
+    assert len(with_dist.age_distribution) == 101 and sum(with_dist.age_distribution) == pytest.approx(1, abs=1e-3)
+    gray = predictor(np.asarray(Image.open(ASTRONAUT).convert("L")))  # a 2-D array is grayscale
+    assert len(gray) == 1
+    with pytest.raises(demo.InputError):
+        predictor(np.zeros((5, 5, 7), np.uint8))
+
+
+def test_predict_many_equals_one_by_one(predictor):
+    photos = [ASTRONAUT, os.path.join(config.ROOT, "images", "collage.jpg"), os.path.join(config.ROOT, "images", "grace_hopper.jpg")]
+    many = predictor.predict_many(photos, batch_size=2)
+    single = [predictor(p) for p in photos]
+    assert [len(m) for m in many] == [1, 3, 1]
+    for m, s in zip(many, single):
+        for a, b in zip(m, s):
+            assert a.box == b.box and a.gender == b.gender
+            assert a.age == pytest.approx(b.age, abs=0.15) and a.gender_prob == pytest.approx(b.gender_prob, abs=2e-3)

@@ -1,0 +1,66 @@
+"""utils.py: reading awkward images (grayscale, CMYK, alpha, 16-bit, EXIF rotation, huge, broken)."""
+import os
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+import config
+from conftest import png_header
+from utils import InputError, read_image
+
+
+def face_photo():
+    return np.asarray(Image.open(os.path.join(config.ROOT, "images", "astronaut.jpg")).convert("RGB"))
+
+
+def test_grayscale_cmyk_alpha_16bit(tmp_path):
+    rgb = face_photo()
+    Image.fromarray(rgb).convert("L").save(tmp_path / "gray.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    rgba[:50, :50, 3] = 0  # a transparent corner
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    cv2.imwrite(str(tmp_path / "deep.png"), (rgb[:, :, ::-1].astype(np.uint16) * 257))
+    cv2.imwrite(str(tmp_path / "deep_gray.png"), (rgb[:, :, 0].astype(np.uint16) * 257))
+    Image.fromarray(rgb[:, :, 0].astype(np.float32) / 255).save(tmp_path / "float.tif")  # 32-bit float, 0..1
+    for name in ("gray.png", "cmyk.jpg", "alpha.png", "deep.png", "deep_gray.png", "float.tif"):
+        img = read_image(str(tmp_path / name))
+        assert img.dtype == np.uint8 and img.shape == rgb.shape, name
+    assert np.abs(read_image(str(tmp_path / "deep.png")).astype(int) - rgb).max() <= 1  # 16-bit scaled, not clipped
+    assert np.abs(read_image(str(tmp_path / "float.tif"))[:, :, 1].astype(int) - rgb[:, :, 0]).max() <= 1  # not black
+    assert (read_image(str(tmp_path / "alpha.png"))[:50, :50] == 255).all()  # composited on white
+    assert np.abs(read_image(str(tmp_path / "cmyk.jpg")).astype(int) - rgb).mean() < 12
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    rgb = face_photo()[:, :400]  # 512 x 400: not square, so a rotation shows in the shape
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(rgb).save(tmp_path / "rot.jpg", exif=exif)
+    img = read_image(str(tmp_path / "rot.jpg"))
+    assert img.shape[:2] == (400, 512)
+    assert np.abs(img.astype(int) - np.rot90(rgb, -1)).mean() < 8
+
+
+def test_bad_files_give_a_reason(tmp_path):
+    good = tmp_path / "good.jpg"
+    Image.fromarray(face_photo()).save(good)
+    data = good.read_bytes()
+    (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 3])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image at all")
+    (tmp_path / "bomb.png").write_bytes(png_header(40000, 30000))  # 1.2 gigapixels claimed
+    cases = {"trunc.jpg": "truncated", "empty.jpg": "empty", "text.jpg": "not an image", "bomb.png": "too large",
+             "missing.jpg": "not found"}
+    for name, words in cases.items():
+        with pytest.raises(InputError, match=words):
+            read_image(str(tmp_path / name))
+
+
+def test_huge_jpeg_is_decoded_downscaled(tmp_path):
+    big = cv2.resize(face_photo(), (3000, 3000))
+    Image.fromarray(big).save(tmp_path / "big.jpg")
+    img = read_image(str(tmp_path / "big.jpg"), max_pixels=1_000_000)
+    assert img.shape[0] * img.shape[1] <= 1_000_000 and img.shape[0] >= 375
