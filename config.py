@@ -175,6 +175,9 @@ class TrainConfig:
     # run, whose average predicts better than either (README) but costs two networks at run time
     teacher: tuple[str, ...] = ()
     teacher_weights: tuple[float, ...] = ()  # share of each --teacher in their average (empty = equal shares)
+    # each teacher predicts with the test-time views it predicts with in the demo (SFace runs: one; the
+    # MobileNetV2 runs: four); --no-teacher-tta: one view each (the release's row-22 stage)
+    teacher_tta: bool = True
     # loss = (1 - w) * the labels' loss + w * KL(the teachers' gender and age distributions || the network's);
     # one w for every source, or one per --cache (e.g. 0.8 1.0 0.3: hold the release's answers on the sources
     # it was trained on, hardly on a new one)
@@ -223,10 +226,10 @@ class EvalConfig:
     json: str = ""  # write the whole report (with breakdowns and calibration) to this file
     plots: str = ""  # folder for the plots (MAE by age, predicted vs true)
     batch_size: int = 256  # faces per forward pass
-    # average the four views of test-time augmentation (see TTA_ZOOM); unset: the views the checkpoint's
-    # calibration was fitted for (calibrate.py stores them), else all four
+    # average four views of each face: the crop, the crop enlarged by --tta-zoom, and their mirror images;
+    # --no-tta: the crop alone (default: the views the checkpoint's calibration was fitted for, else all four)
     tta: bool = None
-    # the enlarged view's factor; 1.0 = the mirror pass only; unset: the checkpoint's, else TTA_ZOOM
+    # how much the enlarged view is enlarged; 1.0: the mirror pass only (default: the checkpoint's, else TTA_ZOOM)
     tta_zoom: float = None
     calibrated: bool = True  # apply the checkpoint's calibration (age std scale, gender temperature) if it has one
     # read each age off its predicted distribution as its mean or its median; unset: what calibrate.py chose

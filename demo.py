@@ -41,7 +41,7 @@ from models import CheckpointError, load_checkpoint, views_of
 # the pipeline lives in predictor.py; demo.AgeGenderPredictor and demo.FaceRecord still work
 from predictor import AgeGenderPredictor, FaceRecord, as_rgb, default_device  # noqa: F401
 from runtimes import RUNTIMES
-from utils import InputError, cores, fail, list_images, read_image, use_all_cores_for_cv2
+from utils import InputError, add_view_options, cores, fail, list_images, read_image, use_all_cores_for_cv2
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
@@ -239,11 +239,7 @@ def parse_args(argv):
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when present, else cpu)")
     p.add_argument("--runtime", default="auto", choices=RUNTIMES,
                    help="what runs the network: auto = on a CPU onnxruntime (MobileNetV2 several times faster than eager PyTorch) or OpenCV's dnn module (SFace, faster than a frozen TorchScript graph: bench.py infer), on a GPU PyTorch; torch = eager PyTorch")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="average four views of each face: the crop, the crop enlarged by --tta-zoom, and their mirror images "
-                        "(default: the views the checkpoint was calibrated for; the released model: --no-tta)")
-    p.add_argument("--tta-zoom", type=float, default=None,
-                   help=f"how much the enlarged view is enlarged, 1.0: the mirror pass only (default: the checkpoint's, else {config.TTA_ZOOM})")
+    add_view_options(p)
     p.add_argument("--age-estimate", default=None, choices=AGE_ESTIMATES,
                    help="read each age off the predicted distribution as its mean or its median (default: what calibrate.py chose on "
                         "validation for the checkpoint, else the mean; the released model: the median)")

@@ -154,7 +154,7 @@ class Teachers(torch.nn.Module):
     ones, whose average is better than one view; the network still sees one).
     predict() makes them one model to validate like the network (train.py prints their figures)."""
 
-    def __init__(self, paths, weights, device):
+    def __init__(self, paths, weights, device, own_views=True):
         super().__init__()
         check_shares("--teacher-weights", weights, len(paths), "teacher(s)")
         weights = list(weights) or [1.0] * len(paths)
@@ -167,7 +167,7 @@ class Teachers(torch.nn.Module):
                 fail(f"--teacher {e}")
             tta, tta_zoom = views_of(ckpt)
             self.nets.append(fuse_batchnorm(net).set_tta_zoom(tta_zoom).requires_grad_(False))
-            self.tta.append(tta)
+            self.tta.append(tta and own_views)
         self.nets = torch.nn.ModuleList(self.nets)
 
     def train(self, mode=True):
@@ -435,7 +435,7 @@ def main(argv=None):
     distill_share = distill_shares(cfg).to(device)
     # which sources' labels are apparent ages (per --cache): with two ages they train the apparent output
     apparent_source = torch.tensor([s.age_kind == "apparent" for s in train_set.sources], device=device)
-    teachers = Teachers(cfg.teacher, cfg.teacher_weights, device) if cfg.teacher else None
+    teachers = Teachers(cfg.teacher, cfg.teacher_weights, device, cfg.teacher_tta) if cfg.teacher else None
     teacher_metrics = {}
     if teachers is not None and main_proc:  # what the network is to learn, on the same validation
         teacher_metrics = validate(teachers, val, device, amp_dtype, cfg)

@@ -252,3 +252,15 @@ def atomic_write_text(text, path):
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def add_view_options(parser, note=""):
+    """--tta / --tta-zoom, the test-time views, with one wording for demo.py, evaluate.py and calibrate.py
+    (evaluate.py's come from config.EvalConfig, whose comments say the same)."""
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="average four views of each face: the crop, the crop enlarged by --tta-zoom, and their mirror "
+                             "images; --no-tta: the crop alone (default: the views the checkpoint's calibration was fitted "
+                             "for, else all four)" + note)
+    parser.add_argument("--tta-zoom", type=float, default=None,
+                        help=f"how much the enlarged view is enlarged; 1.0: the mirror pass only (default: the checkpoint's, "
+                             f"else {config.TTA_ZOOM})")

@@ -24,6 +24,10 @@ SHARED_FIXTURES = {"utk_cache", "range_cache", "two_age_checkpoint", "clap_cache
 SHARED_NAMES = ("UTK", "CLAP", "WIKI_MAT", "utk_rows", "SHARED_DATA")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains for a minute or more (the quick run leaves these out: -m 'not slow')")
+
+
 def pytest_collection_modifyitems(config, items):
     """Without ../shared/data (a fresh clone on its own), the tests that read it are skipped with one reason;
     under CI=true, where it is always there, a missing folder fails them instead."""

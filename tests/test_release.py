@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import config
@@ -20,6 +21,7 @@ def _tiny_cache(tmp_path, name, split_rows, age_kind="real"):
     return str(out)
 
 
+@pytest.mark.slow
 def test_release_chain_runs_end_to_end(tmp_path):
     """Every stage of recipes/release.sh, one epoch of a few batches each, on four tiny caches of real
     faces; then the result is a calibrated two-age release that the demo's predictor loads."""

@@ -38,6 +38,7 @@ def test_gender_loss_ignores_unknown_labels():
     assert train.gender_loss(logits, torch.tensor([-1, -1, -1])).item() == 0.0  # no NaN on a batch without gender
 
 
+@pytest.mark.slow
 def test_mixed_run_validates_every_source(utk_cache, clap_cache, tmp_path):
     out = tmp_path / "mix"
     args = ["--cache", utk_cache, clap_cache, "--source-weights", "0.5", "0.5", "--out-dir", str(out), "--arch", "resnet18",
@@ -53,6 +54,7 @@ def test_mixed_run_validates_every_source(utk_cache, clap_cache, tmp_path):
     assert torch.load(out / "best.pt", weights_only=True)["step"] > 0
 
 
+@pytest.mark.slow
 def test_a_few_epochs_lower_the_loss(utk_cache, tmp_path):
     out = tmp_path / "run"
     args = ["--cache", utk_cache, "--out-dir", str(out), "--arch", "mobilenet_v2", "--batch-size", "16", "--workers", "0",
@@ -71,6 +73,7 @@ def test_a_few_epochs_lower_the_loss(utk_cache, tmp_path):
     assert torch.equal(net.state_dict()[w], ckpt["ema"][w]) and not torch.equal(ckpt["ema"][w], ckpt["model"][w])
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(utk_cache, tmp_path):
     common = ["--cache", utk_cache, "--epochs", "2"] + SMALL
     assert train.main(common + ["--out-dir", str(tmp_path / "a"), "--max-steps", "12"]) == 0
@@ -267,6 +270,7 @@ def test_distill_shares_per_source():
     assert train.distill_shares(some).tolist() == pytest.approx([0.0, 1.0, 0.25])
 
 
+@pytest.mark.slow
 def test_distillation_learns_from_the_teachers_not_the_labels(utk_cache, tmp_path, capsys):
     import shutil
 
