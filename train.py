@@ -38,7 +38,7 @@ import config
 from data_gen import CacheError, FaceCache, MixedFaces, make_loader
 from metrics import compute_metrics, label_stds
 from models import ARCHS, AgeGenderNet, CheckpointError, age_mean_std, fuse_batchnorm, load_checkpoint, views_of
-from predictor import predict_batches
+from predictor import default_device, predict_batches
 from utils import atomic_torch_save, fail, parse_config
 
 # Options that may differ between a run and its --resume: they do not change what is learned.
@@ -277,7 +277,7 @@ def plot_curves(history, path):
 def setup_processes(cfg):
     """(distributed, rank, world, device, amp dtype) for a plain run or one under torchrun."""
     distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    want_cuda = cfg.device.startswith("cuda") or (cfg.device == "" and torch.cuda.is_available())
+    want_cuda = (cfg.device or default_device()).startswith("cuda")
     if want_cuda and not torch.cuda.is_available():
         fail("--device cuda asked for, but no CUDA device is available")
     rank, world, local_rank = 0, 1, 0
