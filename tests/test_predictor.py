@@ -42,3 +42,16 @@ def test_predict_many_equals_one_by_one(predictor):
         for a, b in zip(m, s):
             assert a.box == b.box and a.gender == b.gender
             assert a.age == pytest.approx(b.age, abs=0.15) and a.gender_prob == pytest.approx(b.gender_prob, abs=2e-3)
+
+
+def test_predict_batches_gives_what_one_pass_gives(predictor):
+    """The loop over a cache's faces (train.py, calibrate.py, evaluate.py) reads tensors and loader tuples alike."""
+    from data_gen import normalize
+    from predictor import predict_batches
+
+    crops = np.random.default_rng(0).integers(0, 256, (5, 112, 96, 3), dtype=np.uint8)
+    whole = predictor.predict_tensor(normalize(crops))
+    batches = [normalize(crops[:2]), (normalize(crops[2:]), None, None)]
+    gender, age = predict_batches(predictor.predict_tensor, batches, "age")
+    assert gender.shape == (5, 2) and age.shape == (5, 101)
+    assert np.abs(gender - whole["gender_prob"]).max() < 1e-5 and np.abs(age - whole["age_prob"]).max() < 1e-5
