@@ -315,7 +315,7 @@ def outputs_of(net):
 
 class ExportWrapper(nn.Module):
     """What export_onnx.py exports and demo.py runs in onnxruntime: probabilities, the expected age and its
-    std (export_onnx.outputs_of names them; with two ages the apparent age's three follow), no Python dicts; `tta` averages the views of probabilities() inside the graph, as predict() does."""
+    std (outputs_of names them; with two ages the apparent age's three follow), no Python dicts; `tta` averages the views of probabilities() inside the graph, as predict() does."""
 
     def __init__(self, net, tta=False):
         super().__init__()
@@ -359,7 +359,7 @@ class CheckpointError(Exception):
 
 
 def _project_checkpoint(path):
-    """The checkpoint dict when `path` is a file written by train.py or export_onnx.py, else None."""
+    """The checkpoint dict when `path` is a file written by train.py or release.py, else None."""
     if not path or path in ("auto", "imagenet") or not os.path.isfile(path):
         return None
     try:
