@@ -395,6 +395,34 @@ def build_optimizer(cfg, net, total_steps, warmup_steps):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, warmup_steps, cfg))
 
 
+def batch_loss(model, teachers, batch, cfg, device, amp_dtype, distill_share, apparent_source):
+    """(the joint loss of one training batch, its size): the network's forward pass and, with --teacher, the
+    teachers' distributions, each face's distillation share and age output chosen by its source."""
+    x, age, gender, source, span, *clean = batch
+    x = x.to(device, non_blocking=True)
+    # --teacher-view clean: the teachers read the faces before the real conditions
+    x_teacher = clean[0].to(device, non_blocking=True) if clean else x
+    x = x.contiguous(memory_format=torch.channels_last)
+    x_teacher = x_teacher.contiguous(memory_format=torch.channels_last)
+    span, gender, source = (t.to(device, non_blocking=True) for t in (span, gender, source))
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(x)
+    soft = teachers(x_teacher, amp_dtype) if teachers is not None else None
+    share = distill_share[source] if soft is not None else None
+    return joint_loss(logits, span, gender, cfg, apparent_source[source], soft, share), len(x)
+
+
+def update(loss, net, opt, sched, scaler):
+    """One optimizer step on the loss: backward (scaled where fp16 needs it), the gradient norm clipped."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(net.parameters(), config.GRAD_CLIP)
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+
+
 def main(argv=None):
     cfg = parse_config(config.TrainConfig, argv, description=__doc__.split("\n")[0], choices=CHOICES)
     distributed, rank, world, device, amp_dtype = setup_processes(cfg)
@@ -482,34 +510,18 @@ def main(argv=None):
         loss_sum, seen, t0 = torch.zeros((), device=device), 0, time.time()
         bar = tqdm(train_loader, total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    unit="batch", disable=not main_proc, dynamic_ncols=True)
-        for x, age, gender, source, span, *clean in bar:
-            x = x.to(device, non_blocking=True)
-            # --teacher-view clean: the teachers read the faces before the real conditions
-            x_teacher = clean[0].to(device, non_blocking=True) if clean else x
-            x = x.contiguous(memory_format=torch.channels_last)
-            x_teacher = x_teacher.contiguous(memory_format=torch.channels_last)
-            span, gender, source = (t.to(device, non_blocking=True) for t in (span, gender, source))
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(x)
-            soft = teachers(x_teacher, amp_dtype) if teachers is not None else None
-            share = distill_share[source] if soft is not None else None
-            loss = joint_loss(logits, span, gender, cfg, apparent_source[source], soft, share)
+        for batch in bar:
+            loss, n = batch_loss(model, teachers, batch, cfg, device, amp_dtype, distill_share, apparent_source)
             # checking every step costs a GPU sync; every 10 steps (and before every save) bounds the damage
             if (device.type != "cuda" or step % 10 == 0) and not torch.isfinite(loss):
                 stop_on_bad_loss(loss.item())
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), config.GRAD_CLIP)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            update(loss, net, opt, sched, scaler)
             if ema is not None:
                 ema.update(step)
             step += 1
             batch_in_epoch += 1
-            loss_sum += loss.detach() * len(x)
-            seen += len(x)
+            loss_sum += loss.detach() * n
+            seen += n
             if main_proc and step % 20 == 0:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}",
                                 img_s=f"{seen * world / (time.time() - t0):.0f}")
