@@ -50,9 +50,10 @@ class BatchQueue:
         """Requests waiting for their turn (not counting the batch being run)."""
         return len(self.waiting)
 
-    def full(self):
-        """Whether a request submitted now would be refused (QueueFull): checked before costly work on it."""
-        return len(self.waiting) >= self.queue_size
+    def check_room(self):
+        """QueueFull where a request submitted now would be refused: serve.py asks before any work is spent on it."""
+        if len(self.waiting) >= self.queue_size:
+            raise QueueFull(f"{len(self.waiting)} requests already waiting (the queue holds {self.queue_size})")
 
     def retry_after(self):
         """Seconds after which a refused client may well find room: the time to serve the queue as it is."""
@@ -63,8 +64,7 @@ class BatchQueue:
         if self._worker is None or self._worker.done():
             self._arrived = asyncio.Event()
             self._worker = asyncio.get_running_loop().create_task(self._work())
-        if self.full():
-            raise QueueFull(f"{len(self.waiting)} requests already waiting (the queue holds {self.queue_size})")
+        self.check_room()
         job = _Job(key, item, asyncio.get_running_loop().create_future(), time.monotonic())
         self.waiting.append(job)
         self._arrived.set()

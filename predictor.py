@@ -21,7 +21,7 @@ import config
 from data_gen import normalize
 from detector import align_face, make_detector
 from metrics import apply_calibration, check_age_estimate, gender_unsure, predicted_age
-from models import age_estimate_of, fuse_batchnorm, load_checkpoint, outputs_of, views_of
+from models import age_estimate_of, fuse_batchnorm, load_checkpoint, views_of
 from runtimes import NetworkRuntime
 from utils import InputError, read_image, to_rgb8
 
@@ -113,7 +113,6 @@ class AgeGenderPredictor:
         net, self.ckpt = load_checkpoint(checkpoint, self.device)
         tta, tta_zoom = views_of(self.ckpt, tta, tta_zoom)
         self.net = fuse_batchnorm(net).set_tta_zoom(tta_zoom)
-        self.outputs = outputs_of(self.net)  # what the network gives: with the apparent age for a two-age model
         self.network = NetworkRuntime(self.net, runtime, self.device, tta)  # what runs it: onnxruntime, cv2.dnn, ...
         self.runtime = self.network.name
         self._detector_args = dict(name=detector, min_face_size=min_face_size, threshold=threshold, threads=detector_threads)
@@ -177,7 +176,7 @@ class AgeGenderPredictor:
         """Aligned uint8 crops (N x 112 x 96 x 3, RGB) -> dict of numpy arrays."""
         if len(crops) == 0:
             return {name: np.zeros((0, 2) if name == "gender_prob" else (0, config.NUM_AGES) if name.endswith("_prob") else 0)
-                    for name in self.outputs}
+                    for name in self.network.names}
         return self.predict_tensor(normalize(np.stack(crops)))
 
     def analyse(self, rgb, pad_fraction=0.0, distribution=False):

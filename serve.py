@@ -175,8 +175,7 @@ def create_app(checkpoint=config.RELEASED_MODEL, detector=config.DETECTOR, max_u
             return bad
         key = (detector or pipelines.detector, tta)
         try:
-            if queue.full():  # refused before any work is spent on it
-                raise QueueFull(f"{queue.depth} requests already waiting (the queue holds {queue_size})")
+            queue.check_room()  # refused before any work is spent on it
             found = await asyncio.to_thread(pipelines.find_faces, key, rgb)  # the network's part waits for a batch
             record = await queue.submit(key, (rgb, found, distribution, crops, session))
         except (QueueFull, QueueTimeout) as e:

@@ -222,8 +222,8 @@ def lr_at(step, total_steps, warmup_steps, cfg):
 
 
 @torch.no_grad()
-def evaluate(net, val_set, device, amp_dtype, tta):
-    """Metrics of a network on a cache's faces (gender accuracy, MAE, CS@5, exact-age top-1/top-5, the
+def evaluate(net, val_set, loader, device, amp_dtype, tta):
+    """Metrics of a network on a cache's faces (`loader`: make_loader's over them, in order) (gender accuracy, MAE, CS@5, exact-age top-1/top-5, the
     epsilon error where the labels carry their std, and the age group's accuracy where they are age
     ranges). The age scored is the output of the labels' age_kind: the apparent age of a two-age network
     on apparent labels, else its age."""
@@ -237,7 +237,6 @@ def evaluate(net, val_set, device, amp_dtype, tta):
 
     was_training = net.training
     net.eval()
-    loader = make_loader(val_set, 256, workers=min(2, os.cpu_count() or 1))[0]
     gender_prob, age_prob = predict_batches(predict, loader)
     net.train(was_training)
     return compute_metrics(gender_prob, age_prob, val_set.ages.numpy(), val_set.genders.numpy(), label_stds(val_set.rows()),
@@ -351,7 +350,9 @@ def build_data(cfg, rank, world, main_proc):
         fail(f"{', '.join(cfg.cache)}: only {len(train_set)} training faces, fewer than one batch of {cfg.batch_size * world}")
     train_loader, train_sampler = make_loader(train_set, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
                                               workers=cfg.workers, source_weights=list(cfg.source_weights) or None)
-    val = list(zip(names, val_sets)) if main_proc else []  # rank 0 validates
+    val = []
+    if main_proc:  # rank 0 validates
+        val = [(name, v, make_loader(v, 256, workers=min(2, cfg.workers))[0]) for name, v in zip(names, val_sets)]
     return train_set, train_loader, train_sampler, val, sum(len(v) for v in val_sets)
 
 
@@ -361,8 +362,8 @@ def validate(model, val, device, amp_dtype, cfg):
     so the small in-the-wild set weighs as much as the large one), gender_acc the mean over the sources
     that have gender labels."""
     flat, maes, accs = {}, [], []
-    for name, val_set in val:
-        m = evaluate(model, val_set, device, amp_dtype, cfg.eval_tta)
+    for name, val_set, loader in val:
+        m = evaluate(model, val_set, loader, device, amp_dtype, cfg.eval_tta)
         flat.update({f"{name}_{k}": v for k, v in m.items() if k not in ("n", "n_gender")})
         maes.append(m["age_mae"])
         if m["n_gender"]:

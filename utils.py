@@ -46,19 +46,10 @@ def fail(message, code=2):
 # ----------------------------------------------------------------------------- command line
 
 
-def option_help(cfg_class):
-    """Help text of each field of a config dataclass: the comment on its line in config.py, or the
-    comment lines just above it (config.py's comments are the documentation of every option)."""
-    return _documented_fields(cfg_class)[0]
-
-
-def option_groups(cfg_class):
-    """The group of each field of a config dataclass: the title of the last `# == title` line above it
-    in config.py, or None before the first (how --help lists the options)."""
-    return _documented_fields(cfg_class)[1]
-
-
 def _documented_fields(cfg_class):
+    """(help, group) of each field of a config dataclass: the help is the comment on its line in config.py,
+    or the comment lines just above it (config.py's comments are the documentation of every option); the
+    group is the title of the last `# == title` line above it, or None before the first."""
     import inspect
 
     helps, groups, above, group = {}, {}, [], None

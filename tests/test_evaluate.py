@@ -13,7 +13,6 @@ import config
 import evaluate
 import sources
 from conftest import CLAP, UTK, run_main, utk_rows, write_csv
-from conftest import run_main as run
 from data_gen import FaceCache
 from models import AgeGenderNet
 
@@ -58,7 +57,7 @@ def test_released_model_beats_a_constant_guess_on_utkface_test(tmp_path, capsys)
     assert os.path.getsize(config.RELEASED_MODEL) < 25 * 2**20
     rows = utk_rows("test", 150, seed=11)
     labels = write_csv(rows, tmp_path / "test.csv")
-    code, out, _ = run(evaluate.main, ["--labels", labels, "--root", UTK, "--detect", "--pad-fraction", "0.25",
+    code, out, _ = run_main(evaluate.main, ["--labels", labels, "--root", UTK, "--detect", "--pad-fraction", "0.25",
                                        "--json", str(tmp_path / "r.json")], capsys)
     assert code == 0
     r = json.loads((tmp_path / "r.json").read_text())
@@ -86,7 +85,7 @@ def test_evaluate_gives_hand_checkable_numbers(tmp_path, utk_cache, capsys):
         Image.fromarray(face).save(tmp_path / "crops" / f"{k}.png")
         rows.append(dict(file=f"{k}.png", age=age, gender=gender, race=race))
     labels = write_csv(rows, tmp_path / "l.csv", cols=("file", "age", "gender", "race"))
-    code, out, _ = run(evaluate.main, ["--checkpoint", str(tmp_path / "const.pt"), "--labels", labels, "--root", str(tmp_path / "crops"),
+    code, out, _ = run_main(evaluate.main, ["--checkpoint", str(tmp_path / "const.pt"), "--labels", labels, "--root", str(tmp_path / "crops"),
                                        "--json", str(tmp_path / "e.json"), "--plots", str(tmp_path / "plots")], capsys)
     assert code == 0
     r = json.loads((tmp_path / "e.json").read_text())
@@ -108,14 +107,14 @@ def test_evaluate_detect_on_shrunken_photos(tmp_path, capsys):
     rows = utk_rows("test", 12, seed=11)
     labels = write_csv(rows, tmp_path / "l.csv", cols=("file", "age", "gender"))
     common = ["--labels", labels, "--root", UTK, "--detect", "--pad-fraction", "0.25"]
-    code, _, _ = run(evaluate.main, common + ["--downscale", "0.3", "--json", str(tmp_path / "small.json")], capsys)
+    code, _, _ = run_main(evaluate.main, common + ["--downscale", "0.3", "--json", str(tmp_path / "small.json")], capsys)
     assert code == 0
     small = json.loads((tmp_path / "small.json").read_text())
     assert small["downscale"] == 0.3 and small["n"] == 12 and 8 <= small["faces_found"] <= 12
     # faces about 35 pixels tall are harder, but the released model must still beat a coin and a constant guess
     assert small["gender_acc"] > 0.6 and small["age_mae"] < 15
     for bad in (["--downscale", "0"], ["--downscale", "2"]):
-        code, _, err = run(evaluate.main, common + bad, capsys)
+        code, _, err = run_main(evaluate.main, common + bad, capsys)
         assert code == 2 and "--downscale" in err and len(err.strip().splitlines()) == 1
 
 
