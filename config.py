@@ -66,6 +66,7 @@ FREEZE_STAGES = {"sface": 21}
 
 @dataclass
 class PreprocessConfig:
+    # == what to read and where the cache goes
     dataset: str = "utkface"  # which layout --data-dir holds: imdb | wiki (the .mat files) | utkface | clap2016 | fairface | csv
     # what the ages are: real (years since birth) or apparent (as people judge the face); '' = apparent for
     # clap2016 and fairface, real for the others
@@ -76,6 +77,7 @@ class PreprocessConfig:
     # a CSV of file,gender that fills in genders the labels leave empty; "auto" = labels/clap2016_gender.csv
     # for --dataset clap2016 (this repository's annotation of its photos), none otherwise; "" = none
     gender_labels: str = "auto"
+    # == cleaning and splitting
     metadata_only: bool = False  # stop after cleaning the labels: write meta.csv without opening a photo
     max_per_age: int = 5000  # at most this many images per age, drawn at random with --seed
     split_fractions: str = "0.9,0.05,0.05"  # train,val,test shares, split by identity
@@ -83,7 +85,7 @@ class PreprocessConfig:
     # val split becomes our test, never trained or selected on
     clap_holdout: float = 0.1
     seed: int = 42  # seed of the per-age cap and of the identity split
-    # detection
+    # == detection and alignment
     min_face_size: int = 40  # smallest face MTCNN looks for, in pixels
     detect_threshold: float = 0.9  # MTCNN's last-stage score needed to accept a face
     pad_fraction: float = 0.25  # pad tight crops (UTKFace) by this fraction of each side before detection
@@ -141,8 +143,9 @@ class TrainConfig:
     # -1: the trunk's own default, FREEZE_STAGES (sface 21: its last three blocks and the heads trained, as in
     # the release's first stage; the others 0)
     freeze_stages: int = -1
-    age_loss: str = "dldl"  # ce, or dldl: KL to a Gaussian label distribution + L1 on the expected age (an age
-    # range, FairFace's groups, gets -log P(age in range) instead)
+    # ce, or dldl: KL to a Gaussian label distribution + L1 on the expected age (an age range, FairFace's
+    # groups, gets -log P(age in range) instead)
+    age_loss: str = "dldl"
     age_weight: float = 1.0  # loss = CE(gender) + age_weight * age loss
     label_sigma: float = 2.0  # std (years) of the Gaussian label distribution for dldl
     # == optimisation

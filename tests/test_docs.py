@@ -1,5 +1,6 @@
 """The docs: links resolve, every README command parses, every option has a help line."""
 import argparse
+import dataclasses
 import glob
 import os
 import re
@@ -43,6 +44,24 @@ def test_every_option_of_every_script_has_a_help_line():
                 assert action.help and action.help.strip() and action.help != argparse.SUPPRESS, f"{module.__name__}: {action.option_strings or action.dest}"
     arch = next(a for a in parser_of(train.main)._actions if a.dest == "arch")
     assert set(arch.choices) == {"resnet18", "resnet34", "resnet50", "mobilenet_v2", "sface"}
+
+
+def test_each_option_is_documented_in_one_place():
+    """config.py documents an option either by a comment on its line or by comment lines just above it:
+    both at once is a stray comment (a trailing comment run on to the next line, a section title written
+    as a plain comment) glued onto the next option's help."""
+    import inspect
+
+    for cls in (c for c in vars(config).values() if inspect.isclass(c) and dataclasses.is_dataclass(c)):
+        above = []
+        for line in inspect.getsource(cls).splitlines()[1:]:
+            text = line.strip()
+            if text.startswith("#"):
+                above = [] if text.startswith("# ==") else above + [text]
+                continue
+            name = text.split(":", 1)[0].strip()
+            assert not (name.isidentifier() and above and "  # " in text), f"config.{cls.__name__}.{name}: {above}"
+            above = []
 
 
 def test_every_relative_link_points_at_a_file():
