@@ -368,29 +368,98 @@ def _rss_mb(pid):
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-def bench_serve(args):
-    """The web app under load, against predict_many on the same photos (see the module docstring)."""
-    import socket
-    import subprocess
+def _predict_many_rate(checkpoint, paths, seconds=20):
+    """Photos a second through predict_many in this process, batched across `paths`: bench_serve's baseline,
+    with one thread set as the server's."""
+    from predictor import AgeGenderPredictor
+
+    predictor = AgeGenderPredictor(checkpoint, "cpu")
+    predictor.predict_many(paths[:4])  # warm-up
+    t, done = time.perf_counter(), 0
+    while time.perf_counter() - t < seconds:
+        predictor.predict_many(paths)
+        done += len(paths)
+    return done / (time.perf_counter() - t)
+
+
+def _serve_load(url, photos, clients, requests):
+    """`requests` posts of `photos` from `clients` concurrent clients, with /api/health polled meanwhile:
+    (latencies, statuses, seconds, the slowest health answer, failed health answers); status 0 = no answer,
+    -1 = a 200 without faces."""
     import threading
 
     import httpx
 
-    from predictor import AgeGenderPredictor
+    latencies, statuses, lock, counter = [], [], threading.Lock(), iter(range(requests))
+    health_times, health_failures, done = [], [], threading.Event()
+
+    def client(k):
+        with httpx.Client(timeout=60) as c:
+            for i in counter:
+                t0 = time.perf_counter()
+                try:
+                    r = c.post(url + "/api/analyze", content=photos[(i + k) % len(photos)])
+                    status = r.status_code if r.status_code != 200 or "faces" in r.json() else -1
+                except httpx.HTTPError:
+                    status = 0
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+                    statuses.append(status)
+
+    def health():
+        while not done.is_set():
+            t0 = time.perf_counter()
+            try:
+                ok = httpx.get(url + "/api/health", timeout=10).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            health_times.append(time.perf_counter() - t0)
+            health_failures.append(not ok)
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    watcher = threading.Thread(target=health)
+    t = time.perf_counter()
+    for th in threads + [watcher]:
+        th.start()
+    for th in threads:
+        th.join()
+    done.set()
+    watcher.join()
+    return latencies, statuses, time.perf_counter() - t, max(health_times), sum(health_failures)
+
+
+def _serve_result(clients, run, rss, baseline, server_args):
+    """One row of bench_serve's results (and its printed line) from the two halves of a load run."""
+    latencies, statuses, elapsed, health_max, health_failed = run
+    lat = np.array(latencies) * 1000
+    res = {"clients": clients, "requests": len(latencies), "answered_200": statuses.count(200), "refused_503": statuses.count(503),
+           "errors": len(statuses) - statuses.count(200), "requests_s": round(len(latencies) / elapsed, 2),
+           "p50_ms": round(float(np.percentile(lat, 50)), 1), "p95_ms": round(float(np.percentile(lat, 95)), 1),
+           "p99_ms": round(float(np.percentile(lat, 99)), 1), "rss_before_mb": round(rss[0], 1), "rss_half_mb": round(rss[1], 1),
+           "rss_after_mb": round(rss[2], 1), "health_slowest_ms": round(1000 * health_max, 1), "health_failed": health_failed,
+           "server_args": server_args, "predict_many_photos_s": round(baseline, 2), "ratio_to_predict_many": round(len(latencies) / elapsed / baseline, 3)}
+    print(f"serve.py {server_args or 'with its defaults'}, {clients} clients, {res['requests']} requests of real photos: {res['requests_s']} requests/s "
+          f"(predict_many in the same run: {res['predict_many_photos_s']} photos/s; ratio {res['ratio_to_predict_many']}), "
+          f"latency p50 {res['p50_ms']} / p95 {res['p95_ms']} / p99 {res['p99_ms']} ms, {res['answered_200']} answered, "
+          f"{res['refused_503']} refused (503), {res['errors'] - res['refused_503']} other errors, "
+          f"server memory after a 200-request warm-up {res['rss_before_mb']} MB, halfway {res['rss_half_mb']} MB, at the end {res['rss_after_mb']} MB; "
+          f"/api/health meanwhile: slowest {res['health_slowest_ms']} ms, {health_failed} failed")
+    return res
+
+
+def bench_serve(args):
+    """The web app under load, against predict_many on the same photos (see the module docstring)."""
+    import socket
+    import subprocess
+
+    import serve
 
     with tempfile.TemporaryDirectory() as tmp:
         _mixed_photo_folder(tmp, 40)
-        names = sorted(os.listdir(tmp))
-        photos = [open(os.path.join(tmp, n), "rb").read() for n in names]
-        # the baseline: the pipeline in this process, batched across the photos, one thread set as the server's
-        predictor = AgeGenderPredictor(args.checkpoint, "cpu")
-        predictor.predict_many([os.path.join(tmp, n) for n in names[:4]])  # warm-up
-        t, done = time.perf_counter(), 0
-        while time.perf_counter() - t < 20:
-            predictor.predict_many([os.path.join(tmp, n) for n in names])
-            done += len(names)
-        baseline = done / (time.perf_counter() - t)
-        del predictor
+        paths = [os.path.join(tmp, n) for n in sorted(os.listdir(tmp))]
+        photos = [open(p, "rb").read() for p in paths]
+        baseline = _predict_many_rate(args.checkpoint, paths)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -398,85 +467,21 @@ def bench_serve(args):
     server = subprocess.Popen([sys.executable, os.path.join(config.ROOT, "serve.py"), "--port", str(port), "--checkpoint", args.checkpoint,
                                "--log-level", "warning", *shlex.split(args.server_args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    runs = []
+    results = []
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/api/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-
-        def load(clients, requests):
-            """`requests` posts from `clients` concurrent clients: (latencies, statuses, seconds); status 0 = no answer."""
-            latencies, statuses, lock, counter = [], [], threading.Lock(), iter(range(requests))
-
-            def client(k):
-                with httpx.Client(timeout=60) as c:
-                    for i in counter:
-                        t0 = time.perf_counter()
-                        try:
-                            r = c.post(url + "/api/analyze", content=photos[(i + k) % len(photos)])
-                            status = r.status_code if r.status_code != 200 or "faces" in r.json() else -1
-                        except httpx.HTTPError:
-                            status = 0
-                        with lock:
-                            latencies.append(time.perf_counter() - t0)
-                            statuses.append(status)
-
-            def health():  # /api/health polled throughout: (its slowest answer, how often it failed)
-                while not done.is_set():
-                    t0 = time.perf_counter()
-                    try:
-                        ok = httpx.get(url + "/api/health", timeout=10).status_code == 200
-                    except httpx.HTTPError:
-                        ok = False
-                    health_times.append(time.perf_counter() - t0)
-                    health_failures.append(not ok)
-                    time.sleep(0.2)
-
-            done = threading.Event()
-            threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)] + [threading.Thread(target=health)]
-            t = time.perf_counter()
-            for th in threads:
-                th.start()
-            for th in threads[:-1]:
-                th.join()
-            done.set()
-            threads[-1].join()
-            return latencies, statuses, time.perf_counter() - t
-
-        health_times, health_failures = [], []
+        serve.wait_until_healthy(url)
         for clients in args.clients:
-            load(clients, 200)  # warm-up at full load: the model's graph, every thread's buffers and allocator arenas
+            _serve_load(url, photos, clients, 200)  # warm-up at full load: the model's graph, every thread's buffers and allocator arenas
             rss_before = _rss_mb(server.pid)
-            first = load(clients, args.requests // 2)
+            first = _serve_load(url, photos, clients, args.requests // 2)
             rss_half = _rss_mb(server.pid)
-            second = load(clients, args.requests - args.requests // 2)
+            second = _serve_load(url, photos, clients, args.requests - args.requests // 2)
             rss_after = _rss_mb(server.pid)
-            runs.append((clients, first[0] + second[0], first[1] + second[1], first[2] + second[2], rss_before, rss_half, rss_after,
-                         max(health_times), sum(health_failures)))
-            health_times.clear()
-            health_failures.clear()
+            run = (first[0] + second[0], first[1] + second[1], first[2] + second[2], max(first[3], second[3]), first[4] + second[4])
+            results.append(_serve_result(clients, run, (rss_before, rss_half, rss_after), baseline, args.server_args))
     finally:
         server.terminate()
         server.wait(10)
-    results = []
-    for clients, latencies, statuses, elapsed, rss_before, rss_half, rss_after, health_max, health_failed in runs:
-        lat = np.array(latencies) * 1000
-        res = {"clients": clients, "requests": len(latencies), "answered_200": statuses.count(200), "refused_503": statuses.count(503),
-               "errors": len(statuses) - statuses.count(200), "requests_s": round(len(latencies) / elapsed, 2),
-               "p50_ms": round(float(np.percentile(lat, 50)), 1), "p95_ms": round(float(np.percentile(lat, 95)), 1),
-               "p99_ms": round(float(np.percentile(lat, 99)), 1), "rss_before_mb": round(rss_before, 1), "rss_half_mb": round(rss_half, 1),
-               "rss_after_mb": round(rss_after, 1), "health_slowest_ms": round(1000 * health_max, 1), "health_failed": health_failed,
-               "server_args": args.server_args, "predict_many_photos_s": round(baseline, 2), "ratio_to_predict_many": round(len(latencies) / elapsed / baseline, 3)}
-        print(f"serve.py {args.server_args or 'with its defaults'}, {clients} clients, {res['requests']} requests of real photos: {res['requests_s']} requests/s "
-              f"(predict_many in the same run: {res['predict_many_photos_s']} photos/s; ratio {res['ratio_to_predict_many']}), "
-              f"latency p50 {res['p50_ms']} / p95 {res['p95_ms']} / p99 {res['p99_ms']} ms, {res['answered_200']} answered, "
-              f"{res['refused_503']} refused (503), {res['errors'] - res['refused_503']} other errors, "
-              f"server memory after a 200-request warm-up {res['rss_before_mb']} MB, halfway {res['rss_half_mb']} MB, at the end {res['rss_after_mb']} MB; "
-              f"/api/health meanwhile: slowest {res['health_slowest_ms']} ms, {health_failed} failed")
-        results.append(res)
     return results
 
 

@@ -350,6 +350,22 @@ def limit_malloc_arenas(arenas=2):
         pass
 
 
+def wait_until_healthy(url, seconds=60):
+    """Polls `url`/api/health until the server answers 200: for a client of a server just started (it loads
+    its model first), as the tests and bench.py serve are."""
+    import httpx
+
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        try:
+            if httpx.get(url + "/api/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:  # not listening yet
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url}: no answer from /api/health in {seconds} s")
+
+
 def app_from_env():
     """The app uvicorn's worker processes build (--workers > 1): its settings come through the environment."""
     limit_malloc_arenas()

@@ -359,8 +359,6 @@ def test_sigterm_lets_the_requests_in_flight_finish(tmp_path):
     import subprocess
     import sys
 
-    import httpx
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -368,12 +366,7 @@ def test_sigterm_lets_the_requests_in_flight_finish(tmp_path):
     server = subprocess.Popen([sys.executable, os.path.join(config.ROOT, "serve.py"), "--port", str(port), "--max-wait-ms", "0",
                                "--max-batch", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/api/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        serve.wait_until_healthy(url, 30)
         threads, answers = _post_all(url, [_bytes("collage.jpg")] * 6)
         while not any(answers):  # one answered: the others are waiting or being read
             time.sleep(0.01)
