@@ -381,3 +381,11 @@ def test_sigterm_lets_the_requests_in_flight_finish(tmp_path):
     assert server.returncode in (0, -signal.SIGTERM), err[-2000:]
     assert "Traceback" not in err
     assert err.count("POST /api/analyze 200") == 6  # the access log: one line per request
+
+
+def test_waiting_for_a_server_that_never_answers_ends_with_a_reason():
+    with socket.socket() as s:  # a port with nothing listening on it
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(RuntimeError, match="no answer from /api/health"):
+        serve.wait_until_healthy(url, 0.5)
