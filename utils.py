@@ -49,7 +49,9 @@ def fail(message, code=2):
 def _documented_fields(cfg_class):
     """(help, group) of each field of a config dataclass: the help is the comment on its line in config.py,
     or the comment lines just above it (config.py's comments are the documentation of every option); the
-    group is the title of the last `# == title` line above it, or None before the first."""
+    group is the title of the last `# == title` line above it, or None before the first. A field with both
+    is a stray comment (a trailing comment run on to the next line, a section title written as a plain
+    comment) that would be glued onto its help: a ValueError naming it."""
     import inspect
 
     helps, groups, above, group = {}, {}, [], None
@@ -64,7 +66,9 @@ def _documented_fields(cfg_class):
         name = text.split(":", 1)[0].strip()
         if ":" in text and name.isidentifier():
             trailing = text.split("  # ", 1)[1].strip() if "  # " in text else ""
-            helps[name], groups[name] = " ".join(above + ([trailing] if trailing else [])), group
+            if above and trailing:
+                raise ValueError(f"{cfg_class.__name__}.{name}: documented both above ({above}) and on its line")
+            helps[name], groups[name] = " ".join(above) or trailing, group
         above = []
     return helps, groups
 
