@@ -223,10 +223,10 @@ def lr_at(step, total_steps, warmup_steps, cfg):
 
 @torch.no_grad()
 def evaluate(net, val_set, loader, device, amp_dtype, tta):
-    """Metrics of a network on a cache's faces (`loader`: make_loader's over them, in order) (gender accuracy, MAE, CS@5, exact-age top-1/top-5, the
-    epsilon error where the labels carry their std, and the age group's accuracy where they are age
-    ranges). The age scored is the output of the labels' age_kind: the apparent age of a two-age network
-    on apparent labels, else its age."""
+    """Metrics of a network on a cache's faces, which `loader` (make_loader's) gives in order: gender
+    accuracy, MAE, CS@5, exact-age top-1/top-5, the epsilon error where the labels carry their std, and
+    the age group's accuracy where they are age ranges. The age scored is the output of the labels'
+    age_kind: the apparent age of a two-age network on apparent labels, else its age."""
     def predict(x):
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -39,13 +39,17 @@ def test_release_chain_runs_end_to_end(tmp_path):
     ckpt = torch.load(out / "release.pt", map_location="cpu", weights_only=True)
     assert {"age_std_scale", "gender_temperature", "gender_unsure_below"} <= set(ckpt["calibration"])
     assert len(ckpt["calibration"]["fitted_on"]) == 4 and ckpt["age_estimate"] == "median"
-    assert ckpt["soup_weights"] == [0.5, 0.5] and ckpt["averaged_from"][0].endswith(os.path.join("ff62", "best.pt"))
+    assert ckpt["soup_weights"] == [0.5, 0.25, 0.25] and ckpt["averaged_from"][0].endswith(os.path.join("ff71", "best.pt"))
     assert "apparent_head.weight" in ckpt["model"] and "apparent_age_std_scale" in ckpt["calibration"]
     nb52 = torch.load(out / "kd_nb52" / "best.pt", map_location="cpu", weights_only=True)
     assert len(nb52["config"]["teacher"]) == 3 and nb52["config"]["teacher_view"] == "clean"  # three teachers, the clean view
     last = torch.load(out / "ff62" / "best.pt", map_location="cpu", weights_only=True)
     assert list(last["config"]["cache"]) == caches and last["config"]["two_ages"]  # four sources, two ages
     assert list(last["config"]["balance"]) == [0, 0, 0, 0.5] and last["config"]["neighbour_aug"] == 0.2
+    ff68 = torch.load(out / "ff68" / "best.pt", map_location="cpu", weights_only=True)["config"]
+    assert list(ff68["teacher_sources"]) == caches[:2] and list(ff68["balance"]) == [0, 0, 0, 1]  # held to row 63 on two sources
+    ff71 = torch.load(out / "ff71" / "best.pt", map_location="cpu", weights_only=True)["config"]
+    assert list(ff71["source_weights"]) == [0.2, 0.35, 0.15, 0.3] and not ff71["teacher"]
     # a second run resumes: every stage is found finished, nothing is trained again
     again = subprocess.run(["bash", os.path.join(config.ROOT, "recipes", "release.sh")], env=env, capture_output=True, text=True,
                            timeout=900)
