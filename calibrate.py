@@ -16,8 +16,9 @@ are, together, right at most --unsure-accuracy of the time), prints the coverage
 share marked unsure before and after, per cache (each cache weighing the same in the choice and the
 fit), and writes them into the checkpoint as `age_estimate` and `calibration` (atomically, in place
 unless --out), with the
-test-time views they were fitted for (`tta`, `tta_zoom`). demo.py and evaluate.py apply them and use
-those views unless told otherwise.
+test-time views they were fitted for (`tta`, `tta_zoom`) and the gender's second look (`--second-look`:
+the probability under which a face's gender also reads its mirror image). demo.py and evaluate.py apply
+them and use those views unless told otherwise.
 """
 import argparse
 import sys
@@ -31,7 +32,7 @@ from metrics import (AGE_ESTIMATES, apply_calibration, calibration_report, choos
                      fit_unsure_threshold, predicted_age, unsure_figures)
 from models import CheckpointError
 from predictor import AgeGenderPredictor, predict_batches
-from utils import add_view_options, atomic_torch_save, fail
+from utils import add_second_look_option, add_view_options, atomic_torch_save, fail
 
 
 def predictions(predictor, cache, split, batch_size):
@@ -108,12 +109,13 @@ def main(argv=None):
                    help="keep the checkpoint's calibration, age estimate and views; fit only the gender-unsure threshold (on its own calibrated probabilities)")
     p.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
     add_view_options(p, note="; the fit is stored with its views, which become the checkpoint's default")
+    add_second_look_option(p, note="; stored with the fit")
     args = p.parse_args(argv)
     if args.unsure_only:
         return fit_unsure_only(args)
     try:
         predictor = AgeGenderPredictor(args.checkpoint, tta=args.tta, calibrated=False,
-                                       tta_zoom=args.tta_zoom)
+                                       tta_zoom=args.tta_zoom, second_look=args.second_look)
         sets = [predictions(predictor, c, args.split, args.batch_size) for c in args.cache]
     except (CheckpointError, CacheError, ValueError) as e:
         fail(str(e))
@@ -149,6 +151,7 @@ def main(argv=None):
     ckpt["age_estimate"] = estimate
     # the fit holds for these views only, so they become the checkpoint's default in demo.py and evaluate.py
     ckpt["tta"], ckpt["tta_zoom"] = predictor.tta, float(predictor.net.zoom_factor)
+    ckpt["gender_second_look_below"] = predictor.second_look
     target = args.out or args.checkpoint
     atomic_torch_save(ckpt, target)
     print(f"wrote the calibration into {target}")

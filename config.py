@@ -234,6 +234,9 @@ class EvalConfig:
     tta: bool = None
     # how much the enlarged view is enlarged; 1.0: the mirror pass only (default: the checkpoint's, else TTA_ZOOM)
     tta_zoom: float = None
+    # with one view, a face whose gender probability is under this also reads its mirror image, and its gender
+    # averages the two (the ages read the crop alone); 0: never (default: the checkpoint's, else 0)
+    second_look: float = None
     calibrated: bool = True  # apply the checkpoint's calibration (age std scale, gender temperature) if it has one
     # read each age off its predicted distribution as its mean or its median; unset: what calibrate.py chose
     # on validation for the checkpoint, else the mean

@@ -37,11 +37,11 @@ from tqdm import tqdm
 import config
 from detector import DETECTORS, make_detector
 from metrics import AGE_ESTIMATES
-from models import CheckpointError, load_checkpoint, views_of
+from models import CheckpointError, load_checkpoint, second_look_of, views_of
 # the pipeline lives in predictor.py; demo.AgeGenderPredictor and demo.FaceRecord still work
 from predictor import AgeGenderPredictor, FaceRecord, as_rgb, default_device  # noqa: F401
 from runtimes import RUNTIMES
-from utils import InputError, add_view_options, cores, fail, list_images, read_image, use_all_cores_for_cv2
+from utils import InputError, add_second_look_option, add_view_options, cores, fail, list_images, read_image, use_all_cores_for_cv2
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
@@ -240,6 +240,7 @@ def parse_args(argv):
     p.add_argument("--runtime", default="auto", choices=RUNTIMES,
                    help="what runs the network: auto = on a CPU onnxruntime (MobileNetV2 several times faster than eager PyTorch) or OpenCV's dnn module (SFace, faster than a frozen TorchScript graph: bench.py infer), on a GPU PyTorch; torch = eager PyTorch")
     add_view_options(p)
+    add_second_look_option(p)
     p.add_argument("--age-estimate", default=None, choices=AGE_ESTIMATES,
                    help="read each age off the predicted distribution as its mean or its median (default: what calibrate.py chose on "
                         "validation for the checkpoint, else the mean; the released model: the median)")
@@ -266,10 +267,11 @@ def main(argv=None, use_all_cores=False):
     args.device = args.device or default_device()
     predictor_args = dict(checkpoint=args.checkpoint, device=args.device, tta=args.tta, min_face_size=args.min_face_size, threshold=args.threshold,
                           detector=args.detector, runtime=args.runtime, tta_zoom=args.tta_zoom, age_estimate=args.age_estimate,
-                          unsure_below=args.unsure_below)
+                          unsure_below=args.unsure_below, second_look=args.second_look)
     try:
         net, ckpt = load_checkpoint(args.checkpoint)  # a bad checkpoint or factor is one line here, before any worker starts
         net.set_tta_zoom(views_of(ckpt, args.tta, args.tta_zoom)[1])
+        second_look_of(ckpt, args.second_look)
         make_detector(args.detector, args.min_face_size, args.threshold)  # so is a detector that cannot load
         if args.unsure_below is not None and not 0 <= args.unsure_below <= 1:
             raise ValueError(f"--unsure-below {args.unsure_below}: give a probability between 0 and 1 (0: never unsure)")

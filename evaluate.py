@@ -163,7 +163,7 @@ def build_report(cfg, predictor, other, faces):
     scale = predictor.calibration.get(scale_key, 1.0) if predictor.calibration else 1.0
     calib = calibration_report(gp, ap, effective_age(pred_age, ages, spans), genders, std_scale=scale, estimate=estimate)
     views = predictor.views
-    report = {"checkpoint": cfg.checkpoint, "views": views, "detector": cfg.detector if cfg.detect else None, "downscale": cfg.downscale,
+    report = {"checkpoint": cfg.checkpoint, "views": views, "gender_second_look_below": predictor.second_look if views == 1 else 0.0, "detector": cfg.detector if cfg.detect else None, "downscale": cfg.downscale,
               "age_kind": age_kind, "age_output": output, "age_estimate": estimate, "n": faces["n"], "faces_found": len(kept),
               "calibration_applied": predictor.calibration or None,
               **{k: round(v, 4) for k, v in metrics.items() if k != "n"}, **{k: round(v, 4) for k, v in calib.items()}}
@@ -196,7 +196,7 @@ def print_report(report, metrics, predictor):
              if "age_group_acc" in metrics else ""))
     print(f"faces {report['faces_found']} of {report['n']}   {gender_text}   age MAE {metrics['age_mae']:.3f}   "
           f"CS@5 {100 * metrics['age_cs5']:.1f}%   exact age top-1 {100 * metrics['age_top1']:.1f}%   top-5 {100 * metrics['age_top5']:.1f}%"
-          + (f"   epsilon {metrics['age_epsilon']:.4f}" if "age_epsilon" in metrics else "") + f"   ({views} view{'s' * (views > 1)} per face, age = the distribution's {estimate})")
+          + (f"   epsilon {metrics['age_epsilon']:.4f}" if "age_epsilon" in metrics else "") + f"   ({views} view{'s' * (views > 1)} per face{second_look_note(report)}, age = the distribution's {estimate})")
     print(f"calibration: true age within ±1 std {100 * calib['age_within_1std']:.1f}% (ideal ~68%), ±2 std "
           f"{100 * calib['age_within_2std']:.1f}% (~95%); gender ECE {100 * calib['gender_ece']:.2f}%"
           + (f"   (applied: {predictor.calibration})" if predictor.calibration else "   (uncalibrated)"))
@@ -219,12 +219,19 @@ def print_report(report, metrics, predictor):
                   f" {100 * r['unsure']:>8.1f} {100 * r['sure_acc']:>7.2f} {100 * r['age_group_acc']:>7.1f} {r['age_bias']:>+6.2f}")
 
 
+def second_look_note(report):
+    """How the report's gender was read, when some faces got a second look."""
+    below = report.get("gender_second_look_below", 0.0)
+    return f", gender with its mirror image under p {below:g}" if below else ""
+
+
 def load_predictors(cfg):
     """The checkpoint's predictor, and --versus's (or None)."""
     from predictor import AgeGenderPredictor
 
     device = cfg.device or None  # the predictor's default: CUDA when present, else the CPU
-    common = dict(calibrated=cfg.calibrated, detector=cfg.detector, tta_zoom=cfg.tta_zoom, age_estimate=cfg.age_estimate)
+    common = dict(calibrated=cfg.calibrated, detector=cfg.detector, tta_zoom=cfg.tta_zoom, age_estimate=cfg.age_estimate,
+                  second_look=cfg.second_look)
     try:
         predictor = AgeGenderPredictor(cfg.checkpoint, device, cfg.tta, **common)
         other = AgeGenderPredictor(cfg.versus, device, cfg.tta, **common) if cfg.versus else None

@@ -9,7 +9,10 @@ two-age network `apparent_age_prob`, `apparent_age`, `apparent_age_std` (the app
 network's own outputs. What calibrate.py stores in a checkpoint is applied after the graph, as
 predictor.AgeGenderPredictor does: the age read off `age_prob` as its median where `age_estimate` says so
 (metrics.median_age; the released model), the std times `calibration["age_std_scale"]`, the gender logit
-divided by `calibration["gender_temperature"]`. release.py writes slim release checkpoints and weight soups.
+divided by `calibration["gender_temperature"]`, and the second look where `gender_second_look_below` is set
+(0.9 for the released model): a face whose `gender_prob` is under it runs again flipped left to right, and its
+`gender_prob` is the average of the two, before the temperature. release.py writes slim release checkpoints and
+weight soups.
 """
 import argparse
 import os

@@ -395,6 +395,15 @@ def views_of(ckpt, tta=None, tta_zoom=None):
     return tta, ckpt.get("tta_zoom", config.TTA_ZOOM) if tta_zoom is None else tta_zoom
 
 
+def second_look_of(ckpt, second_look=None):
+    """The gender probability under which a face read from one view gets a second, mirrored look
+    (predictor.AgeGenderPredictor): the one asked for, else the one calibrate.py stored, else 0 (none)."""
+    second_look = ckpt.get("gender_second_look_below", 0.0) if second_look is None else second_look
+    if not 0 <= second_look <= 1:
+        raise ValueError(f"--second-look {second_look}: give a probability between 0 and 1 (0: no second look)")
+    return float(second_look)
+
+
 def age_estimate_of(ckpt, estimate=None):
     """How a face's age is read off its distribution (metrics.AGE_ESTIMATES): the one asked for, else the
     one calibrate.py chose on validation and stored, else the mean (the network's own output)."""

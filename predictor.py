@@ -21,7 +21,7 @@ import config
 from data_gen import normalize
 from detector import align_face, make_detector
 from metrics import apply_calibration, check_age_estimate, gender_unsure, predicted_age
-from models import age_estimate_of, fuse_batchnorm, load_checkpoint, views_of
+from models import age_estimate_of, fuse_batchnorm, load_checkpoint, second_look_of, views_of
 from runtimes import NetworkRuntime
 from utils import InputError, read_image, to_rgb8
 
@@ -103,15 +103,20 @@ class AgeGenderPredictor:
     batches the network across photos. `calibrated` applies the checkpoint's fitted calibration
     (calibrate.py) to the age std and the gender probability. `age_estimate` reads each age off its
     distribution as its mean or its median (None: as calibrate.py chose for the checkpoint, else the mean).
+    With one view, a face whose gender the network reads with a probability under `second_look` gets a
+    second look: its gender averages the crop's and its mirror image's (None: as calibrate.py stored for the
+    checkpoint, else none; 0: none). The ages read the crop alone.
     A face's gender is marked unsure (FaceRecord.gender_unsure) when its probability is under
     `unsure_below` (None: the threshold calibrate.py chose for the checkpoint, else config.GENDER_UNSURE_BELOW).
     """
 
     def __init__(self, checkpoint=config.RELEASED_MODEL, device=None, tta=None, min_face_size=20, threshold=None, calibrated=True,
-                 detector=config.DETECTOR, detector_threads=0, runtime="auto", tta_zoom=None, age_estimate=None, unsure_below=None):
+                 detector=config.DETECTOR, detector_threads=0, runtime="auto", tta_zoom=None, age_estimate=None, unsure_below=None,
+                 second_look=None):
         self.device = torch.device(device or default_device())
         net, self.ckpt = load_checkpoint(checkpoint, self.device)
         tta, tta_zoom = views_of(self.ckpt, tta, tta_zoom)
+        self.second_look = second_look_of(self.ckpt, second_look)
         self.net = fuse_batchnorm(net).set_tta_zoom(tta_zoom)
         self.network = NetworkRuntime(self.net, runtime, self.device, tta)  # what runs it: onnxruntime, cv2.dnn, ...
         self.runtime = self.network.name
@@ -163,6 +168,8 @@ class AgeGenderPredictor:
     def predict_tensor(self, x):
         """Normalised faces (N x 3 x 112 x 96 tensor) -> dict of numpy arrays, calibrated."""
         out = self.network(x)
+        if self.second_look and not self.tta:
+            self._look_again(x, out["gender_prob"])
         if self.age_estimate != "mean":  # the network's own output is the mean
             for age in ("age", "apparent_age") if self.net.two_ages else ("age",):
                 out[age] = predicted_age(out[f"{age}_prob"], self.age_estimate).astype(out[age].dtype)
@@ -171,6 +178,17 @@ class AgeGenderPredictor:
             scale = (self.calibration or {}).get("apparent_age_std_scale", 1.0)
             out["apparent_age_std"] = out["apparent_age_std"] * np.float32(scale)
         return out
+
+    def _look_again(self, x, gender_prob):
+        """The second look, in place: the faces read with a probability under self.second_look average their
+        gender with their mirror image's. The mirror view helps gender and not the apparent age (rows 75 and
+        78 of docs/EXPERIMENTS.md), and it only changes faces that the first view reads near 0.5, so they
+        alone pay for a second pass."""
+        unsure = np.flatnonzero(gender_prob.max(1) < self.second_look)
+        if len(unsure):
+            # flipped in NumPy: a torch op here wakes torch's thread pool, which then competes with cv2's for the cores
+            mirrored = self.network(torch.from_numpy(np.ascontiguousarray(x.cpu().numpy()[unsure, :, :, ::-1])))["gender_prob"]
+            gender_prob[unsure] = (gender_prob[unsure] + mirrored) / 2
 
     def predict_crops(self, crops):
         """Aligned uint8 crops (N x 112 x 96 x 3, RGB) -> dict of numpy arrays."""

@@ -249,6 +249,14 @@ def atomic_write_text(text, path):
     os.replace(tmp, path)
 
 
+def add_second_look_option(parser, note=""):
+    """--second-look, with one wording for demo.py, evaluate.py and calibrate.py."""
+    parser.add_argument("--second-look", type=float, default=None,
+                        help="with one view, a face whose gender probability is under this also reads its mirror image, and "
+                             "its gender averages the two (the ages read the crop alone); 0: never (default: the "
+                             "checkpoint's, stored by calibrate.py, else 0)" + note)
+
+
 def add_view_options(parser, note=""):
     """--tta / --tta-zoom, the test-time views, with one wording for demo.py, evaluate.py and calibrate.py
     (evaluate.py's come from config.EvalConfig, whose comments say the same)."""

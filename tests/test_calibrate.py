@@ -18,11 +18,13 @@ def test_calibrate_stores_the_views_it_was_fitted_for(clap_cache, tmp_path, caps
     import calibrate
 
     one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
-    code, out, _ = run_main(calibrate.main, ["--checkpoint", config.RELEASED_MODEL, "--cache", clap_cache, "--no-tta", "--out", one], capsys)
+    code, out, _ = run_main(calibrate.main, ["--checkpoint", config.RELEASED_MODEL, "--cache", clap_cache, "--no-tta", "--second-look", "0.8",
+                                             "--out", one], capsys)
     assert code == 0 and "wrote the calibration" in out
     ckpt = torch.load(one, map_location="cpu", weights_only=True)
-    assert ckpt["tta"] is False and ckpt["calibration"]["age_std_scale"] > 0
-    assert AgeGenderPredictor(one, "cpu").tta is False
+    assert ckpt["tta"] is False and ckpt["calibration"]["age_std_scale"] > 0 and ckpt["gender_second_look_below"] == 0.8
+    assert AgeGenderPredictor(one, "cpu").tta is False and AgeGenderPredictor(one, "cpu").second_look == 0.8
+    assert AgeGenderPredictor(one, "cpu", second_look=0).second_look == 0  # what the caller asks for comes first
     assert run_main(calibrate.main, ["--checkpoint", one, "--cache", clap_cache, "--tta", "--tta-zoom", "1.0", "--out", two], capsys)[0] == 0
     stored = AgeGenderPredictor(two, "cpu")
     assert stored.tta is True and not stored.net.zoom_view  # the mirror pass only, as fitted

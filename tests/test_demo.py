@@ -143,6 +143,11 @@ def test_bad_checkpoint_is_one_line(tmp_path, capsys):
     assert code == 2 and "x.pt" in err and len(err.strip().splitlines()) == 1
 
 
+def test_bad_second_look_is_one_line(tmp_path, capsys):
+    code, _, err = run(demo.main, [ASTRONAUT, "--second-look", "1.5", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--second-look 1.5" in err and len(err.strip().splitlines()) == 1
+
+
 def test_demo_json_and_csv_give_both_ages_of_a_two_age_model_and_one_of_a_one_age_model(tmp_path, two_age_release, one_age_release,
                                                                                        capsys):
     photo = os.path.join(config.ROOT, "images", "astronaut.jpg")

@@ -38,7 +38,7 @@ def test_release_chain_runs_end_to_end(tmp_path):
     assert stages == recipe and len(stages) >= 10  # every stage the recipe names ran, in its order
     ckpt = torch.load(out / "release.pt", map_location="cpu", weights_only=True)
     assert {"age_std_scale", "gender_temperature", "gender_unsure_below"} <= set(ckpt["calibration"])
-    assert len(ckpt["calibration"]["fitted_on"]) == 4 and ckpt["age_estimate"] == "median"
+    assert len(ckpt["calibration"]["fitted_on"]) == 4 and ckpt["age_estimate"] == "median" and ckpt["gender_second_look_below"] == 0.9
     assert ckpt["soup_weights"] == [0.5, 0.25, 0.25] and ckpt["averaged_from"][0].endswith(os.path.join("ff71", "best.pt"))
     assert "apparent_head.weight" in ckpt["model"] and "apparent_age_std_scale" in ckpt["calibration"]
     nb52 = torch.load(out / "kd_nb52" / "best.pt", map_location="cpu", weights_only=True)
