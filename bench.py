@@ -176,8 +176,9 @@ def bench_infer(args):
     photo = cv2.cvtColor(cv2.imread(os.path.join(config.ROOT, "images", "astronaut.jpg")), cv2.COLOR_BGR2RGB)
     canvas = np.full((480, 640, 3), 200, np.uint8)
     canvas[:, 64:576] = cv2.resize(photo, (512, 480))
+    yunet = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="yunet")
     # a real face, not noise: the network reads noise near p 0.5, and such a face looks twice (the second look)
-    x = normalize(np.stack(AgeGenderPredictor(args.checkpoint, "cpu", detector="yunet").find_faces(canvas)[1][:1]))
+    x = normalize(np.stack(yunet.find_faces(canvas)[1][:1]))
     baseline = args.baseline_checkpoint or args.checkpoint
     with torch.no_grad():
         model_ms = _ms(lambda: net(x), args.repeat)
@@ -194,15 +195,14 @@ def bench_infer(args):
     # the demo with the checkpoint's own views (those its calibration was fitted for)
     predictor = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="mtcnn")
     retina = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="retinaface")
-    yunet = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="yunet")
     views = predictor.views
     # each model as its demo runs it: its own views and runtime (runtime auto), one face
     base_predictor = AgeGenderPredictor(baseline, "cpu", min_face_size=args.min_face_size, detector="mtcnn")
     base_yunet = AgeGenderPredictor(baseline, "cpu", min_face_size=args.min_face_size, detector="yunet")
     demo_model_ms = _ms(lambda: predictor.predict_tensor(x), args.repeat)
-    # a face whose gender the network reads near 0.5 looks again at its mirror image (predictor.second_look)
+    # a face whose gender the network reads near 0.5 looks again at its mirror image (predictor.gender_second_look)
     twice = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="yunet", second_look=1.0)
-    second_look_ms = _ms(lambda: twice.predict_tensor(x), args.repeat) if views == 1 and predictor.second_look else None
+    second_look_ms = _ms(lambda: twice.predict_tensor(x), args.repeat) if predictor.gender_second_look else None
     eager = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="mtcnn", runtime="torch")
     eager_ms = _ms(lambda: eager.predict_tensor(x), args.repeat)  # the same views in PyTorch's eager mode
     script = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="yunet", runtime="torchscript")
@@ -237,7 +237,7 @@ def bench_infer(args):
            "demo_model_batch64_ms": round(demo_batch_ms, 1), "torchscript_model_batch64_ms": round(script_batch_ms, 1),
            "yunet_torchscript_demo_ms": round(yunet_script_demo_ms, 1),
            "baseline_checkpoint": baseline, "baseline_demo_model_ms": round(base_ms, 2), "baseline_demo_ms": round(base_demo_ms, 1),
-           "baseline_yunet_demo_ms": round(base_yunet_demo_ms, 1), "second_look_below": predictor.second_look,
+           "baseline_yunet_demo_ms": round(base_yunet_demo_ms, 1), "second_look_below": predictor.gender_second_look,
            "second_look_demo_model_ms": second_look_ms and round(second_look_ms, 2),
            "second_look_yunet_demo_ms": second_look_demo_ms and round(second_look_demo_ms, 1),
            "demo_before_ms": round(before_ms, 1),
@@ -251,7 +251,7 @@ def bench_infer(args):
           f"{tta_ms:6.2f} ms ({tta_ms / mirror_ms:.2f}x)\n"
           f"the model as the demo runs it ({views} view{'s' * (views > 1)}, {predictor.runtime}): {demo_model_ms:6.2f} ms (eager PyTorch: {eager_ms:6.2f} ms); "
           f"{os.path.basename(baseline)} as its demo runs it: {base_ms:6.2f} ms ({demo_model_ms / base_ms:.2f}x)\n"
-          + (f"a face the network reads under p {predictor.second_look:g} and looks at again in its mirror image: {second_look_ms:6.2f} ms "
+          + (f"a face the network reads under p {predictor.gender_second_look:g} and looks at again in its mirror image: {second_look_ms:6.2f} ms "
              f"({second_look_ms / base_ms:.2f}x {os.path.basename(baseline)})\n" if second_look_ms else "") +
           f"the network as a frozen TorchScript graph: {script_ms:6.2f} ms a face (the demo's runtime: {demo_model_ms / script_ms:.2f}x); "
           f"a batch of 64 faces: {predictor.runtime} {demo_batch_ms:7.1f} ms, TorchScript {script_batch_ms:7.1f} ms ({demo_batch_ms / script_batch_ms:.2f}x)\n"

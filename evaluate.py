@@ -163,7 +163,7 @@ def build_report(cfg, predictor, other, faces):
     scale = predictor.calibration.get(scale_key, 1.0) if predictor.calibration else 1.0
     calib = calibration_report(gp, ap, effective_age(pred_age, ages, spans), genders, std_scale=scale, estimate=estimate)
     views = predictor.views
-    report = {"checkpoint": cfg.checkpoint, "views": views, "gender_second_look_below": predictor.second_look if views == 1 else 0.0, "detector": cfg.detector if cfg.detect else None, "downscale": cfg.downscale,
+    report = {"checkpoint": cfg.checkpoint, "views": views, "gender_second_look_below": predictor.gender_second_look, "detector": cfg.detector if cfg.detect else None, "downscale": cfg.downscale,
               "age_kind": age_kind, "age_output": output, "age_estimate": estimate, "n": faces["n"], "faces_found": len(kept),
               "calibration_applied": predictor.calibration or None,
               **{k: round(v, 4) for k, v in metrics.items() if k != "n"}, **{k: round(v, 4) for k, v in calib.items()}}

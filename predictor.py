@@ -164,11 +164,17 @@ class AgeGenderPredictor:
         """How many views of each face are averaged: 1 (the crop), 2 (and its mirror) or 4 (and the enlarged crop)."""
         return (4 if self.net.zoom_view else 2) if self.tta else 1
 
+    @property
+    def gender_second_look(self):
+        """The probability under which a face's gender gets the second look: self.second_look with one view, 0
+        with test-time augmentation (whose views hold the mirror image already)."""
+        return 0.0 if self.tta else self.second_look
+
     @torch.no_grad()
     def predict_tensor(self, x):
         """Normalised faces (N x 3 x 112 x 96 tensor) -> dict of numpy arrays, calibrated."""
         out = self.network(x)
-        if self.second_look and not self.tta:
+        if self.gender_second_look:
             self._look_again(x, out["gender_prob"])
         if self.age_estimate != "mean":  # the network's own output is the mean
             for age in ("age", "apparent_age") if self.net.two_ages else ("age",):
@@ -180,11 +186,11 @@ class AgeGenderPredictor:
         return out
 
     def _look_again(self, x, gender_prob):
-        """The second look, in place: the faces read with a probability under self.second_look average their
+        """The second look, in place: the faces read with a probability under gender_second_look average their
         gender with their mirror image's. The mirror view helps gender and not the apparent age (rows 75 and
         78 of docs/EXPERIMENTS.md), and it only changes faces that the first view reads near 0.5, so they
         alone pay for a second pass."""
-        unsure = np.flatnonzero(gender_prob.max(1) < self.second_look)
+        unsure = np.flatnonzero(gender_prob.max(1) < self.gender_second_look)
         if len(unsure):
             # flipped in NumPy: a torch op here wakes torch's thread pool, which then competes with cv2's for the cores
             mirrored = self.network(torch.from_numpy(np.ascontiguousarray(x.cpu().numpy()[unsure, :, :, ::-1])))["gender_prob"]
