@@ -201,8 +201,9 @@ def bench_infer(args):
     base_yunet = AgeGenderPredictor(baseline, "cpu", min_face_size=args.min_face_size, detector="yunet")
     demo_model_ms = _ms(lambda: predictor.predict_tensor(x), args.repeat)
     # a face whose gender the network reads near 0.5 looks again at its mirror image (predictor.gender_second_look)
-    twice = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="yunet", second_look=1.0)
-    second_look_ms = _ms(lambda: twice.predict_tensor(x), args.repeat) if predictor.gender_second_look else None
+    twice = (AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="yunet", second_look=1.0)
+             if predictor.gender_second_look else None)
+    second_look_ms = _ms(lambda: twice.predict_tensor(x), args.repeat) if twice else None
     eager = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="mtcnn", runtime="torch")
     eager_ms = _ms(lambda: eager.predict_tensor(x), args.repeat)  # the same views in PyTorch's eager mode
     script = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="yunet", runtime="torchscript")

@@ -57,13 +57,13 @@ def test_predict_batches_gives_what_one_pass_gives(predictor):
     assert np.abs(gender - whole["gender_prob"]).max() < 1e-5 and np.abs(age - whole["age_prob"]).max() < 1e-5
 
 
-def test_second_look_averages_gender_with_the_mirror_image_and_leaves_the_ages():
+def test_second_look_averages_gender_with_the_mirror_image_and_leaves_the_ages(predictor):
     """A face read under the second-look probability gets its gender from the crop and its mirror image (what the
     mirror views of test-time augmentation give), its ages from the crop alone; a face read above it is left as it is."""
     from data_gen import normalize
 
     crops = np.random.default_rng(1).integers(0, 256, (6, 112, 96, 3), dtype=np.uint8)
-    crops[0] = predictor_crop_of(ASTRONAUT)  # a real face among the noise
+    crops[0] = predictor.find_faces(read_image(ASTRONAUT))[1][0]  # a real face among the noise
     x = normalize(crops)
     common = dict(device="cpu", runtime="torch", calibrated=False, tta=False)
     once = AgeGenderPredictor(second_look=0.0, **common).predict_tensor(x)
@@ -80,8 +80,3 @@ def test_second_look_averages_gender_with_the_mirror_image_and_leaves_the_ages()
     looked = confidence < below
     assert 0 < looked.sum() < len(x)
     assert np.allclose(some[looked], mirror["gender_prob"][looked], atol=1e-5) and np.array_equal(some[~looked], once["gender_prob"][~looked])
-
-
-def predictor_crop_of(path):
-    """The aligned crop of the first face the demo finds in a photo."""
-    return AgeGenderPredictor(device="cpu").find_faces(read_image(path))[1][0]
