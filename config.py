@@ -46,11 +46,17 @@ AUG_SCALE = (0.9, 1.1)
 GENDER_UNSURE_ACCURACY = 0.75
 # the threshold for a checkpoint that calibrate.py has not given one
 GENDER_UNSURE_BELOW = 0.75
-# Larger photos are searched for faces first scaled down to this long side (landmarks are mapped back) ...
-DETECT_MAX_SIDE = 1280
+# Larger photos are searched for faces first scaled down to this long side (landmarks are mapped back):
+# one-pass detectors split a face of more than ~500 px into several boxes, so a portrait's face must be
+# searched small (docs/DETECTORS.md) ...
+DETECT_MAX_SIDE = 640
 # ... and where that pass finds no face or faces near the detector's smallest, again at up to this many
 # pixels: a 4032x3024 phone photo at its own resolution (detector._Detector)
 DETECT_MAX_PIXELS = 12_500_000
+# A JPEG at least twice this on its long side is decoded at 1/2, 1/4 or 1/8 of its size (JPEG's own DCT
+# scaling), keeping at least this: enough for the first detection pass and to align every face at least
+# the crop's size in it; the full pixels are decoded only where a smaller face needs them (utils.read_photo)
+DECODE_MIN_SIDE = 960
 # The face detector of demo.py, serve.py and evaluate.py --detect (detector.py): yunet (one pass of a tiny
 # network, MTCNN's ONet placing the landmarks: several times faster, as accurate, finds more ordinary faces;
 # large photos get a second pass where their faces are small), mtcnn (an image pyramid: the tiniest faces,

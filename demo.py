@@ -41,18 +41,19 @@ from models import CheckpointError, load_checkpoint, second_look_of, views_of
 # the pipeline lives in predictor.py; demo.AgeGenderPredictor and demo.FaceRecord still work
 from predictor import AgeGenderPredictor, FaceRecord, as_rgb, default_device  # noqa: F401
 from runtimes import RUNTIMES
-from utils import InputError, add_second_look_option, add_view_options, cores, fail, list_images, read_image, use_all_cores_for_cv2
+from utils import InputError, add_second_look_option, add_view_options, cores, fail, list_images, read_photo, use_all_cores_for_cv2
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
 
-def draw(rgb, records):
-    """The photo as BGR with a box and a `F 31 ±4` label on each face (`? 1 ±1`, in grey, where the gender is unsure)."""
+def draw(rgb, records, box_scale=1.0):
+    """The photo as BGR with a box and a `F 31 ±4` label on each face (`? 1 ±1`, in grey, where the gender is
+    unsure); `box_scale`: the size of `rgb` over the photo's whose pixels the boxes are in (a JPEG decoded reduced)."""
     img = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
     scale = max(img.shape[:2]) / 800
     thick = max(1, int(round(2 * scale)))
     for r in records:
-        x1, y1, x2, y2 = [int(round(v)) for v in r["box"]]
+        x1, y1, x2, y2 = [int(round(v * box_scale)) for v in r["box"]]
         unsure = r.get("gender_unsure", False)
         color = (128, 128, 128) if unsure else (255, 128, 0) if r["gender"] == "M" else (80, 0, 255)
         cv2.rectangle(img, (x1, y1), (x2, y2), color, thick)
@@ -105,14 +106,16 @@ def process_photo(predictor, job):
     """Read, predict, annotate and save one photo; returns what the main process needs to report it."""
     k, path, target, draw_it, want_sheet = job
     try:
-        rgb = read_image(path)
-    except InputError as e:
+        photo = read_photo(path)
+        records, crops = predictor.analyse(photo)
+    except InputError as e:  # unreadable, or its full pixels broken past the part decoded reduced
         return {"file": path, "error": str(e)}
-    records, crops = predictor.analyse(rgb)
     faces = [r.to_dict() for r in records]
     result = {"file": path, "faces": faces, "target": None, "sheet": []}
     if draw_it:
-        annotated = draw(rgb, faces)
+        # on the pixels decoded already: a large JPEG whose faces needed no more is drawn at its reduced size
+        rgb = photo.full() if photo.has_full else photo.rgb
+        annotated = draw(rgb, faces, rgb.shape[1] / photo.size[0])
         cv2.imwrite(target, annotated, [cv2.IMWRITE_JPEG_QUALITY, 90])
         result["target"] = target
         if want_sheet:

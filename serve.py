@@ -42,7 +42,7 @@ import cv2
 import config
 from batching import BatchQueue, QueueFull, QueueTimeout
 from detector import DETECTORS
-from utils import InputError, read_image_bytes
+from utils import InputError, read_photo
 
 WEB = os.path.join(config.ROOT, "web")
 LOG = logging.getLogger("serve")
@@ -78,7 +78,7 @@ class Pipelines:
                 self.predictors[key] = AgeGenderPredictor(self.checkpoint, self.device, tta=tta, detector=key[0])
             return self.predictors[key]
 
-    def find_faces(self, key, rgb):
+    def find_faces(self, key, photo):
         """(faces, aligned crops) of one photo, by a detector of the key's kind that no other thread is using."""
         predictor = self.get(*key)
         with self.detector_slots:
@@ -87,20 +87,20 @@ class Pipelines:
                 detector = pool.pop() if pool else None
             detector = detector or predictor.new_detector()
             try:
-                return predictor.find_faces(rgb, detector=detector)
+                return predictor.find_faces(photo, detector=detector)
             finally:
                 with self.lock:
                     pool.append(detector)
 
     def run_batch(self, key, requests):
-        """The records of a batch of requests (rgb, found faces, distribution, crops, session) of one
+        """The records of a batch of requests (photo, found faces, distribution, crops, session) of one
         (detector, views) key: each exactly what its photo gets alone."""
         predictor = self.get(*key)
         out = []
-        for (rgb, _, distribution, crops, session), found in zip(requests, predictor.predict_found([r[1] for r in requests],
+        for (photo, _, distribution, crops, session), found in zip(requests, predictor.predict_found([r[1] for r in requests],
                                                                                                    distribution=True)):
             state = self.tracker(session, predictor) if session is not None else None
-            out.append(record_of(rgb, *found, distribution, crops, state))
+            out.append(record_of(photo, *found, distribution, crops, state))
         return out
 
     def tracker(self, session, predictor):
@@ -124,7 +124,7 @@ def crop_data_url(crop):
     return "data:image/png;base64," + base64.b64encode(png.tobytes()).decode() if ok else None
 
 
-def record_of(rgb, records, aligned, distribution, crops, session=None):
+def record_of(photo, records, aligned, distribution, crops, session=None):
     """The demo's record of one photo from its FaceRecords and aligned crops (and, with a webcam session,
     each face's track and its steady label)."""
     faces = [r.to_dict() for r in records]
@@ -142,14 +142,14 @@ def record_of(rgb, records, aligned, distribution, crops, session=None):
     if crops:
         for f, c in zip(faces, aligned):
             f["crop"] = crop_data_url(c)
-    return {"faces": faces, "width": int(rgb.shape[1]), "height": int(rgb.shape[0])}
+    return {"faces": faces, "width": int(photo.size[0]), "height": int(photo.size[1])}
 
 
 def create_app(checkpoint=config.RELEASED_MODEL, detector=config.DETECTOR, max_upload_mb=20.0, max_pixels=40_000_000,
                queue_size=QUEUE_SIZE, queue_timeout=QUEUE_TIMEOUT_S, max_batch=MAX_BATCH, max_wait_ms=MAX_WAIT_MS, device="cpu",
                pipelines=None):
     """The FastAPI app (serve.py's main runs it under uvicorn; tests call it directly, and may hand it their
-    own `pipelines`: anything with a `detector` name, find_faces(key, rgb) and run_batch(key, requests))."""
+    own `pipelines`: anything with a `detector` name, find_faces(key, photo) and run_batch(key, requests))."""
     from fastapi import FastAPI, Query, Request
 
     limit = int(max_upload_mb * 2**20)
@@ -170,16 +170,18 @@ def create_app(checkpoint=config.RELEASED_MODEL, detector=config.DETECTOR, max_u
         name, data = await read_upload(request, limit)
         if name is None:
             return data
-        rgb, bad = await asyncio.to_thread(decode, data, max_pixels)
+        photo, bad = await asyncio.to_thread(decode, data, max_pixels)
         if bad is not None:
             return bad
         key = (detector or pipelines.detector, tta)
         try:
             queue.check_room()  # refused before any work is spent on it
-            found = await asyncio.to_thread(pipelines.find_faces, key, rgb)  # the network's part waits for a batch
-            record = await queue.submit(key, (rgb, found, distribution, crops, session))
+            found = await asyncio.to_thread(pipelines.find_faces, key, photo)  # the network's part waits for a batch
+            record = await queue.submit(key, (photo, found, distribution, crops, session))
         except (QueueFull, QueueTimeout) as e:
             return error(503, f"busy: {e}; try again in a moment", headers={"Retry-After": str(queue.retry_after())})
+        except InputError as e:  # a large JPEG whose full pixels, decoded for a small face, are broken
+            return error(400, str(e))
         return {"file": name, **record}
 
     @app.get("/api/health")
@@ -243,7 +245,7 @@ async def read_upload(request, limit):
 
 
 def decode(data, max_pixels):
-    """(RGB array, None) of an uploaded photo, or (None, a 4xx error response) naming the reason."""
+    """(utils.Photo, None) of an uploaded photo, or (None, a 4xx error response) naming the reason."""
     from PIL import Image
 
     try:
@@ -252,9 +254,9 @@ def decode(data, max_pixels):
         if w * h > max_pixels:
             return None, error(413, f"image too large ({w}x{h} pixels, limit {max_pixels:,})")
     except Exception:
-        pass  # not an image, or a broken one: read_image_bytes names the reason
+        pass  # not an image, or a broken one: read_photo names the reason
     try:
-        return read_image_bytes(data, max_pixels=max_pixels), None
+        return read_photo(data, max_pixels=max_pixels), None
     except InputError as e:
         return None, error(400, str(e))
 

@@ -1,6 +1,7 @@
 """predictor.py: the Python API (paths, arrays, PIL images) and batching across photos."""
 import os
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -80,3 +81,23 @@ def test_second_look_averages_gender_with_the_mirror_image_and_leaves_the_ages(p
     looked = confidence < below
     assert 0 < looked.sum() < len(x)
     assert np.allclose(some[looked], mirror["gender_prob"][looked], atol=1e-5) and np.array_equal(some[~looked], once["gender_prob"][~looked])
+
+
+def test_a_portrait_reads_the_same_at_every_size(predictor, tmp_path):
+    """The same studio-like portrait saved as a JPEG at 640, 1,500, 3,000 and 4,000 px: one face at each size and
+    the same prediction within its ± (the large ones decoded reduced, their faces shrunk before the warp)."""
+    from conftest import UTK, utk_rows
+
+    row = utk_rows("val", 1, seed=11)[0]
+    img = cv2.copyMakeBorder(read_image(os.path.join(UTK, row["file"])), 60, 60, 60, 60, cv2.BORDER_REPLICATE)
+    faces = {}
+    for side in (640, 1500, 3000, 4000):
+        path = tmp_path / f"portrait_{side}.jpg"
+        Image.fromarray(cv2.resize(img, (side, side), interpolation=cv2.INTER_CUBIC)).save(path, quality=92)
+        records = predictor(str(path))
+        assert len(records) == 1, (side, len(records))
+        faces[side] = records[0]
+    small = faces[640]
+    for side, face in faces.items():
+        assert abs(face.age - small.age) <= small.age_std and face.gender == small.gender
+        assert np.allclose(np.asarray(face.box) * 640 / side, small.box, atol=12)  # boxes in each photo's own pixels

@@ -80,13 +80,13 @@ class SlowPipelines:
     def __init__(self, seconds):
         self.seconds, self.batches = seconds, []
 
-    def find_faces(self, key, rgb):
+    def find_faces(self, key, photo):
         return [], []
 
     def run_batch(self, key, requests):
         self.batches.append(len(requests))
         time.sleep(self.seconds)
-        return [{"faces": [], "width": int(r[0].shape[1]), "height": int(r[0].shape[0])} for r in requests]
+        return [{"faces": [], "width": int(r[0].size[0]), "height": int(r[0].size[1])} for r in requests]
 
 
 def _post_all(url, bodies, timeout=60):

@@ -8,7 +8,7 @@ from PIL import Image
 
 import config
 from conftest import png_header
-from utils import InputError, read_image
+from utils import InputError, Photo, read_image, read_photo
 
 
 def face_photo():
@@ -64,3 +64,28 @@ def test_huge_jpeg_is_decoded_downscaled(tmp_path):
     Image.fromarray(big).save(tmp_path / "big.jpg")
     img = read_image(str(tmp_path / "big.jpg"), max_pixels=1_000_000)
     assert img.shape[0] * img.shape[1] <= 1_000_000 and img.shape[0] >= 375
+
+
+def test_large_jpeg_is_read_reduced_with_its_full_pixels_on_demand(tmp_path):
+    """A 4000x3000 JPEG is decoded at 1/4 (1000x750, DCT scaling) with its full size known; its full pixels are
+    decoded only when asked for, and then equal read_image's; the same from the bytes of an upload, and an
+    EXIF-rotated one reports its upright size. Photos under twice config.DECODE_MIN_SIDE are decoded whole."""
+    big = cv2.resize(face_photo(), (4000, 3000), interpolation=cv2.INTER_CUBIC)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(big).save(path, quality=90)
+    for photo in (read_photo(str(path)), read_photo(path.read_bytes())):
+        assert photo.rgb.shape == (750, 1000, 3) and photo.size == (4000, 3000) and photo.scale == 0.25
+        assert not photo.has_full
+        assert np.array_equal(photo.full(), read_image(str(path))) and photo.has_full
+        half, scale = photo.at(0.5)
+        assert half.shape == (1500, 2000, 3) and scale == 0.5  # finer than the reduced pixels: from the full ones
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(big).save(tmp_path / "rot.jpg", exif=exif)
+    rotated = read_photo(str(tmp_path / "rot.jpg"))
+    assert rotated.size == (3000, 4000) and rotated.rgb.shape == (1000, 750, 3) and rotated.full().shape == (4000, 3000, 3)
+    small = tmp_path / "small.jpg"
+    Image.fromarray(cv2.resize(big, (1800, 1350))).save(small)
+    assert read_photo(str(small)).scale == 1 and Photo(big).at(1.0)[0] is big
+    with pytest.raises(InputError, match="truncated"):
+        read_photo(path.read_bytes()[:20000])
