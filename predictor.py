@@ -18,10 +18,9 @@ import numpy as np
 import torch
 
 import config
-from data_gen import normalize
 from detector import align_face, make_detector
 from metrics import apply_calibration, check_age_estimate, gender_unsure, predicted_age
-from models import age_estimate_of, fuse_batchnorm, load_checkpoint, second_look_of, views_of
+from models import age_estimate_of, fuse_batchnorm, load_checkpoint, normalize, second_look_of, views_of
 from runtimes import NetworkRuntime
 from utils import InputError, Photo, read_photo, to_rgb8
 

@@ -349,11 +349,21 @@ def build_data(cfg, rank, world, main_proc):
     if len(train_set) < cfg.batch_size * world:
         fail(f"{', '.join(cfg.cache)}: only {len(train_set)} training faces, fewer than one batch of {cfg.batch_size * world}")
     train_loader, train_sampler = make_loader(train_set, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
-                                              workers=cfg.workers, source_weights=list(cfg.source_weights) or None)
+                                              workers=cfg.workers, source_weights=list(cfg.source_weights) or None,
+                                              passes=passes_per_epoch(len(train_set), cfg, world))
     val = []
     if main_proc:  # rank 0 validates
         val = [(name, v, make_loader(v, 256, workers=min(2, cfg.workers))[0]) for name, v in zip(names, val_sets)]
     return train_set, train_loader, train_sampler, val, sum(len(v) for v in val_sets)
+
+
+def passes_per_epoch(n, cfg, world):
+    """How many times an epoch passes over the n training faces: once, or as often as a small set needs for
+    the run to train at least --min-steps steps."""
+    passes = 1
+    while math.ceil(math.ceil(n * passes / world) / cfg.batch_size) * cfg.epochs < cfg.min_steps:
+        passes += 1
+    return passes
 
 
 def validate(model, val, device, amp_dtype, cfg):
@@ -457,7 +467,9 @@ def main(argv=None):
         mix = ", ".join(f"{s.name} {len(s):,}" for s in train_set.sources)
         print(f"training {cfg.arch} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters, {net.init_source}; "
               f"first {cfg.freeze_stages} trunk stages frozen) on train faces {mix}{shares}; {n_val:,} val faces; "
-              f"{cfg.epochs} epochs of {steps_per_epoch} steps of {cfg.batch_size * world}, lr {cfg.lr:g}; "
+              f"{cfg.epochs} epochs of {steps_per_epoch} steps of {cfg.batch_size * world}"
+              + (f" (each epoch passes over the {len(train_set):,} faces {train_sampler.passes} times, so that the run trains at "
+                 f"least --min-steps {cfg.min_steps})" if train_sampler.passes > 1 else "") + f", lr {cfg.lr:g}; "
               f"{world} process(es) on {device}; writing to {cfg.out_dir}")
     opt, sched = build_optimizer(cfg, net, total_steps, warmup_steps)
     ema = WeightAverage(net, cfg.ema_decay) if cfg.ema_decay > 0 else None

@@ -176,3 +176,18 @@ def test_age_ranges_flow_through_the_cache_and_the_loader(range_cache, tmp_path,
     code, _, err = run_main(pre_process.main, ["--dataset", "csv", "--labels", bad, "--data-dir", str(tmp_path), "--out",
                                                str(tmp_path / "o")], capsys)
     assert code == 2 and "age_min" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_training_epoch_sees_every_face_in_whole_batches():
+    """197 faces in batches of 128: two whole batches, the second topped up from the start of the epoch's
+    order, so every face is seen; validation's last batch is short instead; `passes` repeats the set."""
+    train = [list(b) for b in EpochBatchSampler(197, 128, seed=0, fill_last=True)]
+    assert [len(b) for b in train] == [128, 128] and set(sum(train, [])) == set(range(197))
+    val = [list(b) for b in EpochBatchSampler(197, 128, shuffle=False)]
+    assert [len(b) for b in val] == [128, 69] and sum(val, []) == list(range(197))
+    three = EpochBatchSampler(197, 128, seed=0, fill_last=True, passes=3)
+    drawn = sum((list(b) for b in three), [])
+    assert len(three) == 5 and len(drawn) == 640 and np.bincount(drawn[:591], minlength=197).tolist() == [3] * 197
+    r0, r1 = (EpochBatchSampler(197, 32, seed=0, rank=r, world_size=2, fill_last=True) for r in (0, 1))
+    a, b = sum((list(x) for x in r0), []), sum((list(x) for x in r1), [])
+    assert len(a) == len(b) == 128 and set(a) | set(b) == set(range(197))  # DDP: whole batches, every face

@@ -47,7 +47,7 @@ def test_predict_many_equals_one_by_one(predictor):
 
 def test_predict_batches_gives_what_one_pass_gives(predictor):
     """The loop over a cache's faces (train.py, calibrate.py, evaluate.py) reads tensors and loader tuples alike."""
-    from data_gen import normalize
+    from models import normalize
     from predictor import predict_batches
 
     crops = np.random.default_rng(0).integers(0, 256, (5, 112, 96, 3), dtype=np.uint8)
@@ -61,7 +61,7 @@ def test_predict_batches_gives_what_one_pass_gives(predictor):
 def test_second_look_averages_gender_with_the_mirror_image_and_leaves_the_ages(predictor):
     """A face read under the second-look probability gets its gender from the crop and its mirror image (what the
     mirror views of test-time augmentation give), its ages from the crop alone; a face read above it is left as it is."""
-    from data_gen import normalize
+    from models import normalize
 
     crops = np.random.default_rng(1).integers(0, 256, (6, 112, 96, 3), dtype=np.uint8)
     crops[0] = predictor.find_faces(read_image(ASTRONAUT))[1][0]  # a real face among the noise
@@ -101,3 +101,14 @@ def test_a_portrait_reads_the_same_at_every_size(predictor, tmp_path):
     for side, face in faces.items():
         assert abs(face.age - small.age) <= small.age_std and face.gender == small.gender
         assert np.allclose(np.asarray(face.box) * 640 / side, small.box, atol=12)  # boxes in each photo's own pixels
+
+
+def test_inference_does_not_load_the_training_loader():
+    """A photo's way through inference reads predictor -> detector -> runtimes: the pixel normalisation it
+    shares with training lives in models.py, so importing predictor leaves data_gen (and its loaders) out."""
+    import subprocess
+    import sys
+
+    code = "import sys, predictor; print(sorted(m for m in ('data_gen', 'train', 'conditions') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=config.ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -8,7 +8,7 @@ import torch
 
 import runtimes
 from conftest import ASTRONAUT, UTK, utk_rows
-from data_gen import normalize
+from models import normalize
 from predictor import AgeGenderPredictor
 from utils import read_image
 

@@ -363,3 +363,14 @@ def test_a_two_age_network_starts_from_a_one_age_checkpoint_with_both_heads_its_
     torch.save({"model": net.state_dict(), "config": {"arch": "sface"}}, two)
     soup = release.average_checkpoints([one_age_release, str(two)])
     assert "apparent_head.weight" in soup["model"]
+
+
+def test_a_small_set_trains_at_least_min_steps(tmp_path, utk_cache, capsys):
+    """139 faces in batches of 128 for 2 epochs would be 4 steps: each epoch passes over them 9 times (20 steps
+    in all, at least --min-steps 20), and the log line says so; a set large enough for it is passed over once."""
+    args = ["--cache", utk_cache, "--arch", "resnet18", "--pretrained", "", "--workers", "0", "--epochs", "2", "--max-steps", "1"]
+    assert train.main(args + ["--out-dir", str(tmp_path / "a"), "--batch-size", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "2 epochs of 10 steps of 128 (each epoch passes over the 139 faces 9 times" in out
+    assert train.main(args + ["--out-dir", str(tmp_path / "b"), "--batch-size", "8"]) == 0
+    assert "2 epochs of 18 steps of 8, lr" in capsys.readouterr().out
