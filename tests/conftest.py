@@ -30,18 +30,41 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     """Without ../shared/data (a fresh clone on its own), the tests that read it are skipped with one reason;
-    under CI=true, where it is always there, a missing folder fails them instead."""
-    import inspect
-
+    under CI=true, where it is always there, a missing folder fails them instead. A test reads it where its
+    own code, a fixture it uses or a helper of its module that either calls names it (SHARED_NAMES,
+    SHARED_FIXTURES)."""
     import config as project
 
     if os.path.isdir(os.path.join(project.SHARED_DATA, "utkface")) or os.environ.get("CI") == "true":
         return  # in CI the tests run, and fail where the data is missing
     reason = f"needs the shared data in {project.SHARED_DATA} (UTKFace, CLAP2016, wiki.mat), which is not here"
     for item in items:
-        source = inspect.getsource(item.function) if hasattr(item, "function") else ""
-        if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())) or any(name in source for name in SHARED_NAMES):
+        if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())) or any(name in _code_of(item) for name in SHARED_NAMES):
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def _code_of(item):
+    """The source of a test, of the fixtures it uses and of the functions of its module those call, recursively."""
+    import inspect
+
+    if not hasattr(item, "function"):
+        return ""
+    module = vars(inspect.getmodule(item.function))
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    todo = [item.function] + [d[-1].func for name, d in defs.items() if name in item.fixturenames and d]
+    seen, sources = set(), []
+    while todo:
+        fn = inspect.unwrap(todo.pop())
+        if fn in seen or not inspect.isfunction(fn):
+            continue
+        seen.add(fn)
+        try:
+            source = inspect.getsource(fn)
+        except (OSError, TypeError):
+            continue
+        sources.append(source)
+        todo += [module[name] for name in fn.__code__.co_names if inspect.isfunction(module.get(name))]
+    return "\n".join(sources)
 
 
 def utk_rows(split, n, seed=0):
