@@ -175,6 +175,8 @@ def build_report(cfg, predictor, other, faces):
               "gender": [{0: "F", 1: "M"}.get(int(g), "unknown") for g in genders]}
     if any(races):
         groups["race"] = [RACES.get(str(r), str(r) or "unknown") for r in races]
+        # the errors follow group and sex together (women of one group, men of another): each cell on its own
+        groups["race_sex"] = [f"{race} {sex}" for race, sex in zip(groups["race"], groups["gender"])]
     if turn is not None:  # from 0.3 eye distances of nose offset, a face counts as turned away
         groups["pose"] = ["turned" if t >= TURNED else "frontal" for t in turn]
     if cfg.conditions:
@@ -352,7 +354,40 @@ def main(argv=None):
     if cfg.plots:
         plot(predicted_age(faces["predictions"][0][1], predictor.age_estimate), faces["ages"], cfg.plots,
              faces["predictions"][0][0], faces["genders"])
+        if "race_sex" in report["by"]:
+            source = os.path.basename(os.path.dirname(os.path.abspath(cfg.labels)) if cfg.labels else os.path.normpath(cfg.cache))
+            plot_gender_by_group(report["by"]["race_sex"], os.path.join(cfg.plots, "gender_by_group.png"), f"{source} {cfg.split}")
     return 0
+
+
+def plot_gender_by_group(cells, path, title=""):
+    """Gender accuracy of women and men of each group side by side, each bar marked with the share whose
+    gender is shown as unsure: the README's and the model card's chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({k.rsplit(" ", 1)[0] for k in cells if not k.endswith("unknown")})
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 3.6))
+    for k, (sex, colour) in enumerate((("F", "#d0406a"), ("M", "#3b78c2"))):
+        rows = [cells.get(f"{name} {sex}") for name in names]
+        x = np.arange(len(names)) + (k - 0.5) * 0.38
+        acc = [100 * r["gender_acc"] if r else np.nan for r in rows]
+        ax.bar(x, acc, 0.36, color=colour, label={"F": "women", "M": "men"}[sex])
+        for xi, a, r in zip(x, acc, rows):
+            if r:
+                ax.text(xi, a + 0.4, f"{a:.0f}%\n?{100 * r['unsure']:.0f}%", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(np.arange(len(names)), [f"{n}\n({sum(cells[f'{n} {s}']['n'] for s in 'FM' if f'{n} {s}' in cells)})" for n in names], fontsize=8)
+    low = min(100 * r["gender_acc"] for r in cells.values())
+    ax.set_ylim(max(0, low - 10), 104)
+    ax.set_ylabel("gender right (%)")
+    ax.set_title(f"gender by group and sex{': ' + title if title else ''} (?: shown unsure)", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 if __name__ == "__main__":
     use_all_cores_for_cv2()  # a command-line run never forks, so cv2 may use every core

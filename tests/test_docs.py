@@ -20,9 +20,11 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def readme_commands():
-    """Every `python SCRIPT.py ...` line of the README's shell blocks, as (script, args)."""
+    """Every `python SCRIPT.py ...` line of the README's shell blocks, and every one quoted inline (the
+    results' and the speed table's), as (script, args)."""
     text = open(DOCS[0]).read()
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+    inline = [q.replace("\n", " ") for q in re.findall(r"`(python [a-z_]+\.py[^`]*)`", text)]
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S) + ["\n".join(inline)]:
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line.split("  #")[0], comments=True)
             if len(words) >= 2 and words[0] == "python" and words[1].endswith(".py"):
@@ -91,3 +93,14 @@ def test_each_readme_command_parses():
             assert e.code == 0 and "--help" in args, f"README: python {script}.py {' '.join(args)}"
         seen.add(script)
     assert {"demo", "pre_process", "train", "evaluate", "calibrate", "bench", "serve"} <= seen
+
+
+def test_the_readme_reads_in_five_minutes():
+    """At most 200 lines and 12,000 characters; one results table with a command for each row, the chart
+    beside it, and a speed table of at most six rows."""
+    text = open(os.path.join(config.ROOT, "README.md")).read()
+    assert len(text.splitlines()) <= 200 and len(text) <= 12_000, (len(text.splitlines()), len(text))
+    speed = text[text.index("## Speed"):]
+    speed_rows = [line for line in speed[: speed.find("\n\n", speed.index("| ---"))].splitlines() if line.startswith("| `python")]
+    assert 1 <= len(speed_rows) <= 6
+    assert "docs/gender_by_group.png" in text and os.path.exists(os.path.join(config.ROOT, "docs", "gender_by_group.png"))
