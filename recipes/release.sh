@@ -25,10 +25,10 @@ RELEASE=${RELEASE:-$OUT/release.pt}
 QUICK=${QUICK:-0}
 PYTHON=${PYTHON:-python}  # the interpreter that runs every stage (the tests give their own)
 OLD="--hard-aug 0 --pose-aug 0 --turned-weight 1 --freeze-stages 0 --fill-outside 0 --workers 1"
-# QUICK=1: every stage one epoch of batches of 8, two validation faces' worth of time; the flags come last
+# QUICK=1: every stage one epoch of batches of 8 (one pass: no --min-steps), two validation faces' worth of time; the flags come last
 # so that they override each stage's own
 FAST=""
-if [ "$QUICK" = 1 ]; then FAST="--epochs 1 --batch-size 8 --workers 0 --warmup-epochs 0.5"; fi
+if [ "$QUICK" = 1 ]; then FAST="--epochs 1 --batch-size 8 --workers 0 --warmup-epochs 0.5 --min-steps 1"; fi
 mkdir -p "$OUT"
 
 train() {  # train NAME ARGS...: one stage into $OUT/NAME, resumable
