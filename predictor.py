@@ -69,6 +69,13 @@ def _numpy(a):
     return a.float().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
+def find_faces(image, detector, pad_fraction=0.0):
+    """(detected faces, their aligned crops) of one photo (an RGB array or a utils.Photo) by `detector`: the
+    pipeline's first half, which needs no network (annotate.py runs it in CPU actors of its own)."""
+    faces = detector.detect(image, pad_fraction=pad_fraction)
+    return faces, [align_face(image, f.landmarks) for f in faces]
+
+
 def as_photo(image):
     """A path, the bytes of an encoded photo, a utils.Photo, an RGB (or grayscale / RGBA) numpy array or a
     PIL image -> utils.Photo (a large JPEG decoded reduced, its full pixels read only where a face needs them)."""
@@ -239,8 +246,7 @@ class AgeGenderPredictor:
         """(detected faces, their aligned crops) of one photo (an RGB array or a utils.Photo); `detector`:
         another instance than the predictor's own (make_detector), for a thread of its own (serve.py finds
         faces in several at once)."""
-        faces = (detector or self.detector).detect(image, pad_fraction=pad_fraction)
-        return faces, [align_face(image, f.landmarks) for f in faces]
+        return find_faces(image, detector or self.detector, pad_fraction)
 
     def predict_found(self, found, batch_size=64, distribution=False):
         """(FaceRecords, crops) of each photo's find_faces() result, the faces of all of them through the

@@ -75,7 +75,8 @@ def test_a_few_epochs_lower_the_loss(utk_cache, tmp_path):
 
 @pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(utk_cache, tmp_path):
-    common = ["--cache", utk_cache, "--epochs", "2"] + SMALL
+    # one pass an epoch (9 steps), so that step 12 lies past an epoch's end
+    common = ["--cache", utk_cache, "--epochs", "2", "--min-steps", "1"] + SMALL
     assert train.main(common + ["--out-dir", str(tmp_path / "a"), "--max-steps", "12"]) == 0
     assert train.main(common + ["--out-dir", str(tmp_path / "b"), "--max-steps", "5"]) == 0
     assert train.main(common + ["--out-dir", str(tmp_path / "b"), "--max-steps", "12", "--resume"]) == 0
