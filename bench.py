@@ -7,6 +7,7 @@
     python bench.py video [--frames 120] [--json out/bench_video.json]
     python bench.py serve [--clients 8 32] [--requests 2000] [--json out/bench_serve.json]
     python bench.py portraits [--portraits 40] [--json out/bench_portraits.json]
+    python bench.py annotate [--photos 300] [--json out/bench_annotate.json]
 
 data:  images/s served by data_gen from the cache with augmentation, against a seed-style loader that
        reads each original JPEG and warps it with the stored landmarks (same workers and batch size).
@@ -28,14 +29,20 @@ serve: `python serve.py` started as a user would (its own defaults), --clients c
        requests each: requests/s, p50/p95/p99 latency, answers, refusals (503) and other errors, the
        server's memory after a warm-up, halfway and at the end; and the same photos through
        predictor.predict_many in this process, in the same run, as the baseline.
+annotate: photos/s of annotate.py on the folder benchmark's photos, on an embedded local Ray and through a
+       two-node cluster on this machine (`ray start` twice, in a network namespace of its own when run as
+       root), against `demo.py FOLDER --no-draw --json --workers N` in the same run; and Ray's start-up time.
 portraits: large single-face photos (UTKFace val photos on a plain border, enlarged to 640, 1718, 3000 and
        4000 px): how many faces each detector finds in each (one is right) and its ms per photo.
 """
 import argparse
+import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -540,6 +547,68 @@ def bench_serve(args):
     return results
 
 
+@contextlib.contextmanager
+def two_node_ray_cluster(cpus_each=1):
+    """A Ray cluster of two nodes on this machine: `ray start --head` and `ray start --address`, token
+    authentication on; as root, in a network namespace of its own whose only interface is the loopback (every
+    node at 127.0.0.1), else on this machine's own address. Yields (address, the command prefix that runs a
+    program beside it, its environment); both nodes are stopped at the end."""
+    import secrets
+
+    ns = f"raybench-{os.getpid()}"
+    inside = ["ip", "netns", "exec", ns]
+    if subprocess.run(["ip", "netns", "add", ns], capture_output=True).returncode != 0:
+        ns, inside = None, []
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_cli = inside + [sys.executable, "-m", "ray.scripts.scripts"]
+    try:
+        if ns:
+            subprocess.run(inside + ["ip", "link", "set", "lo", "up"], check=True)
+        head = subprocess.run(ray_cli + ["start", "--head", "--port=6390", f"--num-cpus={cpus_each}", "--include-dashboard=false"],
+                              check=True, capture_output=True, text=True, timeout=120, env=env)
+        address = "127.0.0.1:6390" if ns else re.search(r"--address='([^']+)'", head.stdout + head.stderr).group(1)
+        subprocess.run(ray_cli + ["start", f"--address={address}", f"--num-cpus={cpus_each}"], check=True, capture_output=True,
+                       timeout=120, env=env)
+        yield address, inside, env
+    finally:
+        subprocess.run(ray_cli + ["stop", "--force"], capture_output=True, timeout=120, env=env)
+        if ns:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def bench_annotate(args):
+    """annotate.py on the folder benchmark's photos, embedded and on a two-node cluster, against demo.py."""
+    import demo
+
+    rate = re.compile(r"annotated (\d+) photos .* in ([\d.]+) s after Ray's start-up of ([\d.]+) s")
+    res = {"photos": args.photos, "demo_workers": args.workers}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "photos")
+        os.makedirs(folder)
+        _mixed_photo_folder(folder, args.photos)
+        t = time.perf_counter()
+        demo.main([folder, "--no-draw", "--workers", str(args.workers), "--json", os.path.join(tmp, "demo.json"),
+                   "--checkpoint", args.checkpoint, "--device", "cpu"])
+        res["demo_photos_s"] = round(args.photos / (time.perf_counter() - t), 2)
+        job = [sys.executable, os.path.join(config.ROOT, "annotate.py"), folder, "--checkpoint", args.checkpoint, "--quiet"]
+        for name in ("local", "two_nodes"):
+            with (two_node_ray_cluster() if name == "two_nodes" else contextlib.nullcontext(("", [], None))) as (address, inside, env):
+                cmd = inside + job + ["--out", os.path.join(tmp, name)] + (["--address", address] if address else [])
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+            found = rate.search(done.stdout)
+            if done.returncode != 0 or not found:
+                fail(f"annotate.py ({name}) failed: {done.stderr.strip().splitlines()[-1:]}")
+            n, seconds, startup = int(found[1]), float(found[2]), float(found[3])
+            res[f"{name}_photos_s"] = round(n / seconds, 2)
+            res[f"{name}_ratio"] = round(n / seconds / res["demo_photos_s"], 2)
+            res[f"{name}_startup_s"] = startup
+    print(f"{args.photos} photos of mixed sizes: demo.py --workers {args.workers} {res['demo_photos_s']} photos/s (1); annotate.py on "
+          f"an embedded Ray {res['local_photos_s']} photos/s ({res['local_ratio']}x, after {res['local_startup_s']} s of start-up); "
+          f"through a two-node cluster on this machine {res['two_nodes_photos_s']} photos/s ({res['two_nodes_ratio']}x, "
+          f"after {res['two_nodes_startup_s']} s)")
+    return res
+
+
 def bench_portraits(args):
     """Faces found per large single-face photo, and ms per photo, for each detector and size."""
     import csv
@@ -574,11 +643,11 @@ def bench_portraits(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmarks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["data", "train", "infer", "folder", "video", "serve", "portraits"], help="which benchmark to run")
+    p.add_argument("what", choices=["data", "train", "infer", "folder", "video", "serve", "portraits", "annotate"], help="which benchmark to run")
     p.add_argument("--json", default="", help="also write the figures to this file")
     p.add_argument("--cache", default=os.path.join(config.DATA_DIR, "utkface"), help="data: the cache to serve from")
     p.add_argument("--batch-size", type=int, default=256, help="data: faces per batch")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="data: loader processes; folder: demo.py --workers")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="data: loader processes; folder, annotate: demo.py --workers")
     p.add_argument("--batches", type=int, default=60, help="data: batches timed from the cache")
     p.add_argument("--archs", default=",".join(ARCHS), help="train: trunks to time, comma-separated")
     p.add_argument("--cpu-steps", type=int, default=5, help="train: steps timed on the CPU per trunk")
@@ -587,7 +656,7 @@ def main(argv=None):
                    help="infer: the model the ratios are against, e.g. the previous release (default: --checkpoint itself)")
     p.add_argument("--repeat", type=int, default=100, help="infer: repetitions of each timed call")
     p.add_argument("--min-face-size", type=int, default=20, help="infer: MTCNN's smallest face, as demo.py's option")
-    p.add_argument("--photos", type=int, default=300, help="folder: how many photos the timed folder holds")
+    p.add_argument("--photos", type=int, default=300, help="folder, annotate: how many photos the timed folder holds")
     p.add_argument("--portraits", type=int, default=40, help="portraits: how many UTKFace val photos")
     p.add_argument("--frames", type=int, default=120, help="video: frames in the timed 640x480 clip")
     p.add_argument("--clients", type=int, nargs="+", default=[8, 32], help="serve: concurrent clients, one run per number")
@@ -596,7 +665,7 @@ def main(argv=None):
                                                       "e.g. '--queue-size 8' to see what past the queue gets")
     args = p.parse_args(argv)
     res = {"data": bench_data, "train": bench_train, "infer": bench_infer, "folder": bench_folder, "video": bench_video, "serve": bench_serve,
-           "portraits": bench_portraits}[args.what](args)
+           "portraits": bench_portraits, "annotate": bench_annotate}[args.what](args)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -106,29 +106,17 @@ def test_local_ray_gives_demos_records_and_an_audit(collection, tmp_path):
 
 @pytest.fixture
 def two_node_cluster():
-    """`ray start --head` and a second `ray start --address`, one CPU each, in a network namespace of their own
-    with only the loopback interface (every node at 127.0.0.1, token authentication on); its address and the
-    command prefix that runs a program beside it. Both nodes are stopped and the namespace removed at the end."""
-    import secrets
+    """Two `ray start` nodes of one CPU each (bench.two_node_ray_cluster): as root, in a network namespace of
+    their own whose only interface is the loopback, so every node is 127.0.0.1 and no traffic leaves it."""
+    from bench import two_node_ray_cluster
 
-    ns = f"annotate-{os.getpid()}"
-    if subprocess.run(["ip", "netns", "add", ns], capture_output=True).returncode != 0:
+    if os.geteuid() != 0 or not shutil.which("ip"):
         if os.environ.get("CI") == "true":
-            raise AssertionError("ip netns add failed: the two-node test needs root and iproute2")
-        pytest.skip("needs a network namespace of its own (root and iproute2's `ip netns`)")
-    inside = ["ip", "netns", "exec", ns]
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
-    ray_cli = inside + [sys.executable, "-m", "ray.scripts.scripts"]
-    try:
-        subprocess.run(inside + ["ip", "link", "set", "lo", "up"], check=True)
-        subprocess.run(ray_cli + ["start", "--head", "--port=6390", "--num-cpus=1", "--include-dashboard=false"],
-                       check=True, capture_output=True, timeout=120, env=env)
-        subprocess.run(ray_cli + ["start", "--address=127.0.0.1:6390", "--num-cpus=1"], check=True, capture_output=True,
-                       timeout=120, env=env)
-        yield "127.0.0.1:6390", inside, env
-    finally:
-        subprocess.run(ray_cli + ["stop", "--force"], capture_output=True, timeout=120, env=env)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            raise AssertionError("the two-node test needs root and iproute2's `ip netns`")
+        pytest.skip("needs root and iproute2's `ip netns` for a network namespace of its own")
+    with two_node_ray_cluster() as cluster:
+        assert cluster[1], "no network namespace could be made"
+        yield cluster
 
 
 def test_a_two_node_cluster_gives_the_same_rows(collection, two_node_cluster, tmp_path):
