@@ -126,7 +126,7 @@ class FindFaces:
         self.detector = make_detector(detector, min_face_size, threshold, threads=1)
 
     def __call__(self, batch):
-        from predictor import find_faces
+        from detector import find_faces
 
         out = {k: [] for k in ("file", "width", "height", "faces", "crops", "error")}
         for path in batch["file"]:
@@ -166,11 +166,13 @@ class ReadFaces:
     each photo's records, exactly as demo.py --json writes them (a JSON list)."""
 
     def __init__(self, checkpoint_bytes, predictor_args, batch_size):
+        import cv2
         import torch
 
         from predictor import AgeGenderPredictor
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)  # half a CPU: the detectors beside it have the rest
+        cv2.setNumThreads(1)
         with tempfile.NamedTemporaryFile(suffix=".pt", delete=False) as f:
             f.write(checkpoint_bytes)
         self.predictor = AgeGenderPredictor(f.name, **predictor_args)
@@ -351,14 +353,16 @@ def build_pipeline(ray, todo, args):
     predictor_args = dict(device="cuda" if args.num_gpus else "cpu", tta=args.tta, tta_zoom=args.tta_zoom,
                           second_look=args.second_look, unsure_below=args.unsure_below, age_estimate=args.age_estimate,
                           runtime=args.runtime, detector=args.detector)
+    # every actor asks for half a CPU: a detector for each CPU keeps the cores busy, the network actors
+    # (a quarter of a photo's time on a CPU) share them, and a node of one CPU still takes two actors
     cpus = int(ray.cluster_resources().get("CPU", 1))
     network_actors = args.network_actors or max(1, cpus // 4)
-    find_actors = args.find_actors or max(1, cpus - (0 if args.num_gpus else network_actors))
+    find_actors = args.find_actors or cpus
     ds = ray.data.from_items([{"file": p} for p in todo], override_num_blocks=max(1, min(len(todo), len(todo) // 4 + 1, 4096)))
-    ds = ds.map_batches(FindFaces, batch_size=4, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=find_actors), num_cpus=1,
+    ds = ds.map_batches(FindFaces, batch_size=4, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=find_actors), num_cpus=0.5,
                         fn_constructor_kwargs=dict(detector=args.detector, min_face_size=args.min_face_size, threshold=args.threshold))
     return ds.map_batches(ReadFaces, batch_size=args.photos_per_batch, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=network_actors),
-                          num_cpus=0 if args.num_gpus else 1, num_gpus=args.num_gpus or None,
+                          num_cpus=0.5, num_gpus=args.num_gpus or None,
                           fn_constructor_kwargs=dict(checkpoint_bytes=checkpoint, predictor_args=predictor_args, batch_size=64))
 
 
@@ -371,7 +375,7 @@ def run(args):
     done = done_files(args.out)
     todo = [p for p in dict.fromkeys(inputs) if p not in done]
     print(f"{len(inputs):,} photos listed, {len(done & set(inputs)):,} already annotated in {args.out}, {len(todo):,} to do", flush=True)
-    failures, faces, t_start = 0, 0, time.perf_counter()
+    failures, faces, t_start, t_first = 0, 0, time.perf_counter(), None
     if todo:
         t0 = time.perf_counter()
         ray = connect(args.address, args.num_cpus)
@@ -381,6 +385,7 @@ def run(args):
         t_start = time.perf_counter()
         try:
             for batch in build_pipeline(ray, todo, args).iter_batches(batch_size=None, batch_format="numpy"):
+                t_first = t_first or time.perf_counter()
                 for i in range(len(batch["file"])):
                     photo = {k: batch[k][i] for k in batch}
                     writer.add(photo)
@@ -396,8 +401,9 @@ def run(args):
         writer.flush()
         bar.close()
         elapsed = time.perf_counter() - t_start
-        print(f"annotated {len(todo):,} photos ({faces:,} faces) in {elapsed:.1f} s after Ray's start-up of {startup:.1f} s: "
-              f"{len(todo) / elapsed:.2f} photos/s; {failures:,} without a face or unreadable (summary.md says why)")
+        print(f"annotated {len(todo):,} photos ({faces:,} faces) in {elapsed:.1f} s after Ray's start-up of {startup:.1f} s, the first "
+              f"back after {t_first - t_start:.1f} s (the actors starting): {len(todo) / elapsed:.2f} photos/s; "
+              f"{failures:,} without a face or unreadable (summary.md says why)")
     summary = audit(read_dataset(args.out))
     write_summary(args.out, summary)
     print(f"{args.out}: {summary['photos']:,} photos, {summary['faces']:,} faces; summary.json, summary.png, summary.md")
@@ -416,8 +422,9 @@ def parse_args(argv=None):
     p.add_argument("--address", default="", help="the Ray cluster to join: auto, HOST:PORT or ray://HOST:10001 (default: an embedded local Ray)")
     p.add_argument("--num-cpus", type=int, default=0, help="the embedded Ray's CPUs (default: all of this machine's)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs for each network actor (0: the network on CPUs)")
-    p.add_argument("--find-actors", type=int, default=0, help="decode-and-detect actors (default: the cluster's CPUs less the network's)")
-    p.add_argument("--network-actors", type=int, default=0, help="network actors (default: a quarter of the cluster's CPUs, at least 1)")
+    p.add_argument("--find-actors", type=int, default=0, help="decode-and-detect actors, half a CPU each (default: one a CPU)")
+    p.add_argument("--network-actors", type=int, default=0, help="network actors, half a CPU each (default: one for every four of "
+                                                                 "the cluster's CPUs, at least 1)")
     p.add_argument("--photos-per-batch", type=int, default=32, help="photos whose faces a network actor reads together")
     p.add_argument("--photos-per-part", type=int, default=500, help="photos in each Parquet part the driver writes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -538,6 +538,13 @@ def _antialiased(rgb, m, size):
     return small, (m.astype(np.float64) @ to_photo).astype(np.float32)
 
 
+def find_faces(image, detector, pad_fraction=0.0):
+    """(detected faces, their aligned crops) of one photo (an RGB array or a utils.Photo) by `detector`: the
+    pipeline's first half, which needs no network (annotate.py runs it in actors that never load one)."""
+    faces = detector.detect(image, pad_fraction=pad_fraction)
+    return faces, [align_face(image, f.landmarks) for f in faces]
+
+
 def pick_face(faces, target_box=None):
     """The face to keep: the one overlapping `target_box` most, else the highest-scoring one."""
     if not faces:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import config
-from detector import align_face, make_detector
+from detector import align_face, find_faces, make_detector
 from metrics import apply_calibration, check_age_estimate, gender_unsure, predicted_age
 from models import age_estimate_of, fuse_batchnorm, load_checkpoint, normalize, second_look_of, views_of
 from runtimes import NetworkRuntime
@@ -67,13 +67,6 @@ def predict_batches(predict, batches, output="age"):
 
 def _numpy(a):
     return a.float().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-
-
-def find_faces(image, detector, pad_fraction=0.0):
-    """(detected faces, their aligned crops) of one photo (an RGB array or a utils.Photo) by `detector`: the
-    pipeline's first half, which needs no network (annotate.py runs it in CPU actors of its own)."""
-    faces = detector.detect(image, pad_fraction=pad_fraction)
-    return faces, [align_face(image, f.landmarks) for f in faces]
 
 
 def as_photo(image):
