@@ -177,6 +177,8 @@ def build_report(cfg, predictor, other, faces):
         groups["race"] = [RACES.get(str(r), str(r) or "unknown") for r in races]
         # the errors follow group and sex together (women of one group, men of another): each cell on its own
         groups["race_sex"] = [f"{race} {sex}" for race, sex in zip(groups["race"], groups["gender"])]
+        # children's gender is where every group is weakest: each group's under-20s and adults apart
+        groups["race_age"] = [f"{race} {'under 20' if a < 20 else '20+'}" for race, a in zip(groups["race"], ages)]
     if turn is not None:  # from 0.3 eye distances of nose offset, a face counts as turned away
         groups["pose"] = ["turned" if t >= TURNED else "frontal" for t in turn]
     if cfg.conditions:

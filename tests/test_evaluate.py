@@ -70,7 +70,7 @@ def test_released_model_beats_a_constant_guess_on_utkface_test(tmp_path, capsys)
     assert r["age_kind"] == "real" and r["age_output"] == "age"  # UTKFace's ages are real: the age output is scored
     assert r["age_mae"] < 0.5 * constant_mae
     assert r["gender_acc"] > majority + 0.2
-    assert set(r["by"]) == {"age_group", "gender", "race", "race_sex", "pose"}  # pose: from the detected landmarks
+    assert set(r["by"]) == {"age_group", "gender", "race", "race_sex", "race_age", "pose"}  # pose: from the detected landmarks
     assert sum(v["n"] for v in r["by"]["pose"].values()) == r["faces_found"] and r["by"]["pose"]["frontal"]["n"] > 100
     assert 0 <= r["unsure"] < 0.5 and r["sure_acc"] >= r["gender_acc"]  # the faces left sure are the better ones
 
@@ -189,11 +189,12 @@ def test_evaluate_scores_age_groups_on_the_apparent_age_and_reports_gaps(range_c
     assert gap["gap"] == pytest.approx(by[gap["best"]]["gender_acc"] - by[gap["worst"]]["gender_acc"], abs=1e-3)
     assert "by race, gender accuracy: best" in out
     # each (group x sex) cell: its faces are the group's of that sex, and the group's accuracy is the cells' mix
-    cells = report["by"]["race_sex"]
-    for race, r in by.items():
-        parts = [cells[f"{race} {sex}"] for sex in "FM" if f"{race} {sex}" in cells]
-        assert sum(c["n"] for c in parts) == r["n"]
-        assert sum(c["n"] * c["gender_acc"] for c in parts) / r["n"] == pytest.approx(r["gender_acc"], abs=1e-3)
+    for name, splits in (("race_sex", ("F", "M")), ("race_age", ("under 20", "20+"))):
+        cells = report["by"][name]
+        for race, r in by.items():
+            parts = [cells[f"{race} {s}"] for s in splits if f"{race} {s}" in cells]
+            assert sum(c["n"] for c in parts) == r["n"]
+            assert sum(c["n"] * c["gender_acc"] for c in parts) / r["n"] == pytest.approx(r["gender_acc"], abs=1e-3)
     # the same faces scored on the real age (a one-age model has nothing else): its head reads five years younger
     code, out, _ = run_main(evaluate.main, ["--checkpoint", two_age_release, "--cache", range_cache, "--split", "val",
                                             "--age-kind", "real", "--json", str(js)], capsys)
