@@ -448,8 +448,12 @@ def main(argv=None):
         import ray  # noqa: F401
     except ImportError:
         fail("annotate.py needs Ray Data: pip install 'ray[data]'")
-    if not os.path.isfile(args.checkpoint):
-        fail(f"{args.checkpoint}: checkpoint not found")
+    from models import CheckpointError, load_checkpoint
+
+    try:
+        load_checkpoint(args.checkpoint)  # a bad checkpoint is one line here, not a failed actor on the cluster
+    except CheckpointError as e:
+        fail(str(e))
     return run(args)
 
 

@@ -172,3 +172,24 @@ def test_a_stopped_run_resumes_with_only_the_rest(collection, tmp_path):
     assert f"45 photos listed, {kept} already annotated in {out}, {45 - kept} to do" in done.stdout
     assert f"annotated {45 - kept} photos" in done.stdout
     assert_matches_demo(out, photos, demo_records)
+
+
+def test_inputs_from_folders_lists_and_tables(tmp_path):
+    """A folder is searched recursively for photos; a text file lists paths, a CSV or Parquet file has a `path`
+    column, relative paths from the list's own folder; anything else is a photo (missing: a failure row later)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/one.jpg", "a/b/two.PNG", "a/notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "list.txt").write_text("# photos\na/one.jpg\n\n/elsewhere/three.jpg\n")
+    (tmp_path / "table.csv").write_text("path,age\na/b/two.PNG,3\n")
+    pq.write_table(pa.table({"path": ["a/one.jpg"], "other": [1]}), tmp_path / "table.parquet")
+    (tmp_path / "bad.csv").write_text("file\nx.jpg\n")
+    got = annotate.list_inputs([str(tmp_path / "a"), str(tmp_path / "list.txt"), str(tmp_path / "table.csv"),
+                                str(tmp_path / "table.parquet"), str(tmp_path / "missing.jpg")])
+    one, two = str(tmp_path / "a" / "one.jpg"), str(tmp_path / "a" / "b" / "two.PNG")
+    assert got == [two, one, one, "/elsewhere/three.jpg", two, one, str(tmp_path / "missing.jpg")]
+    with pytest.raises(SystemExit):
+        annotate.list_inputs([str(tmp_path / "bad.csv")])

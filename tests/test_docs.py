@@ -32,6 +32,7 @@ def readme_commands():
 
 
 def test_every_option_of_every_script_has_a_help_line():
+    import annotate
     import bench
     import calibrate
     import evaluate
@@ -40,7 +41,7 @@ def test_every_option_of_every_script_has_a_help_line():
     import release
     import serve
 
-    for module in (pre_process, train, evaluate, demo, bench, export_onnx, release, calibrate, serve):
+    for module in (pre_process, train, evaluate, demo, bench, export_onnx, release, calibrate, serve, annotate):
         parser = parser_of(module.main)
         assert "usage" in parser.format_help()  # every help expands (a bare % in config.py's comments would not)
         for action in parser._actions:
