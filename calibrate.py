@@ -28,8 +28,8 @@ import torch
 
 import config
 from data_gen import CacheError, FaceCache, make_loader
-from metrics import (AGE_ESTIMATES, apply_calibration, calibration_report, choose_age_estimate, effective_age, fit_calibration,
-                     fit_unsure_threshold, predicted_age, unsure_figures)
+from metrics import (AGE_ESTIMATES, age_z, apply_calibration, calibration_report, choose_age_estimate, crossfit_coverage, effective_age,
+                     fit_calibration, fit_unsure_threshold, predicted_age, std_scale_for_every_source, unsure_figures)
 from models import CheckpointError
 from predictor import AgeGenderPredictor, predict_batches
 from utils import add_second_look_option, add_view_options, atomic_torch_save, fail
@@ -45,10 +45,11 @@ def predictions(predictor, cache, split, batch_size):
     gp, ap = predict_batches(predictor.predict_tensor, make_loader(ds, batch_size, workers=0)[0], output)
     ages = effective_age(predicted_age(ap, predictor.age_estimate), ds.ages.numpy(), ds.spans.numpy())
     ranged = bool((ds.spans[:, 0] != ds.spans[:, 1]).any())
-    return ds.name, gp, ap, ages, ds.genders.numpy(), scale_key, ranged
+    identities = [ds.meta[i].get("identity") or ds.meta[i]["file"] for i in ds.indices]
+    return ds.name, gp, ap, ages, ds.genders.numpy(), scale_key, ranged, identities
 
 
-def show(name, gp, ap, ages, genders, scale_key, ranged, calibration, estimate):
+def show(name, gp, ap, ages, genders, scale_key, ranged, identities, calibration, estimate):
     scale = calibration.get(scale_key, 1.0) if calibration else 1.0
     kind = "apparent" if scale_key.startswith("apparent") else "real"
     if calibration:
@@ -61,6 +62,15 @@ def show(name, gp, ap, ages, genders, scale_key, ranged, calibration, estimate):
         line += (f"   unsure {100 * u['unsure']:.1f}% (right {100 * u['unsure_acc']:.0f}%),"
                  f" the rest right {100 * u['sure_acc']:.2f}%")
     print(line)
+
+
+def report_crossfit(sets, key, estimate, within_2std):
+    """The ± on people it was not fitted on: cross-fitted over identity-disjoint folds (metrics.crossfit_coverage)."""
+    z = np.concatenate([age_z(s[2], s[3], estimate) for s in sets])
+    names = np.concatenate([[s[0]] * len(s[3]) for s in sets])
+    coverage = crossfit_coverage(z, names, [i for s in sets for i in s[7]], within_2std)
+    print(f"{key}: fitted on folds of other people, scored on the rest: "
+          + ", ".join(f"{name} ±1 std {100 * c1:.1f}% ±2 std {100 * c2:.1f}%" for name, (c1, c2) in coverage.items()))
 
 
 def per_cache_weights(sets):
@@ -105,6 +115,9 @@ def main(argv=None):
                    help="how ages are read off the distribution: auto = the mean or the median, whichever has the lower MAE on these val faces")
     p.add_argument("--unsure-accuracy", type=float, default=config.GENDER_UNSURE_ACCURACY,
                    help="faces are shown as gender-unsure under the highest probability at which those marked are, together, right at most this often")
+    p.add_argument("--within-2std", type=float, default=config.STD_WITHIN_2,
+                   help="each age's ± is widened until this share of true ages lies within ±2 std (and 68%% within ±1) on "
+                        "every validation source that labels that age")
     p.add_argument("--unsure-only", action="store_true",
                    help="keep the checkpoint's calibration, age estimate and views; fit only the gender-unsure threshold (on its own calibrated probabilities)")
     p.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
@@ -126,15 +139,15 @@ def main(argv=None):
     estimate = estimate if args.age_estimate == "auto" else args.age_estimate
     print("age MAE, each cache weighing the same: " + ", ".join(f"{e} {v:.4f}" for e, v in mae.items()) + f"; ages shown as the {estimate}")
     calibration = fit_calibration(*pooled, weights=weights, estimate=estimate)
-    # each output's ± is fitted on the sources it reads (a one-age model's: all of them) with one number: an
-    # age range says little of the spread (an age inside it is no error at all), unless it is all there is
+    # each output's ± is fitted on the sources it reads (a one-age model's: all of them), wide enough for the
+    # hardest of them; an age range says little of the spread (an age inside it is no error at all), so
+    # ranged sources count only where they are all there is
     for key in ("age_std_scale", "apparent_age_std_scale"):
         of_kind = [s for s in sets if s[5] == key]
         of_kind = [s for s in of_kind if not s[6]] or of_kind
         if of_kind:
-            fit = fit_calibration(*[np.concatenate([s[k] for s in of_kind]) for k in range(1, 5)],
-                                  weights=per_cache_weights(of_kind), estimate=estimate)
-            calibration[key] = fit["age_std_scale"]
+            calibration[key] = std_scale_for_every_source([age_z(s[2], s[3], estimate) for s in of_kind], args.within_2std)
+            report_crossfit(of_kind, key, estimate, args.within_2std)
     calibrated_gp, _ = apply_calibration(pooled[0], np.zeros(len(pooled[0])), calibration)
     calibration["gender_unsure_below"] = fit_unsure_threshold(calibrated_gp, pooled[3], weights, args.unsure_accuracy)
     print("before (the model's own std and probability):")

@@ -44,6 +44,9 @@ AUG_SCALE = (0.9, 1.1)
 # threshold that calibrate.py chooses on validation: the highest at which the faces it marks are, together,
 # right at most this often (metrics.fit_unsure_threshold). demo.py --unsure-below overrides the threshold.
 GENDER_UNSURE_ACCURACY = 0.75
+# calibrate.py widens each age's ± until, on the hardest validation source, this share of true ages lies
+# within ±2 std (and 68% within ±1): the ± holds on every source, not only on the average one
+STD_WITHIN_2 = 0.93
 # the threshold for a checkpoint that calibrate.py has not given one
 GENDER_UNSURE_BELOW = 0.75
 # Larger photos are searched for faces first scaled down to this long side (landmarks are mapped back):

@@ -147,3 +147,42 @@ def test_metrics_on_hand_made_predictions():
     g = age_group_figures([29.6, 2.4, 2.6, 75.0], [30, 2, 2, 69])
     assert g["age_group_acc"] == 0.5 and g["age_group_acc_balanced"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert g["age_bias"] == pytest.approx((-0.4 + 0.4 + 0.6 + 6) / 4)
+
+
+def test_the_std_scale_holds_on_the_hardest_source():
+    """Two sources whose errors are 1x and 2x a unit normal's: the scale is the harder one's, under which 68% of
+    its true ages lie within ±1 std and at least 93% within ±2; the easier one is then covered more."""
+    from metrics import std_scale_for_every_source
+
+    rng = np.random.default_rng(0)
+    easy, hard = np.abs(rng.normal(size=20000)), np.abs(rng.normal(size=20000)) * 2
+    s = std_scale_for_every_source([easy, hard], within_2std=0.93)
+    assert s == pytest.approx(max(np.quantile(hard, 0.68), np.quantile(hard, 0.93) / 2), abs=1e-4)
+    assert np.mean(hard / s <= 1) >= 0.679 and np.mean(hard / s <= 2) >= 0.93 and np.mean(easy / s <= 1) > 0.9
+    heavy = np.abs(rng.standard_t(2, size=20000))  # heavy tails: ±2 std decides, ±1 is then wider than 68%
+    s = std_scale_for_every_source([heavy], within_2std=0.93)
+    assert np.mean(heavy / s <= 2) == pytest.approx(0.93, abs=0.002) and np.mean(heavy / s <= 1) > 0.7
+
+
+def test_the_crossfitted_coverage_never_fits_on_the_person_it_scores():
+    """One person with 50 faces read 10x worse than everyone else's: fitted on the other folds only, the ±
+    misses nearly all of that person's faces, which a fit that included them would not; by hand, each fold's
+    scale comes from the other folds' faces alone."""
+    from metrics import crossfit_coverage, std_scale_for_every_source
+
+    rng = np.random.default_rng(1)
+    z = np.abs(rng.normal(size=450))
+    ids = [f"p{i}" for i in range(400)] + ["outlier"] * 50
+    z = np.concatenate([z[:400], 10 + z[400:]])
+    sources = np.array(["utk"] * 450)
+    got = crossfit_coverage(z, sources, ids, within_2std=0.93, folds=5, seed=0)["utk"]
+    import hashlib
+
+    fold = np.array([int.from_bytes(hashlib.sha1(f"0:utk:{i}".encode()).digest()[:4], "big") % 5 for i in ids])
+    assert len(set(fold[400:])) == 1  # one person, one fold
+    scaled = np.empty_like(z)
+    for k in range(5):
+        scaled[fold == k] = z[fold == k] / std_scale_for_every_source([z[fold != k]], 0.93)
+    assert got == (pytest.approx(np.mean(scaled <= 1)), pytest.approx(np.mean(scaled <= 2)))
+    leaky = z / std_scale_for_every_source([z], 0.93)  # fitted with the person's own faces
+    assert np.mean(scaled[400:] <= 2) < 0.1 < np.mean(leaky[400:] <= 2)
