@@ -7,10 +7,12 @@ demo.py shows each face's age as `31 ±4`, the ± being the std of the predicted
 a gender probability. Trained with soft age labels, that std is a property of the loss, not of the
 error: uncalibrated, it can be far too narrow or too wide. This script predicts every `val` face of
 the caches (never `test`), chooses how an age is read off its predicted distribution (`age_estimate`:
-its mean or its median, whichever has the lower MAE there; metrics.choose_age_estimate), fits two numbers
-(metrics.fit_calibration: a factor on the age std so that about 68% of true ages fall within ±1 std of
-that age, and a temperature on the gender logit by likelihood; a two-age model gets one factor per age, each
-fitted on the caches that label it: real ages for `age`, apparent ones for `apparent_age`), and chooses the gender probability under
+its mean or its median, whichever has the lower MAE there; metrics.choose_age_estimate), fits a factor on
+the age std wide enough for the hardest source (metrics.std_scale_for_every_source: on every cache, 68% of
+true ages within ±1 std and --within-2std of them within ±2; a two-age model gets one factor per age, each
+fitted on the caches that label it: real ages for `age`, apparent ones for `apparent_age`) and reports how
+it holds cross-fitted over identity-disjoint folds, fits a temperature on the gender logit by likelihood
+(metrics.fit_calibration), and chooses the gender probability under
 which a face is shown as unsure (metrics.fit_unsure_threshold: the highest at which the faces it marks
 are, together, right at most --unsure-accuracy of the time), prints the coverage, the gender ECE and the
 share marked unsure before and after, per cache (each cache weighing the same in the choice and the
