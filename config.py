@@ -46,7 +46,7 @@ AUG_SCALE = (0.9, 1.1)
 GENDER_UNSURE_ACCURACY = 0.75
 # calibrate.py widens each age's ± until, on the hardest validation source, this share of true ages lies
 # within ±2 std (and 68% within ±1): the ± holds on every source, not only on the average one
-STD_WITHIN_2 = 0.93
+STD_WITHIN_2 = 0.95
 # the threshold for a checkpoint that calibrate.py has not given one
 GENDER_UNSURE_BELOW = 0.75
 # Larger photos are searched for faces first scaled down to this long side (landmarks are mapped back):
