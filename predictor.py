@@ -22,7 +22,7 @@ from detector import align_face, find_faces, make_detector
 from metrics import apply_calibration, check_age_estimate, gender_unsure, predicted_age
 from models import age_estimate_of, fuse_batchnorm, load_checkpoint, normalize, second_look_of, views_of
 from runtimes import NetworkRuntime
-from utils import InputError, Photo, read_photo, to_rgb8
+from utils import InputError, Photo, read_image, read_photo, to_rgb8
 
 def default_device():
     """Where the network runs unless told: CUDA when present, else the CPU."""
@@ -81,8 +81,10 @@ def as_photo(image):
 
 def as_rgb(image):
     """A path, an RGB (or grayscale / RGBA) numpy array or a PIL image -> upright RGB uint8 array."""
-    if isinstance(image, (str, os.PathLike, Photo)):
-        return as_photo(image).full()
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(os.fspath(image))  # whole at once: a reduced decode first would be thrown away
+    if isinstance(image, Photo):
+        return image.full()
     if isinstance(image, np.ndarray):
         from PIL import Image
 

@@ -125,15 +125,6 @@ def read_image(path, max_pixels=config.MAX_IMAGE_PIXELS):
     return _decode(path, max_pixels)
 
 
-def read_image_bytes(data, max_pixels=config.MAX_IMAGE_PIXELS):
-    """read_image for a photo held in memory (an upload): the same checks and messages, no file written."""
-    import io
-
-    if not data:
-        raise InputError("empty upload (0 bytes)")
-    return _decode(io.BytesIO(data), max_pixels)
-
-
 def _check_file(path):
     if not os.path.exists(path):
         raise InputError("file not found")
@@ -241,7 +232,7 @@ def _decode(source, max_pixels, min_side=None):
     if min_side is None:
         return rgb
     # a huge JPEG already decoded reduced for max_pixels is its own full size: nothing finer may be decoded
-    full = (w, h) if reduced != (w, h) and w * h <= max_pixels else reduced
+    full = (w, h) if w * h <= max_pixels else reduced
     upright = full if rgb.shape[:2] == (reduced[1], reduced[0]) else (full[1], full[0])
     return rgb, upright
 
