@@ -218,10 +218,13 @@ class PartWriter:
         self.run = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
     def add(self, photo):
-        self.rows += rows_of(photo)
+        """Keep a photo's rows for the part being filled (written once it holds photos_per_part); return them."""
+        rows = rows_of(photo)
+        self.rows += rows
         self.photos += 1
         if self.photos >= self.photos_per_part:
             self.flush()
+        return rows
 
     def flush(self):
         import pyarrow as pa
@@ -253,7 +256,7 @@ def audit(table):
 
     rows = table.to_pylist()
     faces = [r for r in rows if r["error"] is None]
-    groups = [age_group(lo) for lo, _ in config.AGE_GROUPS]
+    groups = age_groups()
     cells = {}
     for r in faces:
         band = age_group(min(max(int(round(r["age"])), 0), config.NUM_AGES - 1))  # the age read, to the nearest year
@@ -299,10 +302,10 @@ def write_summary(out, summary):
     lines = [f"# Audit: {summary['faces']:,} faces in {summary['photos']:,} photos", "",
              f"{summary['photos_without_face_or_failed']:,} photos without a face or unreadable. The ages are the model's reading "
              "of each face (real age), the genders its binary reading; `unsure` is the share whose gender it shows as `?`.", "",
-             "| gender | " + " | ".join(a for a, _ in _groups()) + " |", "| --- |" + " --- |" * len(_groups())]
+             "| gender | " + " | ".join(age_groups()) + " |", "| --- |" + " --- |" * len(age_groups())]
     for g, by in summary["faces_by_gender_and_age_group"].items():
         lines.append(f"| {g} | " + " | ".join(f"{by[a]['faces']:,} ({100 * by[a]['shown_unsure']:.0f}% unsure)" if a in by else "0"
-                                             for a, _ in _groups()) + " |")
+                                             for a in age_groups()) + " |")
     lines += ["", "![ages by gender](summary.png)", "", "| failure | photos |", "| --- | --- |"]
     lines += [f"| {reason} | {n:,} |" for reason, n in summary["failures_by_reason"].items()] or ["| none | 0 |"]
     for name, data in (("summary.json", json.dumps(summary, indent=1).encode()), ("summary.png", png.getvalue()),
@@ -311,10 +314,11 @@ def write_summary(out, summary):
             f.write(data)
 
 
-def _groups():
+def age_groups():
+    """The names of config.AGE_GROUPS, youngest first."""
     from metrics import age_group
 
-    return [(age_group(lo), lo) for lo, _ in config.AGE_GROUPS]
+    return [age_group(lo) for lo, _ in config.AGE_GROUPS]
 
 
 # ----------------------------------------------------------------------------- the job
@@ -387,11 +391,10 @@ def run(args):
             for batch in build_pipeline(ray, todo, args).iter_batches(batch_size=None, batch_format="numpy"):
                 t_first = t_first or time.perf_counter()
                 for i in range(len(batch["file"])):
-                    photo = {k: batch[k][i] for k in batch}
-                    writer.add(photo)
-                    n = len(json.loads(photo["records"]))
+                    rows = writer.add({k: batch[k][i] for k in batch})
+                    n = sum(r["error"] is None for r in rows)
                     faces += n
-                    failures += bool(photo["error"] or not n)
+                    failures += not n
                     bar.update(1)
         except KeyboardInterrupt:
             writer.flush()  # the whole photos read so far are kept
