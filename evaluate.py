@@ -111,6 +111,36 @@ def plot(pred_age, ages, folder, gender_prob=None, genders=None):
         plt.close(fig)
 
 
+def plot_gender_by_group(cells, path, title=""):
+    """Gender accuracy of women and men of each group side by side, each bar marked with the share whose
+    gender is shown as unsure: the README's and the model card's chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({k.rsplit(" ", 1)[0] for k in cells if not k.endswith("unknown")})
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 3.6))
+    for k, (sex, colour) in enumerate((("F", "#d0406a"), ("M", "#3b78c2"))):
+        rows = [cells.get(f"{name} {sex}") for name in names]
+        x = np.arange(len(names)) + (k - 0.5) * 0.38
+        acc = [100 * r["gender_acc"] if r else np.nan for r in rows]
+        ax.bar(x, acc, 0.36, color=colour, label={"F": "women", "M": "men"}[sex])
+        for xi, a, r in zip(x, acc, rows):
+            if r:
+                ax.text(xi, a + 0.4, f"{a:.0f}%\n?{100 * r['unsure']:.0f}%", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(np.arange(len(names)), [f"{n}\n({sum(cells[f'{n} {s}']['n'] for s in 'FM' if f'{n} {s}' in cells)})" for n in names], fontsize=8)
+    low = min(100 * r["gender_acc"] for r in cells.values())
+    ax.set_ylim(max(0, low - 10), 104)
+    ax.set_ylabel("gender right (%)")
+    ax.set_title(f"gender by group and sex{': ' + title if title else ''} (?: shown unsure)", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def gaps(table, min_faces=20):
     """The best and worst group's gender and age-group accuracy, and the gap between them, over the groups
     of at least `min_faces` faces with a known label (a group of three faces says nothing)."""
@@ -361,35 +391,6 @@ def main(argv=None):
             plot_gender_by_group(report["by"]["race_sex"], os.path.join(cfg.plots, "gender_by_group.png"), f"{source} {cfg.split}")
     return 0
 
-
-def plot_gender_by_group(cells, path, title=""):
-    """Gender accuracy of women and men of each group side by side, each bar marked with the share whose
-    gender is shown as unsure: the README's and the model card's chart."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = sorted({k.rsplit(" ", 1)[0] for k in cells if not k.endswith("unknown")})
-    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 3.6))
-    for k, (sex, colour) in enumerate((("F", "#d0406a"), ("M", "#3b78c2"))):
-        rows = [cells.get(f"{name} {sex}") for name in names]
-        x = np.arange(len(names)) + (k - 0.5) * 0.38
-        acc = [100 * r["gender_acc"] if r else np.nan for r in rows]
-        ax.bar(x, acc, 0.36, color=colour, label={"F": "women", "M": "men"}[sex])
-        for xi, a, r in zip(x, acc, rows):
-            if r:
-                ax.text(xi, a + 0.4, f"{a:.0f}%\n?{100 * r['unsure']:.0f}%", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(np.arange(len(names)), [f"{n}\n({sum(cells[f'{n} {s}']['n'] for s in 'FM' if f'{n} {s}' in cells)})" for n in names], fontsize=8)
-    low = min(100 * r["gender_acc"] for r in cells.values())
-    ax.set_ylim(max(0, low - 10), 104)
-    ax.set_ylabel("gender right (%)")
-    ax.set_title(f"gender by group and sex{': ' + title if title else ''} (?: shown unsure)", fontsize=9)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 if __name__ == "__main__":
     use_all_cores_for_cv2()  # a command-line run never forks, so cv2 may use every core

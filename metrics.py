@@ -10,9 +10,10 @@ The age a face is given is one number read off its predicted distribution over 0
 (`predicted_age`): its mean (DEX's expected age, what training's L1 term fits) or its median, the
 number that minimises the expected absolute error when the distribution is right. Every function
 here takes `estimate` ("mean" or "median"); `choose_age_estimate` picks one on validation data.
-Calibration is fitted on validation data by `fit_calibration` and applied by `apply_calibration`:
-the age std is multiplied by one factor (the age shown does not move, so MAE is unchanged) and
-the gender logit is divided by a temperature.
+Calibration is fitted on validation data and applied by `apply_calibration`: the age std is multiplied
+by one factor (the age shown does not move, so MAE is unchanged), which calibrate.py takes from
+`std_scale_for_every_source` (wide enough for the hardest source), and the gender logit is divided by
+a temperature (`fit_calibration`).
 """
 import numpy as np
 
