@@ -216,7 +216,7 @@ def _decode(source, max_pixels, min_side=None):
                     im.draft("RGB", (max(1, int(np.ceil(w * k))), max(1, int(np.ceil(h * k)))))
                 im.load()
                 reduced = im.size
-                im = ImageOps.exif_transpose(im)
+                ImageOps.exif_transpose(im, in_place=True)  # in place: an upright photo is not copied
                 rgb = to_rgb8(im)
     except InputError:
         raise
@@ -252,7 +252,7 @@ def to_rgb8(im):
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(background, im)
-    return np.ascontiguousarray(np.asarray(im.convert("RGB")))
+    return np.ascontiguousarray(np.asarray(im if im.mode == "RGB" else im.convert("RGB")))  # convert copies even RGB
 
 
 def read_label_rows(path, required=("file", "age", "gender")):
