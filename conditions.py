@@ -93,6 +93,13 @@ def blur(face, sigma, motion=0.0, angle=0.0):
     return cv2.GaussianBlur(face, (0, 0), sigma, borderType=cv2.BORDER_REPLICATE)
 
 
+def sharpen(face, amount, sigma=1.0):
+    """An unsharp mask: the face as a large, sharp photo gives it once shrunk to the crop, crisper than the
+    cached crops, which come from faces of about the crop's size or smaller (UTKFace's 200x200 photos)."""
+    soft = cv2.GaussianBlur(face, (0, 0), sigma, borderType=cv2.BORDER_REPLICATE)
+    return cv2.addWeighted(face, 1.0 + amount, soft, -amount, 0)
+
+
 def light(face, gamma, gain=1.0):
     """Under- (gamma > 1, gain < 1) or over-exposure (gamma < 1), as a lookup table on uint8 pixels."""
     lut = np.clip(255.0 * gain * (np.arange(256) / 255.0) ** gamma, 0, 255).astype(np.uint8)
@@ -186,6 +193,17 @@ def hard_conditions(faces, turn, seed=HARD_SEED):
         face_rng = np.random.default_rng([seed, i])
         out[i] = faces[i] if names[i] == "turned" else degrade(np.asarray(faces[i]), names[i], face_rng, harsh=True)
     return out, names.astype(str)
+
+
+# evaluate.py --conditions sharp / soft: every face made sharper (an unsharp mask of amount 1, sigma 1 px) or
+# softer (shrunk to half and blown up again); a model that reads age from the face, not from how crisp its
+# photo is, gives the same faces the same ages in both
+SHARPNESS = {"sharp": lambda face: sharpen(face, 1.0, 1.0), "soft": lambda face: small(face, face.shape[0] / 2)}
+
+
+def sharpness_conditions(faces, kind):
+    """Every face made sharper or softer (SHARPNESS[kind]); returns the new faces and their condition name."""
+    return np.stack([SHARPNESS[kind](np.asarray(f)) for f in faces]), np.full(len(faces), kind)
 
 
 def neighbour_conditions(faces, seed=HARD_SEED):

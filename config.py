@@ -180,6 +180,9 @@ class TrainConfig:
     # the share of training faces with another face of the batch beside them, cheek to cheek (conditions.beside):
     # in group photos the demo's crop of one face shows part of the next
     neighbour_aug: float = 0.0
+    # the share of training faces at full resolution made sharper (an unsharp mask, conditions.sharpen): the
+    # cached crops are softer than a large photo's face shrunk to the crop, which the network otherwise reads older
+    sharpen_aug: float = 0.0
     # share of training faces whose outside-the-photo pixels (replicated border in the cache) are filled
     # with real content from another face of the batch (data_gen.augment); 0 = keep the border
     fill_outside: float = 0.0
@@ -232,7 +235,8 @@ class EvalConfig:
     downscale: float = 1.0
     # with --cache: "hard" = the hard-conditions set made from its faces (conditions.py: turned faces as they are,
     # the others small, compressed, blurred, grey, dark, bright or partly hidden, one condition each, seeded);
-    # "neighbour" = each face with another face of the split beside it, cheek to cheek (conditions.beside, seeded)
+    # "neighbour" = each face with another face of the split beside it, cheek to cheek (conditions.beside, seeded);
+    # "sharp" / "soft" = every face made sharper or softer (conditions.SHARPNESS), to compare with the faces as they are
     conditions: str = ""
     # with --cache: a second checkpoint predicting the same faces (with its own views, calibration and
     # age estimate); prints this one's MAE and gender accuracy minus its, with a paired bootstrap's standard

@@ -37,7 +37,7 @@ _GRAY = np.array([0.299, 0.587, 0.114])
 
 
 def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCALE, hard=0.0, pose=0.0, clean_view=False,
-            harsh=0.0, neighbour=0.0):
+            harsh=0.0, neighbour=0.0, sharp=0.0):
     """Augment a uint8 NHWC batch and normalise it: returns a float NCHW tensor (channels_last memory),
     and with `clean_view` also the same faces before anything a photo does to a face (below).
 
@@ -56,7 +56,8 @@ def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCAL
     `hard` get one of conditions.TRAIN_CONDITIONS (JPEG, blur, under- or over-exposure, noise), a share
     `harsh` of those drawn from the hard-conditions validation's harsher ranges (conditions.degrade), and a
     share `neighbour` get another face of the batch beside them, cheek to cheek (conditions.beside), before
-    the resolution and the damage, which a photo applies to both alike.
+    the resolution and the damage, which a photo applies to both alike. A share `sharp` of the faces kept at
+    full resolution are sharpened (conditions.sharpen), as large photos are once shrunk to the crop.
 
     The clean view has the same flip, rotation, scale and shift, and nothing else: not turned, full
     resolution, undamaged, no patch, its own colours. It is what train.py's teachers see with
@@ -64,7 +65,7 @@ def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCAL
     the clean one. It draws nothing from `rng`: the augmented batch is the same with or without it.
     """
     n, h, w, _ = raw.shape
-    d = _draw(rng, n, h, w, scale_range, inside is not None, fill_outside, pose, hard, harsh, neighbour)
+    d = _draw(rng, n, h, w, scale_range, inside is not None, fill_outside, pose, hard, harsh, neighbour, sharp)
     if d.fill.any():  # in the template's frame, before the warp, where the sources' crops line up
         raw = raw.copy()
         _fill_outside(raw, inside, d.fill, d.donor_pick)
@@ -81,7 +82,7 @@ def augment(raw, rng, inside=None, fill_outside=0.0, scale_range=config.AUG_SCAL
     return (out, normalize(clean)) if clean_view else out
 
 
-def _draw(rng, n, h, w, scale_range, has_inside, fill_outside, pose, hard, harsh, neighbour):
+def _draw(rng, n, h, w, scale_range, has_inside, fill_outside, pose, hard, harsh, neighbour, sharp=0.0):
     """Every random choice of augment() for a batch of n faces, drawn in one fixed order."""
     d = SimpleNamespace()
     d.flip = rng.random(n) < 0.5
@@ -111,6 +112,10 @@ def _draw(rng, n, h, w, scale_range, has_inside, fill_outside, pose, hard, harsh
     d.harsh = rng.random(n) < harsh if harsh > 0 else np.zeros(n, bool)
     d.crowded = rng.random(n) < neighbour if neighbour > 0 else np.zeros(n, bool)
     d.partner = (np.arange(n) + rng.integers(1, max(n, 2), n)) % n if neighbour > 0 else None  # never the face itself
+    # sharper than any cached crop: the faces of large photos, which otherwise read older (docs/EXPERIMENTS.md, row 84)
+    d.sharp = (rng.random(n) < sharp) & (d.lowres == 1) if sharp > 0 else np.zeros(n, bool)
+    d.sharp_amount = rng.uniform(0.5, 1.5, n) if sharp > 0 else None
+    d.sharp_sigma = rng.uniform(0.8, 1.6, n) if sharp > 0 else None
     return d
 
 
@@ -146,6 +151,8 @@ def _as_in_a_photo(face, raw, i, d, rng):
     if d.lowres[i] < 1:
         small = cv2.resize(face, None, fx=d.lowres[i], fy=d.lowres[i], interpolation=cv2.INTER_AREA)
         cv2.resize(small, (w, h), dst=face, interpolation=cv2.INTER_LINEAR)
+    if d.sharp[i]:
+        face[:] = conditions.sharpen(face, d.sharp_amount[i], d.sharp_sigma[i])
     if d.damaged[i]:
         face[:] = conditions.degrade(face, conditions.TRAIN_CONDITIONS[d.damage[i]], rng, harsh=d.harsh[i])
     if d.erase[i]:
@@ -231,7 +238,7 @@ class FaceCache(Dataset):
         self.age_kind = self.info.get("age_kind") or ("apparent" if self.info.get("dataset") == "clap2016" else "real")
         self.train, self.seed, self.fill_outside, self.calls = train, seed, fill_outside, 0
         self.aug_scale = tuple(aug_scale)
-        self.hard_aug = self.pose_aug = self.hard_harsh = self.neighbour_aug = 0.0
+        self.hard_aug = self.pose_aug = self.hard_harsh = self.neighbour_aug = self.sharpen_aug = 0.0
         self.clean_view = False
 
     def __len__(self):
@@ -266,7 +273,7 @@ class FaceCache(Dataset):
 def _serve(ds, batch, raw, inside):
     if ds.train:
         return augment(raw, np.random.default_rng(int(getattr(batch, "seed", 0))), inside, ds.fill_outside, ds.aug_scale,
-                       ds.hard_aug, ds.pose_aug, ds.clean_view, ds.hard_harsh, ds.neighbour_aug)
+                       ds.hard_aug, ds.pose_aug, ds.clean_view, ds.hard_harsh, ds.neighbour_aug, ds.sharpen_aug)
     return normalize(raw)
 
 
@@ -274,7 +281,7 @@ class MixedFaces(Dataset):
     """Several caches as one dataset (indices run through them in order); a batch mixing sources is
     augmented as one, so faces of one source can lend real background to another's (augment).
 
-    hard_aug, pose_aug, hard_harsh, neighbour_aug: the shares of augment's real conditions. turned_weight: faces turned away
+    hard_aug, pose_aug, hard_harsh, neighbour_aug, sharpen_aug: the shares of augment's real conditions. turned_weight: faces turned away
     (conditions.TURNED) are drawn this many times as often as the others of their source (`repeats`,
     used by make_loader), since they are rare in the training data and common in photos. balance (one power,
     or one per source): the same for rare age groups, genders and races (balance_repeats); the two multiply.
@@ -284,11 +291,12 @@ class MixedFaces(Dataset):
     clean is augment's clean view of the same faces, for the teachers."""
 
     def __init__(self, sources, fill_outside=0.0, aug_scale=config.AUG_SCALE, hard_aug=0.0, pose_aug=0.0, turned_weight=1,
-                 balance=0.0, clean_view=False, hard_harsh=0.0, neighbour_aug=0.0):
+                 balance=0.0, clean_view=False, hard_harsh=0.0, neighbour_aug=0.0, sharpen_aug=0.0):
         self.sources = list(sources)
         self.clean_view = clean_view and any(s.train for s in self.sources)
         self.aug_scale = tuple(aug_scale)
         self.hard_aug, self.pose_aug, self.hard_harsh, self.neighbour_aug = hard_aug, pose_aug, hard_harsh, neighbour_aug
+        self.sharpen_aug = sharpen_aug
         turn = np.concatenate([s.turn for s in self.sources])
         repeats = np.where(turn >= conditions.TURNED, int(turned_weight), 1)
         powers = np.broadcast_to(np.asarray(balance, dtype=np.float64), len(self.sources))  # one, or one per source

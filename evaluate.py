@@ -10,6 +10,7 @@
         --split test --detect --pad-fraction 0.25 --downscale 0.25                  # faces ~30 px tall
     python evaluate.py --cache data/aaf --split val --conditions hard              # the hard-conditions validation
     python evaluate.py --cache data/aaf --split val --conditions neighbour         # another face cheek to cheek
+    python evaluate.py --cache data/utkface --split val --conditions sharp         # every face sharper (or: soft)
     python evaluate.py --checkpoint new.pt --versus weights/age_gender_sface_112x96.pt --cache data/clap2016 --split val
 
 --checkpoint defaults to the released model. With --detect every photo goes through the demo's
@@ -20,7 +21,8 @@ share of faces whose gender is shown as unsure (`unsure`) and the accuracy on th
 --conditions hard evaluates the hard-conditions set made from a cache's faces (conditions.py: faces
 turned away as they are, every other face made small, compressed, blurred, grey, dark, bright or
 partly hidden, one condition each, from a fixed seed) and breaks it down by condition too; --conditions
-neighbour puts another face of the split beside each face, cheek to cheek, as in group photos.
+neighbour puts another face of the split beside each face, cheek to cheek, as in group photos; --conditions
+sharp and soft make every face sharper or softer, to see whether the age follows how crisp the photo is.
 --plots draws MAE by age, predicted against true age, and gender accuracy against coverage. --versus B
 predicts the same cached faces with checkpoint B too and reports the paired differences (this one minus B)
 with a bootstrap's standard error and 95% interval.
@@ -34,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 import config
-from conditions import TURNED, hard_conditions, neighbour_conditions, turn_of
+from conditions import SHARPNESS, TURNED, hard_conditions, neighbour_conditions, sharpness_conditions, turn_of
 from data_gen import CacheError, FaceCache, make_loader
 from models import CheckpointError, normalize
 from metrics import (AGE_ESTIMATES, age_group, age_group_figures, calibration_report, compute_metrics, coverage_curve, effective_age,
@@ -286,7 +288,10 @@ def predict_cache(cfg, predictors):
     if cfg.conditions:
         raw = ds.read(np.arange(len(ds)))[0]
         try:
-            raw, condition = hard_conditions(raw, ds.turn) if cfg.conditions == "hard" else neighbour_conditions(raw)
+            if cfg.conditions in SHARPNESS:
+                raw, condition = sharpness_conditions(raw, cfg.conditions)
+            else:
+                raw, condition = hard_conditions(raw, ds.turn) if cfg.conditions == "hard" else neighbour_conditions(raw)
         except ValueError as e:  # a split of one face: nobody to stand beside it
             fail(f"{cfg.cache}: --conditions {cfg.conditions}: {e}")
 
@@ -367,7 +372,7 @@ def main(argv=None):
     from detector import DETECTORS
 
     cfg = parse_config(config.EvalConfig, argv, description="Evaluate an AgeGenderNet checkpoint",
-                       choices={"detector": sorted(DETECTORS), "age_estimate": AGE_ESTIMATES, "conditions": ("", "hard", "neighbour"),
+                       choices={"detector": sorted(DETECTORS), "age_estimate": AGE_ESTIMATES, "conditions": ("", "hard", "neighbour", *SHARPNESS),
                                 "age_kind": ("", "real", "apparent")})
     check_options(cfg)
     predictor, other = load_predictors(cfg)

@@ -330,7 +330,8 @@ def build_data(cfg, rank, world, main_proc):
         fail(f"--balance must be between 0 and 1, one value or one per --cache ({len(cfg.cache)}), got {' '.join(map(str, cfg.balance))}")
     if len(cfg.aug_scale) != 2 or not 0 < cfg.aug_scale[0] <= cfg.aug_scale[1] <= 4:
         fail(f"--aug-scale takes LO HI with 0 < LO <= HI <= 4, got {list(cfg.aug_scale)}")
-    shares = {"--hard-aug": cfg.hard_aug, "--pose-aug": cfg.pose_aug, "--hard-harsh": cfg.hard_harsh, "--neighbour-aug": cfg.neighbour_aug}
+    shares = {"--hard-aug": cfg.hard_aug, "--pose-aug": cfg.pose_aug, "--hard-harsh": cfg.hard_harsh, "--neighbour-aug": cfg.neighbour_aug,
+              "--sharpen-aug": cfg.sharpen_aug}
     if not all(0 <= v <= 1 for v in shares.values()):
         fail(f"{', '.join(shares)} are shares between 0 and 1, got {', '.join(str(v) for v in shares.values())}")
     if cfg.teacher_view == "clean" and not cfg.teacher:
@@ -345,7 +346,8 @@ def build_data(cfg, rank, world, main_proc):
         names = [f"{n}{k}" for k, n in enumerate(names)]  # two caches in folders of the same name
     train_set = MixedFaces(sources, fill_outside=cfg.fill_outside, aug_scale=cfg.aug_scale, hard_aug=cfg.hard_aug,
                            pose_aug=cfg.pose_aug, turned_weight=cfg.turned_weight, balance=cfg.balance,
-                           clean_view=cfg.teacher_view == "clean", hard_harsh=cfg.hard_harsh, neighbour_aug=cfg.neighbour_aug)
+                           clean_view=cfg.teacher_view == "clean", hard_harsh=cfg.hard_harsh, neighbour_aug=cfg.neighbour_aug,
+                           sharpen_aug=cfg.sharpen_aug)
     if len(train_set) < cfg.batch_size * world:
         fail(f"{', '.join(cfg.cache)}: only {len(train_set)} training faces, fewer than one batch of {cfg.batch_size * world}")
     train_loader, train_sampler = make_loader(train_set, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,

@@ -191,3 +191,34 @@ def test_augment_with_neighbours(real_faces):
     # the teachers' clean view has nobody beside the face, and without the option nothing is drawn
     assert torch.equal(clean, clean_plain)
     assert torch.equal(plain, augment(raw, np.random.default_rng(1), neighbour=0.0))
+
+
+def _detail(faces):
+    """High-frequency energy: the mean absolute Laplacian of the grey faces."""
+    return float(np.mean([np.abs(cv2.Laplacian(cv2.cvtColor(np.asarray(f), cv2.COLOR_RGB2GRAY), cv2.CV_32F)).mean() for f in faces]))
+
+
+def test_sharp_and_soft_sets_move_detail_opposite_ways(real_faces):
+    crops, _ = real_faces
+    faces = np.stack(crops)
+    sharp, names = conditions.sharpness_conditions(faces, "sharp")
+    soft, soft_names = conditions.sharpness_conditions(faces, "soft")
+    assert sharp.shape == soft.shape == faces.shape and sharp.dtype == np.uint8
+    assert list(names) == ["sharp"] * len(faces) and list(soft_names) == ["soft"] * len(faces)
+    assert _detail(sharp) > 1.3 * _detail(faces) > 1.3 * 1.3 * _detail(soft)
+    # the same face: sharpening changes edges, not the picture (mean brightness within a grey level)
+    assert np.abs(sharp.astype(float).mean((1, 2, 3)) - faces.astype(float).mean((1, 2, 3))).max() < 1.5
+
+
+def test_augment_sharpens_only_faces_at_full_resolution(real_faces):
+    crops, _ = real_faces
+    raw = np.stack(crops * 8)
+    plain = augment(raw, np.random.default_rng(4))
+    assert torch.equal(plain, augment(raw, np.random.default_rng(4), sharp=0.0))  # off: the same batches as before
+    x = augment(raw, np.random.default_rng(4), sharp=1.0)
+    changed = (x - plain).abs().flatten(1).amax(1) > 1e-6
+    # the draws before the sharpening are the same, so the faces made small stay as they were
+    from data_gen import _draw
+    d = _draw(np.random.default_rng(4), len(raw), config.IMAGE_H, config.IMAGE_W, config.AUG_SCALE, False, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+    assert torch.equal(changed, torch.from_numpy(d.lowres == 1)) and changed.any() and not changed.all()
+    assert torch.equal(x, augment(raw, np.random.default_rng(4), sharp=1.0))  # reproducibly

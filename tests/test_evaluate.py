@@ -200,3 +200,16 @@ def test_evaluate_scores_age_groups_on_the_apparent_age_and_reports_gaps(range_c
                                             "--age-kind", "real", "--json", str(js)], capsys)
     real = json.load(open(js))
     assert code == 0 and real["age_output"] == "age" and real["age_bias"] < report["age_bias"] - 2
+
+
+def test_evaluate_on_sharper_and_softer_faces(utk_cache, tmp_path, capsys):
+    reports = {}
+    for name in ("", "sharp", "soft"):
+        extra = ["--conditions", name] if name else []
+        assert evaluate.main(["--cache", utk_cache, "--split", "val", "--json", str(tmp_path / f"{name or 'plain'}.json")] + extra) == 0
+        reports[name or "plain"] = json.loads((tmp_path / f"{name or 'plain'}.json").read_text())
+    capsys.readouterr()
+    for name in ("sharp", "soft"):
+        r = reports[name]
+        assert r["n"] == reports["plain"]["n"] == 30 and r["conditions"] == name and list(r["by"]["condition"]) == [name]
+        assert r["age_bias"] != reports["plain"]["age_bias"]  # the same faces, read otherwise
