@@ -217,6 +217,17 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many steps in total (0 = run all epochs); for tests/trials
 
 @dataclass
+class ProbeConfig:
+    checkpoint: str = RELEASED_MODEL  # the model whose features are studied
+    cache: str = "data/fairface"  # a cache from pre_process.py whose meta.csv has a race column (FairFace, UTKFace)
+    fit_split: str = "train"  # the probes learn the group on this split's faces ...
+    split: str = "val"  # ... and every figure is measured on this one's
+    max_fit: int = 12000  # at most this many faces of --fit-split, a seeded sample (the probe converges well before)
+    json: str = ""  # write the whole report to this file
+    batch_size: int = 256  # faces per forward pass
+
+
+@dataclass
 class EvalConfig:
     checkpoint: str = RELEASED_MODEL  # the model to evaluate
     labels: str = ""  # CSV file,age,gender[,race][,split][,age_std]; an empty gender is unknown
