@@ -216,6 +216,7 @@ class TrainConfig:
     ckpt_every: int = 200  # steps between checkpoints (besides one per epoch)
     max_steps: int = 0  # stop after this many steps in total (0 = run all epochs); for tests/trials
 
+
 @dataclass
 class ProbeConfig:
     checkpoint: str = RELEASED_MODEL  # the model whose features are studied
