@@ -328,7 +328,7 @@ def test_distillation_learns_from_the_teachers_not_the_labels(utk_cache, tmp_pat
                        (["--teacher-sources", utk_cache], "--teacher-sources needs --teacher"),
                        (["--teacher-view", "clean"], "--teacher-view clean needs --teacher"),
                        (["--hard-harsh", "2"], "are shares between 0 and 1"),
-                       (["--neighbour-aug", "-0.1"], "--neighbour-aug are shares between 0 and 1"),
+                       (["--neighbour-aug", "-0.1"], "--neighbour-aug, --sharpen-aug are shares between 0 and 1, got 0.3, 0.2, 0.0, -0.1"),
                        (["--sharpen-aug", "1.5"], "--sharpen-aug are shares between 0 and 1")):
         code, err = run_train(base + extra, capsys)
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
