@@ -29,15 +29,15 @@ from tqdm import tqdm
 
 import config
 from data_gen import CacheError, FaceCache
+from evaluate import RACES
 from models import CheckpointError, fuse_batchnorm, load_checkpoint, normalize
+from runtimes import run_opencv_network
 from utils import fail, parse_config
-
-UTKFACE_GROUPS = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}
 
 
 def group_names(races):
-    """A cache's race column as group names (UTKFace stores codes); '' where unknown."""
-    return np.array([UTKFACE_GROUPS.get(r, r) if r not in ("", "-1") else "" for r in races])
+    """A cache's race column as group names (UTKFace stores codes, evaluate.RACES); '' where unknown."""
+    return np.array([RACES.get(r, r) if r not in ("", "-1") else "" for r in races])
 
 
 def trunk_runner(net):
@@ -51,19 +51,14 @@ def trunk_runner(net):
         dnn = cv2.dnn.readNetFromONNX(np.frombuffer(buf.getvalue(), np.uint8))
     except cv2.error:  # an OpenCV that cannot read the graph: eager PyTorch computes the same
         return lambda x: net.trunk(torch.from_numpy(x)).numpy()
-
-    def run(x):
-        dnn.setInput(np.ascontiguousarray(x, dtype=np.float32))
-        return dnn.forward().reshape(len(x), -1)
-    return run
+    return lambda x: run_opencv_network(dnn, x, ["features"])[0].reshape(len(x), -1)
 
 
 def read_features(trunk, ds, positions, batch_size, desc):
-    out = np.empty((len(positions), 0), np.float32)
-    parts = []
-    for s in tqdm(range(0, len(positions), batch_size), desc=desc, unit="batch"):
-        parts.append(trunk(normalize(ds.read(positions[s:s + batch_size])[0]).numpy()))
-    return np.concatenate(parts) if parts else out
+    """The trunk's features (N x 1024) of a cache's faces at `positions`, read in batches."""
+    parts = [trunk(normalize(ds.read(positions[s:s + batch_size])[0]).numpy())
+             for s in tqdm(range(0, len(positions), batch_size), desc=desc, unit="batch")]
+    return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
 
 
 def lean_and_separation(margin, sex, groups):
